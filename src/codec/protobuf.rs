@@ -1,0 +1,1 @@
+//! PROTOBUF codec. PLACEHOLDER: being written.

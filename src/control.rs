@@ -1,0 +1,1 @@
+//! Control message bodies (SPEC §4, §6). PLACEHOLDER: being written.

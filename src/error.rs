@@ -1,0 +1,177 @@
+//! One error type for the whole crate, and the SPEC's numeric NACK codes.
+//!
+//! [`ErrorCode`] is the wire registry of SPEC §4: it keeps unknown values instead of failing to
+//! parse, so a newer peer's code is reported precisely. [`Error`] says who is at fault (the
+//! peer, an incompatible peer, the caller, the operating system) and maps to a code with
+//! [`Error::code`].
+
+use std::fmt;
+
+/// A NACK error code (SPEC §4). Unknown values are kept as they are.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ErrorCode(pub u32);
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $val:expr;)*) => {
+        impl ErrorCode {
+            $($(#[$doc])* pub const $name: ErrorCode = ErrorCode($val);)*
+
+            /// The SPEC name of this code, or `None` for a value the SPEC does not define.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $($val => Some(stringify!($name)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// No error.
+    OK = 0x0000;
+    /// Kind/namespace not accepted by the receiver.
+    ERR_SCHEMA_UNKNOWN = 0x0001;
+    /// bodyCodec not negotiated or not known.
+    ERR_CODEC_UNSUPPORTED = 0x0002;
+    /// Frame or message over the limits.
+    ERR_MESSAGE_TOO_LARGE = 0x0003;
+    /// Major version not accepted, no adapter.
+    ERR_KIND_MISMATCH = 0x0004;
+    /// CRC32C mismatch.
+    ERR_CHECKSUM = 0x0005;
+    /// AEAD failure or CRYPT without a key.
+    ERR_DECRYPT = 0x0006;
+    /// Frame major version too high.
+    ERR_VERSION = 0x0007;
+    /// Bad magic, reserved flag bits, undecodable header or body.
+    ERR_MALFORMED = 0x0008;
+    /// Attachment URI refused, missing, or out of bounds.
+    ERR_ATTACHMENT = 0x0009;
+    /// Receiver overloaded; honour `retry_after_ms`.
+    ERR_BUSY = 0x000A;
+    /// Handler failed.
+    ERR_INTERNAL = 0x000B;
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(n) => write!(f, "{n}(0x{:04X})", self.0),
+            None => write!(f, "UNKNOWN(0x{:04X})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Every error xcp returns.
+///
+/// The variants say who is at fault. [`Error::code`] gives the NACK code that describes it on
+/// the wire.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The peer sent bytes that break the SPEC (bad frame, bad header, bad body, a codec that
+    /// was not negotiated, ...). `code` is the NACK code we answer with.
+    #[error("peer error {code}: {detail}")]
+    Protocol {
+        /// The NACK code for this failure.
+        code: ErrorCode,
+        /// What exactly was wrong, naming the field.
+        detail: String,
+    },
+    /// The peer refused one of our messages with a NACK.
+    #[error("peer refused message {msg_id} with {code}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Nack {
+        /// The msgId of our message that was refused.
+        msg_id: u64,
+        /// The peer's error code.
+        code: ErrorCode,
+        /// How long the peer asks us to wait before retrying (0: no advice).
+        retry_after_ms: u32,
+        /// The peer's explanation, if any.
+        detail: String,
+    },
+    /// The peer is well-behaved but cannot talk to us (no common codec, newer major version).
+    #[error("incompatible peer {code}: {detail}")]
+    Incompatible {
+        /// The NACK code that describes the incompatibility.
+        code: ErrorCode,
+        /// What did not match.
+        detail: String,
+    },
+    /// The caller asked for something invalid (bad URL, value out of range, wrong state).
+    #[error("invalid use: {0}")]
+    Invalid(String),
+    /// A deadline passed: handshake, request, idle keep-alive.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The connection is closed; the string says why.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// An operating-system error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The SPEC NACK code that describes this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Protocol { code, .. }
+            | Error::Nack { code, .. }
+            | Error::Incompatible { code, .. } => *code,
+            Error::Invalid(_) | Error::Timeout(_) | Error::Closed(_) | Error::Io(_) => {
+                ErrorCode::ERR_INTERNAL
+            }
+        }
+    }
+
+    /// A peer error with the given code.
+    pub fn protocol(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Error::Protocol {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// A peer error `ERR_MALFORMED` naming what was malformed.
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self::protocol(ErrorCode::ERR_MALFORMED, detail)
+    }
+
+    /// An API misuse error.
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Error::Invalid(detail.into())
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_match_spec_table() {
+        assert_eq!(ErrorCode::ERR_CHECKSUM.0, 5);
+        assert_eq!(ErrorCode::ERR_MALFORMED.0, 8);
+        assert_eq!(ErrorCode::ERR_INTERNAL.0, 0x0B);
+        assert_eq!(ErrorCode(0x0A).name(), Some("ERR_BUSY"));
+        assert_eq!(ErrorCode(0x77).name(), None);
+        assert_eq!(format!("{}", ErrorCode(0x77)), "UNKNOWN(0x0077)");
+    }
+
+    #[test]
+    fn error_maps_to_code() {
+        let e = Error::malformed("header: truncated");
+        assert_eq!(e.code(), ErrorCode::ERR_MALFORMED);
+        assert!(e.to_string().contains("header: truncated"));
+    }
+}

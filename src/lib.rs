@@ -1,0 +1,15 @@
+//! # xcp
+//!
+//! A Rust implementation of the XCP v0.2 protocol: binary frames with a Cap'n Proto header,
+//! capability negotiation, ACK/NACK, chunking, and codecs for Ethers, tensors and tables.
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod codec;
+pub mod control;
+pub mod error;
+pub mod ether;
+pub mod wire;
+
+pub use error::{Error, ErrorCode, Result};
+pub use ether::{Attachment, Ether, SchemaKey};
