@@ -1,7 +1,13 @@
 //! Body codecs (SPEC §5): pure functions from bytes to typed values and back.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::fmt;
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::ether::Ether;
 
 pub mod json;
 pub mod protobuf;
@@ -63,5 +69,141 @@ impl fmt::Debug for CodecId {
 impl fmt::Display for CodecId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Encodes an Ether in the JSON or PROTOBUF form; any other codec is `ERR_CODEC_UNSUPPORTED`.
+pub fn encode_ether(e: &Ether, codec: CodecId) -> Result<Bytes> {
+    match codec {
+        CodecId::JSON => json::encode(e),
+        CodecId::PROTOBUF => protobuf::encode(e),
+        other => Err(not_an_ether_codec(other)),
+    }
+}
+
+/// Decodes an Ether from a JSON or PROTOBUF body and validates it; any other codec is
+/// `ERR_CODEC_UNSUPPORTED`, a bad body `ERR_MALFORMED`.
+pub fn decode_ether(codec: CodecId, body: &[u8]) -> Result<Ether> {
+    match codec {
+        CodecId::JSON => json::decode(body),
+        CodecId::PROTOBUF => protobuf::decode(body),
+        other => Err(not_an_ether_codec(other)),
+    }
+}
+
+fn not_an_ether_codec(codec: CodecId) -> Error {
+    Error::protocol(
+        ErrorCode::ERR_CODEC_UNSUPPORTED,
+        format!("no Ether codec for bodyCodec {codec}"),
+    )
+}
+
+/// The set of body codecs this side implements, keyed by [`CodecId`]: what a HELLO lists in
+/// `codecs`. [`Registry::default`] holds JSON and PROTOBUF; later codecs join it as they are
+/// implemented, and a configuration may remove some.
+///
+/// ```
+/// use xcp::codec::{CodecId, Registry};
+///
+/// let mut r = Registry::default();
+/// assert!(r.supports(CodecId::JSON));
+/// r.remove(CodecId::PROTOBUF);
+/// assert_eq!(r.ids(), vec![CodecId::JSON]);
+/// assert_eq!(r.intersection(&[CodecId::PROTOBUF, CodecId::JSON]), vec![CodecId::JSON]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    ids: BTreeSet<CodecId>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        let mut r = Registry::empty();
+        r.insert(CodecId::JSON);
+        r.insert(CodecId::PROTOBUF);
+        r
+    }
+}
+
+impl Registry {
+    /// A registry with no codec at all.
+    pub fn empty() -> Self {
+        Registry {
+            ids: BTreeSet::new(),
+        }
+    }
+
+    /// Adds a codec; returns whether it was new.
+    pub fn insert(&mut self, id: CodecId) -> bool {
+        self.ids.insert(id)
+    }
+
+    /// Removes a codec; returns whether it was present.
+    pub fn remove(&mut self, id: CodecId) -> bool {
+        self.ids.remove(&id)
+    }
+
+    /// The codecs, in ascending ID order.
+    pub fn ids(&self) -> Vec<CodecId> {
+        self.ids.iter().copied().collect()
+    }
+
+    /// Whether this codec is in the registry.
+    pub fn supports(&self, id: CodecId) -> bool {
+        self.ids.contains(&id)
+    }
+
+    /// The codecs of `peer` that this registry supports, in ascending ID order, without
+    /// duplicates (the negotiated `codecs` of SPEC §6).
+    pub fn intersection(&self, peer: &[CodecId]) -> Vec<CodecId> {
+        let peer: BTreeSet<CodecId> = peer.iter().copied().collect();
+        self.ids.intersection(&peer).copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn dispatch() {
+        let e = Ether::text("hi");
+        for codec in [CodecId::JSON, CodecId::PROTOBUF] {
+            let body = encode_ether(&e, codec).unwrap();
+            assert_eq!(decode_ether(codec, &body).unwrap(), e);
+        }
+        for codec in [CodecId::TENSOR_F32, CodecId::ARROW_IPC, CodecId(0x77)] {
+            let err = encode_ether(&e, codec).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::ERR_CODEC_UNSUPPORTED);
+            let err = decode_ether(codec, b"{}").unwrap_err();
+            assert_eq!(err.code(), ErrorCode::ERR_CODEC_UNSUPPORTED);
+        }
+    }
+
+    #[test]
+    fn registry() {
+        let mut r = Registry::default();
+        assert_eq!(r.ids(), vec![CodecId::JSON, CodecId::PROTOBUF]);
+        assert!(r.supports(CodecId::PROTOBUF));
+        assert!(!r.supports(CodecId::DLPACK));
+        assert!(r.insert(CodecId::DLPACK));
+        assert!(!r.insert(CodecId::DLPACK));
+        assert_eq!(
+            r.intersection(&[CodecId::DLPACK, CodecId(0x99), CodecId::JSON, CodecId::JSON]),
+            vec![CodecId::JSON, CodecId::DLPACK]
+        );
+        assert!(Registry::empty().ids().is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_ether_never_panics(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            for codec in [CodecId::JSON, CodecId::PROTOBUF] {
+                if let Err(e) = decode_ether(codec, &body) {
+                    prop_assert_eq!(e.code(), ErrorCode::ERR_MALFORMED);
+                }
+            }
+        }
     }
 }
