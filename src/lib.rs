@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod codec;
+pub mod conn;
 pub mod control;
 pub mod error;
 pub mod ether;
