@@ -16,7 +16,38 @@
 //!
 //! Two connections can be driven against each other in memory, step by step:
 //!
-//! ```ignore
+//! ```
+//! use std::time::Instant;
+//! use bytes::{Bytes, BytesMut};
+//! use xcp::codec::CodecId;
+//! use xcp::conn::{Config, Connection, Event, Outgoing, Role};
+//!
+//! let now = Instant::now();
+//! let mut client = Connection::new(Role::Initiator, Config::default(), now);
+//! let mut server = Connection::new(Role::Responder, Config::default(), now);
+//!
+//! // Moves every queued frame from one side to the other, as a socket would.
+//! fn pump(from: &mut Connection, to: &mut Connection, now: Instant) {
+//!     let mut wire = BytesMut::new();
+//!     while let Some(frame) = from.poll_transmit() {
+//!         frame.write_to(&mut wire);
+//!     }
+//!     to.handle_input(&mut wire, now);
+//! }
+//!
+//! pump(&mut client, &mut server, now); // HELLO
+//! pump(&mut server, &mut client, now); // CAPS
+//! assert!(client.is_established() && server.is_established());
+//!
+//! let id = client.send(Outgoing::data(CodecId::JSON, Bytes::from_static(
+//!     br#"{"kind":"text","schema_version":1,"payload":{"text":"hi"},"metadata":{}}"#))).unwrap();
+//! pump(&mut client, &mut server, now);
+//! while let Some(ev) = server.poll_event() {
+//!     if let Event::Message(m) = ev {
+//!         assert_eq!(m.msg_id(), id);
+//!         assert_eq!(m.ether.unwrap().payload["text"], "hi");
+//!     }
+//! }
 //! ```
 #![forbid(unsafe_code)]
 
@@ -878,8 +909,13 @@ impl Connection {
                     Err(e) => tracing::error!("encoding PONG failed: {e}"),
                 }
             }
-            Control::Pong(_) => {
-                let to = msg.header.in_reply_to;
+            Control::Pong(pong) => {
+                // Our PING's nonce is its msgId, so a peer that echoes the body but leaves
+                // inReplyTo at 0 is still matched.
+                let to = match msg.header.in_reply_to {
+                    0 => pong.nonce,
+                    id => id,
+                };
                 if let Some(sent) = self.pings.remove(&to) {
                     self.events.push_back(Event::Pong {
                         ping_id: to,

@@ -69,3 +69,48 @@ impl Encoder<Frame> for XcpCodec {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::MsgType;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_util::codec::Framed;
+
+    #[tokio::test]
+    async fn framed_over_a_duplex_stream() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut tx = Framed::new(a, XcpCodec::default());
+        let mut rx = Framed::new(b, XcpCodec::default());
+        let hdr = FrameHeader {
+            msg_type: MsgType::DATA,
+            msg_id: 9,
+            ..Default::default()
+        };
+        let body = Bytes::from(vec![5u8; 1000]);
+        let send = async {
+            tx.send((hdr.clone(), Flags::NONE, body.clone())).await.unwrap();
+            tx.send((hdr.clone(), Flags::MORE, Bytes::new())).await.unwrap();
+        };
+        let recv = async {
+            let f1 = rx.next().await.unwrap().unwrap();
+            let f2 = rx.next().await.unwrap().unwrap();
+            (f1, f2)
+        };
+        let ((), (f1, f2)) = tokio::join!(send, recv);
+        assert_eq!(f1.header, hdr);
+        assert_eq!(f1.payload, body);
+        assert_eq!(f2.flags, Flags::MORE);
+    }
+
+    #[tokio::test]
+    async fn decoder_error_ends_framed_stream() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut rx = Framed::new(b, XcpCodec::default());
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let e = rx.next().await.unwrap().unwrap_err();
+        assert_eq!(e.code(), crate::error::ErrorCode::ERR_MALFORMED);
+    }
+}
