@@ -64,6 +64,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::ether::{Ether, SchemaKey};
 use crate::wire::chunk::{split, Message, Reassembler};
 use crate::wire::frame::{encode, EncodedFrame, FrameDecoder, FrameError};
+use crate::wire::seal::{self, CompressPolicy, Direction, Sealer};
 use crate::wire::{Flags, FrameHeader, HeaderForm, Limits, MsgType, Tag};
 
 pub use negotiate::negotiate;
@@ -108,6 +109,14 @@ pub struct Config {
     pub host_id: String,
     /// Name prefix of announced shm objects.
     pub shm_prefix: String,
+    /// The static key (SPEC §3). With a key, this side advertises `crypt`, seals every message
+    /// it sends, and refuses plaintext messages (`ERR_DECRYPT`); a peer without a key cannot
+    /// connect.
+    pub sealer: Option<Sealer>,
+    /// When to compress bodies we send. Compressed bodies we receive are always accepted.
+    pub compress: CompressPolicy,
+    /// The zstd level for compression.
+    pub compress_level: i32,
 }
 
 impl Default for Config {
@@ -126,6 +135,9 @@ impl Default for Config {
             attach: Vec::new(),
             host_id: String::new(),
             shm_prefix: String::new(),
+            sealer: None,
+            compress: CompressPolicy::Off,
+            compress_level: 1,
         }
     }
 }
@@ -160,6 +172,8 @@ pub struct Incoming {
     pub ether: Option<Ether>,
     /// The decoded control body, for CLARIFY_REQ / CLARIFY_RES.
     pub control: Option<Control>,
+    /// COMP and CRYPT as they were on the wire (the body here is already opened and inflated).
+    pub flags: Flags,
     /// How many frames carried it.
     pub frames: u32,
 }
@@ -331,7 +345,7 @@ impl Connection {
             attach: config.attach.clone(),
             host_id: config.host_id.clone(),
             shm_prefix: config.shm_prefix.clone(),
-            crypt: false,
+            crypt: config.sealer.is_some(),
             max_message_bytes: config.limits.max_message_bytes,
         };
         let mut reassembler = Reassembler::new(config.limits.max_message_bytes);
@@ -484,7 +498,19 @@ impl Connection {
             in_reply_to: msg.in_reply_to,
             tags: msg.tags,
         };
-        for (flags, chunk) in split(msg.body, Flags::NONE, max_frame) {
+        // encode → compress → encrypt → chunk (SPEC §3).
+        let mut flags = Flags::NONE;
+        let mut body = msg.body;
+        if let Some(c) = self.config.compress.apply(&body, self.config.compress_level) {
+            body = c;
+            flags = flags | Flags::COMP;
+        }
+        if let Some(sealer) = &self.config.sealer {
+            let ad = seal::aad(hdr.msg_type, hdr.body_codec, hdr.channel_id, id);
+            body = sealer.seal(self.direction(), id, hdr.channel_id, &ad, &body);
+            flags = flags | Flags::CRYPT;
+        }
+        for (flags, chunk) in split(body, flags, max_frame) {
             let f = encode(&hdr, self.form, flags, chunk)?;
             self.transmits.push_back(f);
         }
@@ -750,32 +776,68 @@ impl Connection {
         }
     }
 
-    fn on_message(&mut self, msg: Message) {
+    fn on_message(&mut self, mut msg: Message) {
         let (ch, id) = (msg.header.channel_id, msg.header.msg_id);
+        let t = msg.header.msg_type;
+        // Handshake messages, and what answers them, are plaintext; everything else is sealed
+        // when this side holds a key.
+        let may_be_plain = matches!(
+            t,
+            MsgType::HELLO
+                | MsgType::CAPS
+                | MsgType::ACK
+                | MsgType::NACK
+                | MsgType::PING
+                | MsgType::PONG
+        );
         if msg.flags.contains(Flags::CRYPT) {
+            let Some(sealer) = &self.config.sealer else {
+                return self.refuse(
+                    ch,
+                    id,
+                    Error::protocol(
+                        ErrorCode::ERR_DECRYPT,
+                        "flags: CRYPT set but this side holds no key",
+                    ),
+                );
+            };
+            let ad = seal::aad(t, msg.header.body_codec, ch, id);
+            let peer_dir = match self.direction() {
+                Direction::C2S => Direction::S2C,
+                Direction::S2C => Direction::C2S,
+            };
+            match sealer.open(peer_dir, id, ch, &ad, &msg.body) {
+                Ok(plain) => msg.body = plain,
+                Err(e) => return self.refuse(ch, id, e),
+            }
+        } else if self.config.sealer.is_some() && !may_be_plain {
             return self.refuse(
                 ch,
                 id,
                 Error::protocol(
                     ErrorCode::ERR_DECRYPT,
-                    "flags: CRYPT set but this side holds no key",
+                    format!("{t:?} sent in plaintext; this side requires CRYPT"),
                 ),
             );
         }
         if msg.flags.contains(Flags::COMP) {
-            return self.refuse(
-                ch,
-                id,
-                Error::protocol(
-                    ErrorCode::ERR_CODEC_UNSUPPORTED,
-                    "flags: COMP was not negotiated",
-                ),
-            );
+            match seal::decompress(&msg.body, self.config.limits.max_message_bytes) {
+                Ok(plain) => msg.body = plain,
+                Err(e) => return self.refuse(ch, id, e),
+            }
         }
-        if msg.header.msg_type.is_control() {
+        if t.is_control() {
             self.on_control(msg)
         } else {
             self.on_data(msg)
+        }
+    }
+
+    /// The direction of the frames we send.
+    fn direction(&self) -> Direction {
+        match self.role {
+            Role::Initiator => Direction::C2S,
+            Role::Responder => Direction::S2C,
         }
     }
 
@@ -803,6 +865,14 @@ impl Connection {
                     );
                 }
                 self.form = msg.header_form;
+                if self.config.sealer.is_some() && !peer.crypt {
+                    let e = Error::Incompatible {
+                        code: ErrorCode::ERR_DECRYPT,
+                        detail: "this side requires CRYPT; the peer holds no key".into(),
+                    };
+                    self.queue_nack(ch, id, e.code(), 0, &detail_of(&e));
+                    return self.fail(e);
+                }
                 match negotiate(&self.local_hello, &peer) {
                     Ok(caps) => {
                         self.queue_control(&Control::Caps(caps.clone()), ch, id);
@@ -841,6 +911,12 @@ impl Connection {
                         detail: format!("CAPS lists no codec we offered: {:?}", caps.codecs),
                     };
                     return self.fail(e);
+                }
+                if self.config.sealer.is_some() && !caps.crypt {
+                    return self.fail(Error::Incompatible {
+                        code: ErrorCode::ERR_DECRYPT,
+                        detail: "this side requires CRYPT; the peer holds no key".into(),
+                    });
                 }
                 let mfb = match caps.max_frame_bytes {
                     0 => crate::wire::DEFAULT_MAX_FRAME_BYTES,
@@ -936,6 +1012,7 @@ impl Connection {
                     body: msg.body,
                     ether: None,
                     control: Some(c),
+                    flags: msg.flags,
                     frames: msg.frames,
                 }));
             }
@@ -973,6 +1050,7 @@ impl Connection {
             body: msg.body,
             ether,
             control: None,
+            flags: msg.flags,
             frames: msg.frames,
         }));
     }

@@ -393,3 +393,237 @@ fn decode_nack(t: EncodedFrame) -> Nack {
         other => panic!("{other:?}"),
     }
 }
+
+// ----- COMP and CRYPT ---------------------------------------------------------------------
+
+fn sealed_config(key: u8) -> Config {
+    Config {
+        sealer: Some(crate::wire::seal::Sealer::new(&[key; 32])),
+        compress: CompressPolicy::Auto,
+        decode_ethers: false,
+        ..Default::default()
+    }
+}
+
+/// Sends a hand-made DATA frame from the client's side of the pair straight into the server.
+fn inject(p: &mut Pair, hdr: &FrameHeader, flags: Flags, body: Bytes) {
+    let mut buf = BytesMut::new();
+    encode(hdr, HeaderForm::Capnp, flags, body)
+        .unwrap()
+        .write_to(&mut buf);
+    p.server.handle_input(&mut buf, p.now);
+    p.run();
+}
+
+fn nack_codes(c: &mut Connection) -> Vec<(u64, ErrorCode)> {
+    Pair::events(c)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Nack { msg_id, code, .. } => Some((msg_id, code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sealed_and_compressed_chunked_round_trip() {
+    let mut sc = sealed_config(1);
+    sc.limits.max_frame_bytes = 1024;
+    let mut p = Pair::new(sealed_config(1), sc);
+    assert!(p.client.negotiated().unwrap().peer.crypt);
+    Pair::events(&mut p.server);
+    let mut x = 88172645463325252u64;
+    let body: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 16) as u8
+        })
+        .collect();
+    let id = p
+        .client
+        .send(Outgoing::data(CodecId::JSON, Bytes::from(body.clone())))
+        .unwrap();
+    // Compressed first, so far fewer than 200 chunks; every frame has COMP and CRYPT.
+    let frames: Vec<_> = std::iter::from_fn(|| p.client.poll_transmit()).collect();
+    assert!(frames.len() > 1 && frames.len() < 196, "{}", frames.len());
+    let mut buf = BytesMut::new();
+    for f in &frames {
+        assert_eq!(f.head[5] & 0xC0, 0xC0, "COMP and CRYPT on every chunk");
+        f.write_to(&mut buf);
+    }
+    p.server.handle_input(&mut buf, p.now);
+    let ev = Pair::events(&mut p.server);
+    let Event::Message(m) = &ev[0] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(m.msg_id(), id);
+    assert_eq!(m.flags, Flags::COMP | Flags::CRYPT);
+    assert_eq!(&m.body[..], &body[..]);
+    // And back the other way (the s2c key).
+    p.server
+        .send(Outgoing::data(CodecId::JSON, Bytes::from_static(b"ok")).reply_to(id))
+        .unwrap();
+    p.run();
+    let ev = Pair::events(&mut p.client);
+    assert!(matches!(&ev[..], [Event::Connected(_), Event::Message(m)] if &m.body[..] == b"ok"), "{ev:?}");
+}
+
+#[test]
+fn wrong_key_is_decrypt_error_and_connection_lives() {
+    let mut p = Pair::new(sealed_config(1), sealed_config(2));
+    Pair::events(&mut p.client);
+    let id = p.client.send(data(b"{}")).unwrap();
+    p.run();
+    assert_eq!(nack_codes(&mut p.client), vec![(id, ErrorCode::ERR_DECRYPT)]);
+    assert!(Pair::events(&mut p.server)
+        .iter()
+        .all(|e| !matches!(e, Event::Message(_))));
+    assert!(p.server.is_established());
+    p.client.ping(p.now).unwrap();
+    p.run();
+    assert!(matches!(p.client.poll_event(), Some(Event::Pong { .. })));
+}
+
+#[test]
+fn tampered_header_fails_authentication() {
+    let mut p = Pair::new(sealed_config(1), sealed_config(1));
+    Pair::events(&mut p.client);
+    Pair::events(&mut p.server);
+    let sealer = crate::wire::seal::Sealer::new(&[1; 32]);
+    let hdr = FrameHeader {
+        msg_type: MsgType::DATA,
+        body_codec: CodecId::JSON,
+        msg_id: 500,
+        ..Default::default()
+    };
+    let ad = seal::aad(hdr.msg_type, hdr.body_codec, 0, 500);
+    let sealed = sealer.seal(Direction::C2S, 500, 0, &ad, b"{}");
+    // The right header opens...
+    inject(&mut p, &hdr, Flags::CRYPT, sealed.clone());
+    assert!(matches!(p.server.poll_event(), Some(Event::Message(_))));
+    // ...a changed bodyCodec, channel or msgId does not.
+    for change in 0..3 {
+        let mut h = hdr.clone();
+        match change {
+            0 => h.body_codec = CodecId::PROTOBUF,
+            1 => h.channel_id = 9,
+            _ => h.msg_id = 501,
+        }
+        inject(&mut p, &h, Flags::CRYPT, sealed.clone());
+        let ev = Pair::events(&mut p.server);
+        assert!(
+            matches!(&ev[..], [Event::Refused { error, .. }] if error.code() == ErrorCode::ERR_DECRYPT),
+            "{change}: {ev:?}"
+        );
+    }
+}
+
+#[test]
+fn plaintext_to_a_keyed_side_is_refused() {
+    let mut p = Pair::new(sealed_config(1), sealed_config(1));
+    Pair::events(&mut p.client);
+    let hdr = FrameHeader {
+        msg_type: MsgType::DATA,
+        body_codec: CodecId::JSON,
+        msg_id: 77,
+        ..Default::default()
+    };
+    inject(&mut p, &hdr, Flags::NONE, Bytes::from_static(b"{}"));
+    assert_eq!(nack_codes(&mut p.client), vec![(77, ErrorCode::ERR_DECRYPT)]);
+}
+
+#[test]
+fn keyed_server_refuses_client_without_key() {
+    let now = Instant::now();
+    let mut client = Connection::new(Role::Initiator, Config::default(), now);
+    let mut server = Connection::new(Role::Responder, sealed_config(1), now);
+    pump(&mut client, &mut server, now);
+    assert!(server.is_closed());
+    pump(&mut server, &mut client, now);
+    let ev = Pair::events(&mut client);
+    assert!(
+        matches!(&ev[..], [Event::Closed(Some(e))] if e.code() == ErrorCode::ERR_DECRYPT),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn bad_zstd_bodies_are_refused() {
+    let mut p = Pair::new(Config::default(), Config {
+        limits: Limits {
+            max_message_bytes: 10_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    Pair::events(&mut p.client);
+    let big = seal::compress(&vec![b' '; 50_000], 3).unwrap();
+    let mut streamed = Vec::new();
+    {
+        let mut e = zstd::stream::Encoder::new(&mut streamed, 1).unwrap();
+        std::io::Write::write_all(&mut e, b"{}").unwrap();
+        e.finish().unwrap();
+    }
+    let ok = seal::compress(br#"{"kind":"text","schema_version":1,"payload":{"text":"z"},"metadata":{}}"#, 1).unwrap();
+    let cases: [(u64, Bytes, ErrorCode); 4] = [
+        (1, big, ErrorCode::ERR_MESSAGE_TOO_LARGE),
+        (2, ok.slice(..ok.len() - 2), ErrorCode::ERR_MALFORMED),
+        (3, Bytes::from(streamed), ErrorCode::ERR_MALFORMED),
+        (4, ok, ErrorCode::OK),
+    ];
+    for (id, body, _) in &cases {
+        let hdr = FrameHeader {
+            msg_type: MsgType::DATA,
+            body_codec: CodecId::JSON,
+            msg_id: 1000 + id,
+            ..Default::default()
+        };
+        inject(&mut p, &hdr, Flags::COMP, body.clone());
+    }
+    let got = nack_codes(&mut p.client);
+    let want: Vec<_> = cases
+        .iter()
+        .filter(|c| c.2 != ErrorCode::OK)
+        .map(|c| (1000 + c.0, c.2))
+        .collect();
+    assert_eq!(got, want);
+    let ev = Pair::events(&mut p.server);
+    assert!(ev.iter().any(|e| matches!(e, Event::Message(m) if m.msg_id() == 1004 && m.ether.as_ref().unwrap().payload["text"] == "z")));
+}
+
+#[test]
+fn nonces_never_repeat_across_chunked_and_interleaved_sends() {
+    let mut sc = sealed_config(1);
+    sc.limits.max_frame_bytes = 256;
+    let mut p = Pair::new(sealed_config(1), sc);
+    let sealer = crate::wire::seal::Sealer::new(&[1; 32]);
+    let mut nonces = std::collections::HashSet::new();
+    let mut frames = 0;
+    for i in 0..200u32 {
+        let body = Bytes::from(vec![(i % 7) as u8; (i as usize * 37) % 2000]);
+        let o = Outgoing::data(CodecId::JSON, body).on_channel(i % 5);
+        p.client.send(o).unwrap();
+        if i % 3 == 0 {
+            p.client.ping(p.now).unwrap();
+        }
+    }
+    let mut buf = BytesMut::new();
+    let mut last = None;
+    while let Some(f) = p.client.poll_transmit() {
+        f.write_to(&mut buf);
+        let fr = FrameDecoder::new(Limits::default())
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap();
+        frames += 1;
+        if fr.flags.contains(Flags::CRYPT) && last != Some(fr.header.msg_id) {
+            let n = sealer.nonce(fr.header.msg_id, fr.header.channel_id);
+            assert!(nonces.insert(n), "nonce reused for msgId {}", fr.header.msg_id);
+        }
+        last = Some(fr.header.msg_id);
+    }
+    assert_eq!(nonces.len(), 200);
+    assert!(frames > 400);
+}
