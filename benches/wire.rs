@@ -56,7 +56,9 @@ fn wire(c: &mut Criterion) {
             g.bench_with_input(
                 BenchmarkId::new(format!("encode_{name}"), &id),
                 &payload,
-                |b, p| b.iter(|| black_box(encode(&header(), form, Flags::NONE, p.clone()).unwrap())),
+                |b, p| {
+                    b.iter(|| black_box(encode(&header(), form, Flags::NONE, p.clone()).unwrap()))
+                },
             );
             let bytes = encode(&header(), form, Flags::NONE, payload.clone())
                 .unwrap()

@@ -5,12 +5,16 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod attach;
 pub mod codec;
 pub mod conn;
 pub mod control;
 pub mod error;
 pub mod ether;
+pub mod session;
+pub mod transport;
 pub mod wire;
+pub use session::{Server, Session, SessionConfig};
 
 pub use error::{Error, ErrorCode, Result};
 pub use ether::{Attachment, Ether, SchemaKey};

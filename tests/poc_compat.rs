@@ -79,14 +79,17 @@ async fn xcp_client_against_poc_server() {
             seen.push(t);
             next_id += 1;
             let reply = match t {
-                0 => poc_frame(1, next_id, id, br#"{"codecs":[1],"max_frame_bytes":1048576}"#),
+                0 => poc_frame(
+                    1,
+                    next_id,
+                    id,
+                    br#"{"codecs":[1],"max_frame_bytes":1048576}"#,
+                ),
                 4 => poc_frame(5, next_id, id, &body),
                 0x100 => {
                     let mut e: Value = serde_json::from_slice(&body).unwrap();
-                    e["payload"]["text"] = json!(format!(
-                        "echo: {}",
-                        e["payload"]["text"].as_str().unwrap()
-                    ));
+                    e["payload"]["text"] =
+                        json!(format!("echo: {}", e["payload"]["text"].as_str().unwrap()));
                     poc_frame(0x100, next_id, id, &serde_json::to_vec(&e).unwrap())
                 }
                 _ => continue,
@@ -138,24 +141,35 @@ async fn poc_client_against_xcp_server() {
     let addr = url.strip_prefix("tcp://").unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
     // The PoC's HELLO and its first DATA share msgId 1.
-    s.write_all(&poc_frame(0, 1, 0, br#"{"codecs":[1],"max_frame_bytes":1048576}"#))
-        .await
-        .unwrap();
+    s.write_all(&poc_frame(
+        0,
+        1,
+        0,
+        br#"{"codecs":[1],"max_frame_bytes":1048576}"#,
+    ))
+    .await
+    .unwrap();
     let (caps_h, caps) = timeout(T, poc_read(&mut s)).await.unwrap().unwrap();
     assert_eq!(caps_h["msgType"], 1);
     assert_eq!(caps_h["inReplyTo"], 1);
     let caps: Value = serde_json::from_slice(&caps).unwrap();
     assert_eq!(caps["codecs"], json!([1]));
 
-    let ether = br#"{"kind":"text","schema_version":1,"payload":{"text":"from the poc"},"metadata":{}}"#;
+    let ether =
+        br#"{"kind":"text","schema_version":1,"payload":{"text":"from the poc"},"metadata":{}}"#;
     s.write_all(&poc_frame(0x100, 1, 0, ether)).await.unwrap();
     let (h, body) = timeout(T, poc_read(&mut s)).await.unwrap().unwrap();
     assert_eq!(h["msgType"], 0x100);
     assert_eq!(h["inReplyTo"], 1);
     assert_eq!(&body[..], &ether[..]);
 
-    s.write_all(&poc_frame(4, 2, 0, br#"{"nonce":77}"#)).await.unwrap();
+    s.write_all(&poc_frame(4, 2, 0, br#"{"nonce":77}"#))
+        .await
+        .unwrap();
     let (h, body) = timeout(T, poc_read(&mut s)).await.unwrap().unwrap();
-    assert_eq!((h["msgType"].as_u64(), h["inReplyTo"].as_u64()), (Some(5), Some(2)));
+    assert_eq!(
+        (h["msgType"].as_u64(), h["inReplyTo"].as_u64()),
+        (Some(5), Some(2))
+    );
     assert_eq!(&body[..], br#"{"nonce":77}"#);
 }

@@ -13,7 +13,13 @@ fn header() -> impl Strategy<Value = FrameHeader> {
         any::<u32>(),
         any::<u16>(),
         any::<u16>(),
-        (any::<u32>(), any::<u32>(), any::<u16>(), any::<u16>(), any::<[u8; 16]>()),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<[u8; 16]>(),
+        ),
         any::<u64>(),
         any::<u64>(),
         proptest::collection::vec(("[a-z0-9]{0,8}", "\\PC{0,12}"), 0..4),
@@ -43,7 +49,7 @@ fn form() -> impl Strategy<Value = HeaderForm> {
 }
 
 fn flags() -> impl Strategy<Value = Flags> {
-    (0u8..8).prop_map(|b| Flags((b & 1) * 0x80 | ((b >> 1) & 1) * 0x40 | ((b >> 2) & 1) * 0x20))
+    (0u8..8).prop_map(|b| Flags(((b & 1) * 0x80) | (((b >> 1) & 1) * 0x40) | (((b >> 2) & 1) * 0x20)))
 }
 
 fn decode_pieces(bytes: &[u8], cuts: &[usize]) -> Vec<Frame> {

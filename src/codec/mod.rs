@@ -9,8 +9,12 @@ use bytes::Bytes;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ether::Ether;
 
+pub mod arrow;
+pub mod dlpack;
 pub mod json;
+pub mod latent;
 pub mod protobuf;
+pub mod tensor;
 
 /// A `bodyCodec` ID (SPEC §5). Unknown values are kept as they are.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -91,6 +95,42 @@ pub fn decode_ether(codec: CodecId, body: &[u8]) -> Result<Ether> {
     }
 }
 
+/// Checks a received body with the codec its frame names: JSON and PROTOBUF are decoded as an
+/// Ether, the tensor codecs with [`tensor::TensorView::parse`], MIXED_LATENT with
+/// [`latent::decode`], ARROW_IPC with [`arrow::decode_batches`] (any record batch, Ethers or
+/// not), DLPACK with [`dlpack::DlpackDescriptor::decode`]. A bad body is `ERR_MALFORMED` (a bad
+/// DLPACK attachment URI `ERR_ATTACHMENT`); a codec this function does not know is
+/// `ERR_CODEC_UNSUPPORTED`. Nothing is copied for the tensor, latent, Arrow and DLPack codecs.
+///
+/// ```
+/// use bytes::Bytes;
+/// use xcp::codec::{tensor, validate_body, CodecId};
+/// use xcp::ErrorCode;
+///
+/// let body = tensor::encode_f32(&[2], &[1.0, 2.0], false)?;
+/// validate_body(CodecId::TENSOR_F32, &body)?;
+/// let err = validate_body(CodecId::TENSOR_F16, &body).unwrap_err();
+/// assert_eq!(err.code(), ErrorCode::ERR_MALFORMED);
+/// let err = validate_body(CodecId(0x77), &Bytes::new()).unwrap_err();
+/// assert_eq!(err.code(), ErrorCode::ERR_CODEC_UNSUPPORTED);
+/// # Ok::<(), xcp::Error>(())
+/// ```
+pub fn validate_body(codec: CodecId, body: &Bytes) -> Result<()> {
+    match codec {
+        CodecId::JSON | CodecId::PROTOBUF => decode_ether(codec, body).map(|_| ()),
+        CodecId::TENSOR_F32 | CodecId::TENSOR_F16 | CodecId::TENSOR_QNT8 => {
+            tensor::TensorView::parse(body.clone(), Some(codec)).map(|_| ())
+        }
+        CodecId::MIXED_LATENT => latent::decode(body.clone()).map(|_| ()),
+        CodecId::ARROW_IPC => arrow::decode_batches(body.clone()).map(|_| ()),
+        CodecId::DLPACK => dlpack::DlpackDescriptor::decode(body.clone()).map(|_| ()),
+        other => Err(Error::protocol(
+            ErrorCode::ERR_CODEC_UNSUPPORTED,
+            format!("no decoder for bodyCodec {other}"),
+        )),
+    }
+}
+
 fn not_an_ether_codec(codec: CodecId) -> Error {
     Error::protocol(
         ErrorCode::ERR_CODEC_UNSUPPORTED,
@@ -99,16 +139,18 @@ fn not_an_ether_codec(codec: CodecId) -> Error {
 }
 
 /// The set of body codecs this side implements, keyed by [`CodecId`]: what a HELLO lists in
-/// `codecs`. [`Registry::default`] holds JSON and PROTOBUF; later codecs join it as they are
-/// implemented, and a configuration may remove some.
+/// `codecs`. [`Registry::default`] holds every codec implemented so far (JSON, PROTOBUF, the
+/// three tensor codecs, MIXED_LATENT, ARROW_IPC and DLPACK); a configuration may remove some. [`validate_body`]
+/// checks a received body with the codec its frame names.
 ///
 /// ```
 /// use xcp::codec::{CodecId, Registry};
 ///
 /// let mut r = Registry::default();
 /// assert!(r.supports(CodecId::JSON));
+/// assert!(r.supports(CodecId::TENSOR_F32));
 /// r.remove(CodecId::PROTOBUF);
-/// assert_eq!(r.ids(), vec![CodecId::JSON]);
+/// assert!(!r.supports(CodecId::PROTOBUF));
 /// assert_eq!(r.intersection(&[CodecId::PROTOBUF, CodecId::JSON]), vec![CodecId::JSON]);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +163,12 @@ impl Default for Registry {
         let mut r = Registry::empty();
         r.insert(CodecId::JSON);
         r.insert(CodecId::PROTOBUF);
+        r.insert(CodecId::TENSOR_F32);
+        r.insert(CodecId::TENSOR_F16);
+        r.insert(CodecId::TENSOR_QNT8);
+        r.insert(CodecId::MIXED_LATENT);
+        r.insert(CodecId::ARROW_IPC);
+        r.insert(CodecId::DLPACK);
         r
     }
 }
@@ -184,8 +232,21 @@ mod tests {
     #[test]
     fn registry() {
         let mut r = Registry::default();
-        assert_eq!(r.ids(), vec![CodecId::JSON, CodecId::PROTOBUF]);
+        assert_eq!(
+            r.ids(),
+            vec![
+                CodecId::JSON,
+                CodecId::TENSOR_F32,
+                CodecId::TENSOR_F16,
+                CodecId::TENSOR_QNT8,
+                CodecId::PROTOBUF,
+                CodecId::MIXED_LATENT,
+                CodecId::ARROW_IPC,
+                CodecId::DLPACK
+            ]
+        );
         assert!(r.supports(CodecId::PROTOBUF));
+        assert!(r.remove(CodecId::DLPACK));
         assert!(!r.supports(CodecId::DLPACK));
         assert!(r.insert(CodecId::DLPACK));
         assert!(!r.insert(CodecId::DLPACK));
@@ -194,6 +255,35 @@ mod tests {
             vec![CodecId::JSON, CodecId::DLPACK]
         );
         assert!(Registry::empty().ids().is_empty());
+    }
+
+    #[test]
+    fn validate_dispatch() {
+        let json = encode_ether(&Ether::text("hi"), CodecId::JSON).unwrap();
+        validate_body(CodecId::JSON, &json).unwrap();
+        let t = tensor::encode_qnt8(&[2], &[1.0, -1.0], false, false).unwrap();
+        validate_body(CodecId::TENSOR_QNT8, &t).unwrap();
+        let l = latent::encode(&[(CodecId::TENSOR_QNT8, t.clone())]).unwrap();
+        validate_body(CodecId::MIXED_LATENT, &l).unwrap();
+        let a = arrow::encode_ethers(&[Ether::text("hi")]).unwrap();
+        validate_body(CodecId::ARROW_IPC, &a).unwrap();
+        let d = dlpack::DlpackDescriptor::cpu(dlpack::DlDataType::U8, vec![2], t.slice(..2))
+            .unwrap()
+            .encode()
+            .unwrap();
+        validate_body(CodecId::DLPACK, &d).unwrap();
+        for (codec, body) in [
+            (CodecId::JSON, &t),
+            (CodecId::TENSOR_F32, &t),
+            (CodecId::MIXED_LATENT, &t),
+            (CodecId::ARROW_IPC, &t),
+            (CodecId::DLPACK, &a),
+        ] {
+            let err = validate_body(codec, body).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::ERR_MALFORMED, "{codec}");
+        }
+        let err = validate_body(CodecId(0x77), &t).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ERR_CODEC_UNSUPPORTED);
     }
 
     proptest! {

@@ -452,7 +452,9 @@ impl Connection {
         if self.decoder.is_mid_frame() {
             self.fail(Error::Closed("peer closed the stream mid-frame".into()));
         } else if self.state != State::Established {
-            self.fail(Error::Closed("peer closed the stream during the handshake".into()));
+            self.fail(Error::Closed(
+                "peer closed the stream during the handshake".into(),
+            ));
         } else {
             self.finish(None);
         }
@@ -501,7 +503,11 @@ impl Connection {
         // encode → compress → encrypt → chunk (SPEC §3).
         let mut flags = Flags::NONE;
         let mut body = msg.body;
-        if let Some(c) = self.config.compress.apply(&body, self.config.compress_level) {
+        if let Some(c) = self
+            .config
+            .compress
+            .apply(&body, self.config.compress_level)
+        {
             body = c;
             flags = flags | Flags::COMP;
         }
@@ -1022,7 +1028,11 @@ impl Connection {
     fn on_data(&mut self, msg: Message) {
         let (ch, id) = (msg.header.channel_id, msg.header.msg_id);
         let Some(neg) = self.negotiated.as_ref() else {
-            return self.refuse(ch, id, Error::malformed("DATA before the handshake finished"));
+            return self.refuse(
+                ch,
+                id,
+                Error::malformed("DATA before the handshake finished"),
+            );
         };
         let codec = msg.header.body_codec;
         if !neg.codecs.contains(&codec) {

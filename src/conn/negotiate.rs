@@ -64,8 +64,9 @@ pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
         host_id: local.host_id.clone(),
         shm_prefix: local.shm_prefix.clone(),
         crypt: local.crypt && peer.crypt,
-        max_message_bytes: or_default(local.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)
-            .min(or_default(peer.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)),
+        max_message_bytes: or_default(local.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES).min(
+            or_default(peer.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES),
+        ),
     })
 }
 
@@ -83,7 +84,10 @@ mod tests {
 
     #[test]
     fn intersection_and_minimum() {
-        let a = hello(&[CodecId::JSON, CodecId::PROTOBUF, CodecId::TENSOR_F32], 4096);
+        let a = hello(
+            &[CodecId::JSON, CodecId::PROTOBUF, CodecId::TENSOR_F32],
+            4096,
+        );
         let b = hello(&[CodecId::TENSOR_F32, CodecId::JSON], 1 << 20);
         let caps = negotiate(&a, &b).unwrap();
         assert_eq!(caps.codecs, vec![CodecId::JSON, CodecId::TENSOR_F32]);
@@ -96,7 +100,10 @@ mod tests {
     fn peer_without_limit_gets_default() {
         let a = hello(&[CodecId::JSON], 8 << 20);
         let b = hello(&[CodecId::JSON], 0);
-        assert_eq!(negotiate(&a, &b).unwrap().max_frame_bytes, DEFAULT_MAX_FRAME_BYTES);
+        assert_eq!(
+            negotiate(&a, &b).unwrap().max_frame_bytes,
+            DEFAULT_MAX_FRAME_BYTES
+        );
     }
 
     #[test]

@@ -92,7 +92,10 @@ fn data_request_reply_and_ack() {
     Pair::events(&mut p.client);
     Pair::events(&mut p.server);
     let e = crate::ether::Ether::text("hi");
-    let id = p.client.send(Outgoing::ether(&e, CodecId::JSON).unwrap()).unwrap();
+    let id = p
+        .client
+        .send(Outgoing::ether(&e, CodecId::JSON).unwrap())
+        .unwrap();
     p.run();
     let ev = Pair::events(&mut p.server);
     let Event::Message(m) = &ev[0] else {
@@ -128,7 +131,10 @@ fn ping_pong_rtt() {
     let id = p.client.ping(p.now).unwrap();
     p.run();
     let ev = Pair::events(&mut p.client);
-    assert!(matches!(ev[0], Event::Pong { ping_id, .. } if ping_id == id), "{ev:?}");
+    assert!(
+        matches!(ev[0], Event::Pong { ping_id, .. } if ping_id == id),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -181,9 +187,14 @@ fn codec_not_negotiated_is_nacked_connection_lives() {
         ..Default::default()
     };
     let mut buf = BytesMut::new();
-    encode(&hdr, HeaderForm::Capnp, Flags::NONE, Bytes::from_static(b"x"))
-        .unwrap()
-        .write_to(&mut buf);
+    encode(
+        &hdr,
+        HeaderForm::Capnp,
+        Flags::NONE,
+        Bytes::from_static(b"x"),
+    )
+    .unwrap()
+    .write_to(&mut buf);
     p.server.handle_input(&mut buf, p.now);
     p.run();
     let ev = Pair::events(&mut p.client);
@@ -220,13 +231,21 @@ fn data_before_hello_closes() {
         ..Default::default()
     };
     let mut buf = BytesMut::new();
-    encode(&hdr, HeaderForm::Capnp, Flags::NONE, Bytes::from_static(b"{}"))
-        .unwrap()
-        .write_to(&mut buf);
+    encode(
+        &hdr,
+        HeaderForm::Capnp,
+        Flags::NONE,
+        Bytes::from_static(b"{}"),
+    )
+    .unwrap()
+    .write_to(&mut buf);
     server.handle_input(&mut buf, now);
     assert!(server.is_closed());
     let nack = decode_nack(server.poll_transmit().unwrap());
-    assert_eq!((nack.msg_id, nack.error_code), (5, ErrorCode::ERR_MALFORMED));
+    assert_eq!(
+        (nack.msg_id, nack.error_code),
+        (5, ErrorCode::ERR_MALFORMED)
+    );
 }
 
 #[test]
@@ -245,8 +264,10 @@ fn second_hello_refused_connection_lives() {
 #[test]
 fn no_common_codec_fails_both_sides() {
     let sc = Config::default();
-    let mut cc = Config::default();
-    cc.codecs = vec![];
+    let cc = Config {
+        codecs: vec![],
+        ..Default::default()
+    };
     let now = Instant::now();
     let mut client = Connection::new(Role::Initiator, cc, now);
     // Forge a HELLO offering only PROTOBUF.
@@ -276,7 +297,10 @@ fn handshake_timeout() {
     assert_eq!(t, now + Config::default().handshake_timeout);
     server.handle_timeout(t);
     assert!(server.is_closed());
-    assert!(matches!(server.poll_event(), Some(Event::Closed(Some(Error::Timeout(_))))));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Closed(Some(Error::Timeout(_))))
+    ));
 }
 
 #[test]
@@ -343,7 +367,10 @@ fn peer_nack_during_handshake_is_error() {
     client.handle_input(&mut buf, now);
     assert!(matches!(
         client.poll_event(),
-        Some(Event::Closed(Some(Error::Nack { retry_after_ms: 50, .. })))
+        Some(Event::Closed(Some(Error::Nack {
+            retry_after_ms: 50,
+            ..
+        })))
     ));
 }
 
@@ -358,9 +385,14 @@ fn crypt_without_key_is_decrypt_error() {
         ..Default::default()
     };
     let mut buf = BytesMut::new();
-    encode(&hdr, HeaderForm::Capnp, Flags::CRYPT, Bytes::from_static(b"sealed"))
-        .unwrap()
-        .write_to(&mut buf);
+    encode(
+        &hdr,
+        HeaderForm::Capnp,
+        Flags::CRYPT,
+        Bytes::from_static(b"sealed"),
+    )
+    .unwrap()
+    .write_to(&mut buf);
     p.server.handle_input(&mut buf, p.now);
     p.run();
     let ev = Pair::events(&mut p.client);
@@ -467,7 +499,10 @@ fn sealed_and_compressed_chunked_round_trip() {
         .unwrap();
     p.run();
     let ev = Pair::events(&mut p.client);
-    assert!(matches!(&ev[..], [Event::Connected(_), Event::Message(m)] if &m.body[..] == b"ok"), "{ev:?}");
+    assert!(
+        matches!(&ev[..], [Event::Connected(_), Event::Message(m)] if &m.body[..] == b"ok"),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -476,7 +511,10 @@ fn wrong_key_is_decrypt_error_and_connection_lives() {
     Pair::events(&mut p.client);
     let id = p.client.send(data(b"{}")).unwrap();
     p.run();
-    assert_eq!(nack_codes(&mut p.client), vec![(id, ErrorCode::ERR_DECRYPT)]);
+    assert_eq!(
+        nack_codes(&mut p.client),
+        vec![(id, ErrorCode::ERR_DECRYPT)]
+    );
     assert!(Pair::events(&mut p.server)
         .iter()
         .all(|e| !matches!(e, Event::Message(_))));
@@ -531,7 +569,10 @@ fn plaintext_to_a_keyed_side_is_refused() {
         ..Default::default()
     };
     inject(&mut p, &hdr, Flags::NONE, Bytes::from_static(b"{}"));
-    assert_eq!(nack_codes(&mut p.client), vec![(77, ErrorCode::ERR_DECRYPT)]);
+    assert_eq!(
+        nack_codes(&mut p.client),
+        vec![(77, ErrorCode::ERR_DECRYPT)]
+    );
 }
 
 #[test]
@@ -551,13 +592,16 @@ fn keyed_server_refuses_client_without_key() {
 
 #[test]
 fn bad_zstd_bodies_are_refused() {
-    let mut p = Pair::new(Config::default(), Config {
-        limits: Limits {
-            max_message_bytes: 10_000,
+    let mut p = Pair::new(
+        Config::default(),
+        Config {
+            limits: Limits {
+                max_message_bytes: 10_000,
+                ..Default::default()
+            },
             ..Default::default()
         },
-        ..Default::default()
-    });
+    );
     Pair::events(&mut p.client);
     let big = seal::compress(&vec![b' '; 50_000], 3).unwrap();
     let mut streamed = Vec::new();
@@ -566,7 +610,11 @@ fn bad_zstd_bodies_are_refused() {
         std::io::Write::write_all(&mut e, b"{}").unwrap();
         e.finish().unwrap();
     }
-    let ok = seal::compress(br#"{"kind":"text","schema_version":1,"payload":{"text":"z"},"metadata":{}}"#, 1).unwrap();
+    let ok = seal::compress(
+        br#"{"kind":"text","schema_version":1,"payload":{"text":"z"},"metadata":{}}"#,
+        1,
+    )
+    .unwrap();
     let cases: [(u64, Bytes, ErrorCode); 4] = [
         (1, big, ErrorCode::ERR_MESSAGE_TOO_LARGE),
         (2, ok.slice(..ok.len() - 2), ErrorCode::ERR_MALFORMED),
@@ -620,7 +668,11 @@ fn nonces_never_repeat_across_chunked_and_interleaved_sends() {
         frames += 1;
         if fr.flags.contains(Flags::CRYPT) && last != Some(fr.header.msg_id) {
             let n = sealer.nonce(fr.header.msg_id, fr.header.channel_id);
-            assert!(nonces.insert(n), "nonce reused for msgId {}", fr.header.msg_id);
+            assert!(
+                nonces.insert(n),
+                "nonce reused for msgId {}",
+                fr.header.msg_id
+            );
         }
         last = Some(fr.header.msg_id);
     }

@@ -113,7 +113,10 @@ impl Reassembler {
     pub fn push(&mut self, frame: Frame) -> Result<Option<Message>, FrameError> {
         let key = (frame.header.channel_id, frame.header.msg_id);
         let more = frame.flags.contains(Flags::MORE);
-        let flags = frame.flags.with(Flags::MORE, false).with(Flags::LARGE, false);
+        let flags = frame
+            .flags
+            .with(Flags::MORE, false)
+            .with(Flags::LARGE, false);
         let err = |code: ErrorCode, detail: String| FrameError {
             code,
             detail,
@@ -309,7 +312,13 @@ mod tests {
         // Later chunks of the refused message vanish, the next message is fine.
         assert!(r.push(frame(0, 1, Flags::MORE, b"g")).unwrap().is_none());
         assert!(r.push(frame(0, 1, Flags::NONE, b"h")).unwrap().is_none());
-        assert_eq!(&r.push(frame(0, 2, Flags::NONE, b"ok")).unwrap().unwrap().body[..], b"ok");
+        assert_eq!(
+            &r.push(frame(0, 2, Flags::NONE, b"ok"))
+                .unwrap()
+                .unwrap()
+                .body[..],
+            b"ok"
+        );
     }
 
     #[test]
@@ -327,7 +336,10 @@ mod tests {
         r.set_max_pending_messages(2);
         r.push(frame(1, 1, Flags::MORE, b"a")).unwrap();
         r.push(frame(2, 2, Flags::MORE, b"a")).unwrap();
-        assert_eq!(r.push(frame(3, 3, Flags::MORE, b"a")).unwrap_err().code, ErrorCode::ERR_BUSY);
+        assert_eq!(
+            r.push(frame(3, 3, Flags::MORE, b"a")).unwrap_err().code,
+            ErrorCode::ERR_BUSY
+        );
         assert_eq!(r.pending_messages(), 2);
     }
 

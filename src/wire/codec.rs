@@ -53,7 +53,10 @@ impl Encoder<OutFrame> for XcpCodec {
     fn encode(&mut self, (hdr, flags, payload): OutFrame, dst: &mut BytesMut) -> Result<(), Error> {
         encode_head(&hdr, self.form, flags, payload.len() as u64, dst)?;
         dst.extend_from_slice(&payload);
-        dst.extend_from_slice(&trailer_bytes(crate::wire::frame::crc32c(&payload), self.form));
+        dst.extend_from_slice(&trailer_bytes(
+            crate::wire::frame::crc32c(&payload),
+            self.form,
+        ));
         Ok(())
     }
 }
@@ -89,8 +92,12 @@ mod tests {
         };
         let body = Bytes::from(vec![5u8; 1000]);
         let send = async {
-            tx.send((hdr.clone(), Flags::NONE, body.clone())).await.unwrap();
-            tx.send((hdr.clone(), Flags::MORE, Bytes::new())).await.unwrap();
+            tx.send((hdr.clone(), Flags::NONE, body.clone()))
+                .await
+                .unwrap();
+            tx.send((hdr.clone(), Flags::MORE, Bytes::new()))
+                .await
+                .unwrap();
         };
         let recv = async {
             let f1 = rx.next().await.unwrap().unwrap();

@@ -191,7 +191,11 @@ enum State {
     /// Waiting for the 8-byte prefix.
     Prefix,
     /// Prefix parsed; waiting for HEADER and PLEN.
-    Lengths { flags: Flags, version: u8, hlen: usize },
+    Lengths {
+        flags: Flags,
+        version: u8,
+        hlen: usize,
+    },
     /// Lengths parsed and checked; waiting for the whole frame (`total` bytes from the start).
     Body {
         flags: Flags,
@@ -491,7 +495,13 @@ mod tests {
 
     #[test]
     fn prefix_layout() {
-        let f = encode(&hdr(1), HeaderForm::Capnp, Flags::MORE, Bytes::from_static(b"xy")).unwrap();
+        let f = encode(
+            &hdr(1),
+            HeaderForm::Capnp,
+            Flags::MORE,
+            Bytes::from_static(b"xy"),
+        )
+        .unwrap();
         let v = f.to_vec();
         assert_eq!(&v[0..4], &[0x10, 0x7A, 0xA1, 0xA9]);
         assert_eq!(v[4], 0x02);
@@ -505,7 +515,8 @@ mod tests {
     #[test]
     fn round_trip_both_forms_and_bytewise() {
         for form in [HeaderForm::Capnp, HeaderForm::Json] {
-            let a = encode_frame(&hdr(1), form, Flags::NONE, &Bytes::from_static(b"hello")).unwrap();
+            let a =
+                encode_frame(&hdr(1), form, Flags::NONE, &Bytes::from_static(b"hello")).unwrap();
             let b = encode_frame(&hdr(2), form, Flags::COMP, &Bytes::new()).unwrap();
             let all = [a, b].concat();
             let mut dec = FrameDecoder::new(Limits::default());
@@ -553,30 +564,72 @@ mod tests {
 
     #[test]
     fn reserved_flags_skip_frame_only() {
-        let mut bad = encode_frame(&hdr(9), HeaderForm::Capnp, Flags::NONE, &Bytes::from_static(b"a")).unwrap();
+        let mut bad = encode_frame(
+            &hdr(9),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Bytes::from_static(b"a"),
+        )
+        .unwrap();
         bad[5] = 0x01;
-        let good = encode_frame(&hdr(10), HeaderForm::Capnp, Flags::NONE, &Bytes::from_static(b"b")).unwrap();
-        let r = decode_all(&mut FrameDecoder::new(Limits::default()), &[bad, good].concat());
+        let good = encode_frame(
+            &hdr(10),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Bytes::from_static(b"b"),
+        )
+        .unwrap();
+        let r = decode_all(
+            &mut FrameDecoder::new(Limits::default()),
+            &[bad, good].concat(),
+        );
         let e = r[0].as_ref().unwrap_err();
-        assert_eq!((e.code, e.fatal, e.msg_id), (ErrorCode::ERR_MALFORMED, false, 9));
+        assert_eq!(
+            (e.code, e.fatal, e.msg_id),
+            (ErrorCode::ERR_MALFORMED, false, 9)
+        );
         assert_eq!(r[1].as_ref().unwrap().header.msg_id, 10);
     }
 
     #[test]
     fn crc_mismatch_skips_frame() {
-        let mut bad = encode_frame(&hdr(4), HeaderForm::Capnp, Flags::NONE, &Bytes::from_static(b"abc")).unwrap();
+        let mut bad = encode_frame(
+            &hdr(4),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Bytes::from_static(b"abc"),
+        )
+        .unwrap();
         let n = bad.len();
         bad[n - 1] ^= 0xFF;
-        let good = encode_frame(&hdr(5), HeaderForm::Capnp, Flags::NONE, &Bytes::from_static(b"d")).unwrap();
-        let r = decode_all(&mut FrameDecoder::new(Limits::default()), &[bad, good].concat());
+        let good = encode_frame(
+            &hdr(5),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Bytes::from_static(b"d"),
+        )
+        .unwrap();
+        let r = decode_all(
+            &mut FrameDecoder::new(Limits::default()),
+            &[bad, good].concat(),
+        );
         let e = r[0].as_ref().unwrap_err();
-        assert_eq!((e.code, e.fatal, e.msg_id), (ErrorCode::ERR_CHECKSUM, false, 4));
+        assert_eq!(
+            (e.code, e.fatal, e.msg_id),
+            (ErrorCode::ERR_CHECKSUM, false, 4)
+        );
         assert!(r[1].is_ok());
     }
 
     #[test]
     fn json_form_accepts_either_crc_order() {
-        let mut v = encode_frame(&hdr(4), HeaderForm::Json, Flags::NONE, &Bytes::from_static(b"abc")).unwrap();
+        let mut v = encode_frame(
+            &hdr(4),
+            HeaderForm::Json,
+            Flags::NONE,
+            &Bytes::from_static(b"abc"),
+        )
+        .unwrap();
         let n = v.len();
         v[n - 4..].reverse();
         assert!(decode_all(&mut FrameDecoder::new(Limits::default()), &v)[0].is_ok());
@@ -588,14 +641,23 @@ mod tests {
             max_frame_bytes: 16,
             max_message_bytes: 1024,
         };
-        let v = encode_frame(&hdr(6), HeaderForm::Capnp, Flags::NONE, &Bytes::from(vec![0u8; 17])).unwrap();
+        let v = encode_frame(
+            &hdr(6),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Bytes::from(vec![0u8; 17]),
+        )
+        .unwrap();
         let mut dec = FrameDecoder::new(limits);
         // Only the prefix, header and PLEN: the error comes before the payload arrives.
         let hlen = u16::from_le_bytes([v[6], v[7]]) as usize;
         let mut buf = BytesMut::from(&v[..8 + hlen + 4]);
         let cap_before = buf.capacity();
         let e = dec.decode(&mut buf).unwrap_err();
-        assert_eq!((e.code, e.fatal, e.msg_id), (ErrorCode::ERR_MESSAGE_TOO_LARGE, true, 6));
+        assert_eq!(
+            (e.code, e.fatal, e.msg_id),
+            (ErrorCode::ERR_MESSAGE_TOO_LARGE, true, 6)
+        );
         assert_eq!(buf.capacity(), cap_before);
     }
 
@@ -609,7 +671,10 @@ mod tests {
         v[5] |= Flags::LARGE.0;
         v.extend_from_slice(&u64::MAX.to_le_bytes());
         let r = decode_all(&mut FrameDecoder::new(Limits::default()), &v);
-        assert_eq!(r[0].as_ref().unwrap_err().code, ErrorCode::ERR_MESSAGE_TOO_LARGE);
+        assert_eq!(
+            r[0].as_ref().unwrap_err().code,
+            ErrorCode::ERR_MESSAGE_TOO_LARGE
+        );
         // LARGE with a small value is accepted.
         let mut v = head[..8 + hlen].to_vec();
         v[5] |= Flags::LARGE.0;

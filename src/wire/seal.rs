@@ -535,8 +535,14 @@ mod tests {
         assert!(CompressPolicy::Auto.apply(&noise, 1).is_none());
         assert!(CompressPolicy::Auto.apply(&text[..100], 1).is_none());
         assert!(CompressPolicy::Above(10).apply(&noise, 1).is_some());
-        assert_eq!("auto".parse::<CompressPolicy>().unwrap(), CompressPolicy::Auto);
-        assert_eq!("64".parse::<CompressPolicy>().unwrap(), CompressPolicy::Above(64));
+        assert_eq!(
+            "auto".parse::<CompressPolicy>().unwrap(),
+            CompressPolicy::Auto
+        );
+        assert_eq!(
+            "64".parse::<CompressPolicy>().unwrap(),
+            CompressPolicy::Above(64)
+        );
         assert!("sometimes".parse::<CompressPolicy>().is_err());
     }
 
@@ -547,10 +553,16 @@ mod tests {
         let p = dir.path().join("k");
         std::fs::write(&p, [5u8; 32]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_key_file(&p).unwrap_err().to_string().contains("chmod 600"));
+        assert!(load_key_file(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_key_file(&p).unwrap(), [5u8; 32]);
         std::fs::write(&p, [5u8; 31]).unwrap();
-        assert!(load_key_file(&p).unwrap_err().to_string().contains("exactly 32"));
+        assert!(load_key_file(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly 32"));
     }
 }

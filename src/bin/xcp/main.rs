@@ -1,1 +1,219 @@
-fn main(){}
+//! `xcp`: the command-line tool of the xcp crate.
+//!
+//! One file per subcommand: [`serve`] (an echo server), [`ping`] (round-trip times) and
+//! [`send`] (one Ether, prints the reply). This file holds what they share: the options that
+//! shape a connection, logging, the runtime, and the exit codes.
+
+mod ping;
+mod send;
+mod serve;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::EnvFilter;
+
+use xcp::conn::Config;
+use xcp::wire::{HeaderForm, Limits, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
+use xcp::SessionConfig;
+
+/// Exit code: everything worked.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the peer answered, but not what was hoped for (a lost PONG, a NACK, a timeout).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: nothing could be tried (bad arguments, bad input, no connection).
+pub const EXIT_USAGE: u8 = 2;
+
+const MAIN_AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  the peer answered, but not as hoped (a PONG lost, a NACK, a reply timed out)
+  2  nothing could be tried: bad arguments or input, no connection, cannot listen
+
+Logging goes to stderr. `serve` logs at info level, the clients at warn; each -v raises it one
+step (info, debug, trace). RUST_LOG, when set, takes precedence (e.g. RUST_LOG=xcp=debug).
+
+URLs: tcp://HOST:PORT or unix:///absolute/path/to/socket.
+
+Two-process check:
+  shell 1:  xcp serve --listen tcp://127.0.0.1:7070
+  shell 2:  xcp ping tcp://127.0.0.1:7070 --count 3
+            xcp send tcp://127.0.0.1:7070 --text hello
+            xcp send tcp://127.0.0.1:7070 --text hello --codec protobuf --json-header";
+
+/// XCP v0.2 from the command line: an echo server and two clients.
+///
+/// XCP is a binary, capability-negotiated framing protocol for tensors, tables, text and
+/// control messages. `xcp serve` answers every DATA message with the same body; `xcp ping`
+/// measures round trips; `xcp send` sends one Ether and prints the reply.
+#[derive(Parser, Debug)]
+#[command(name = "xcp", version, after_help = MAIN_AFTER_HELP, propagate_version = true)]
+struct Cli {
+    /// More log output on stderr: -v, -vv, -vvv (RUST_LOG takes precedence when set).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an echo server: every DATA message comes back with the same body.
+    Serve(serve::ServeArgs),
+    /// Measure round-trip times with PING/PONG.
+    Ping(ping::PingArgs),
+    /// Send one Ether as a request and print the reply as JSON.
+    Send(send::SendArgs),
+}
+
+/// Options that shape a connection, shared by every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Use the JSON header form of SPEC §2.2 (the Python proof of concept's form) instead of
+    /// Cap'n Proto. An initiator (ping, send) writes its frames in it; a server always answers
+    /// each peer in the form of that peer's HELLO, so there it changes nothing.
+    #[arg(long)]
+    pub json_header: bool,
+
+    /// The largest frame payload accepted, in bytes (suffixes K, KiB, M, MiB, G, GiB). Longer
+    /// messages are chunked at the smaller of both sides' value.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = parse_bytes)]
+    pub max_frame_bytes: u64,
+
+    /// The largest reassembled message accepted, in bytes (suffixes as above).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_bytes)]
+    pub max_message_bytes: u64,
+}
+
+impl ConnArgs {
+    /// The session configuration these options describe, with `request_timeout` for every
+    /// request and PING.
+    pub fn session_config(&self, request_timeout: Duration) -> SessionConfig {
+        let conn = Config {
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes,
+                max_message_bytes: self.max_message_bytes,
+            },
+            header_form: if self.json_header {
+                HeaderForm::Json
+            } else {
+                HeaderForm::Capnp
+            },
+            ..Config::default()
+        };
+        SessionConfig {
+            conn,
+            request_timeout,
+            ..SessionConfig::default()
+        }
+    }
+}
+
+/// Parses a byte count: a plain number, or one with a K/M/G suffix (powers of 1024, an
+/// optional `iB` or `B`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    if num.is_empty() {
+        return Err(format!(
+            "{s:?} is not a byte count (examples: 65536, 512KiB, 4M)"
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is too large a byte count"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown unit {other:?} (use K, M or G)")),
+    };
+    let v = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large a byte count"))?;
+    if v == 0 {
+        return Err("must be at least 1 byte".into());
+    }
+    Ok(v)
+}
+
+/// Installs the stderr logger: `default` level, raised one step per `-v`; RUST_LOG wins.
+fn init_logging(default: LevelFilter, verbose: u8) {
+    const STEPS: [LevelFilter; 5] = [
+        LevelFilter::ERROR,
+        LevelFilter::WARN,
+        LevelFilter::INFO,
+        LevelFilter::DEBUG,
+        LevelFilter::TRACE,
+    ];
+    let base = STEPS.iter().position(|l| *l == default).unwrap_or(1);
+    let level = STEPS[(base + usize::from(verbose)).min(STEPS.len() - 1)];
+    let filter = EnvFilter::builder()
+        .with_default_directive(level.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(verbose > 0)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => LevelFilter::INFO,
+        Command::Ping(_) | Command::Send(_) => LevelFilter::WARN,
+    };
+    init_logging(default_level, cli.verbose);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Ping(args) => ping::run(args).await,
+            Command::Send(args) => send::run(args).await,
+        }
+    });
+    // Sessions still draining in the background must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("4M"), Ok(4 << 20));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,68 @@
+//! Sealing (ChaCha20-Poly1305) and compression throughput for 64 KiB and 4 MiB bodies,
+//! against `memcpy` of the same bytes in the same run. `seal_1t` / `open_1t` run on one thread;
+//! `seal` / `open` may split a large body's keystream across cores.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+use std::time::Duration;
+use xcp::codec::CodecId;
+use xcp::wire::seal::{aad, compress, decompress, Direction, Sealer};
+use xcp::wire::MsgType;
+
+fn body(n: usize) -> Vec<u8> {
+    // Text-like bytes: compressible, but not trivially.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 20) as u8
+        })
+        .collect()
+}
+
+fn seal(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(20);
+    let par = Sealer::new(&[7; 32]);
+    let one = Sealer::new(&[7; 32]).with_threads(1);
+    let ad = aad(MsgType::DATA, CodecId::TENSOR_F32, 0, 1);
+    for (n, id) in [(64 << 10, "64KiB"), (4 << 20, "4MiB")] {
+        let data = body(n);
+        g.throughput(Throughput::Bytes(n as u64));
+        let mut dst = vec![0u8; n];
+        g.bench_function(BenchmarkId::new("memcpy", id), |b| {
+            b.iter(|| {
+                dst.copy_from_slice(&data);
+                black_box(&dst);
+            })
+        });
+        g.bench_function(BenchmarkId::new("seal_1t", id), |b| {
+            b.iter(|| black_box(one.seal(Direction::C2S, 1, 0, &ad, &data)))
+        });
+        g.bench_function(BenchmarkId::new("seal", id), |b| {
+            b.iter(|| black_box(par.seal(Direction::C2S, 1, 0, &ad, &data)))
+        });
+        let sealed = par.seal(Direction::C2S, 1, 0, &ad, &data);
+        g.bench_function(BenchmarkId::new("open_1t", id), |b| {
+            b.iter(|| black_box(one.open(Direction::C2S, 1, 0, &ad, &sealed).unwrap()))
+        });
+        g.bench_function(BenchmarkId::new("open", id), |b| {
+            b.iter(|| black_box(par.open(Direction::C2S, 1, 0, &ad, &sealed).unwrap()))
+        });
+        g.bench_function(BenchmarkId::new("zstd1_compress", id), |b| {
+            b.iter(|| black_box(compress(&data, 1).unwrap()))
+        });
+        let z = compress(&data, 1).unwrap();
+        g.bench_function(BenchmarkId::new("zstd_decompress", id), |b| {
+            b.iter(|| black_box(decompress(&z, 1 << 30).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, seal);
+criterion_main!(benches);

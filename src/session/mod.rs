@@ -1,0 +1,405 @@
+//! The async API on tokio: [`Session`] (one connection, a cheap handle that many tasks share)
+//! and [`Server`] (a listener that hands out sessions whose handshake completed).
+//!
+//! Each connection is driven by one tokio task (the driver) that owns the socket and the
+//! sans-IO [`Connection`]. Handles talk to it over a bounded
+//! channel, so a slow socket pushes back on senders, and a slow reader pushes back on the peer.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> xcp::Result<()> {
+//! use xcp::{codec::CodecId, Ether, Server, Session, SessionConfig};
+//! use xcp::conn::Outgoing;
+//!
+//! let server = Server::bind("tcp://127.0.0.1:0", SessionConfig::default()).await?;
+//! let url = server.local_url();
+//! tokio::spawn(async move {
+//!     while let Ok(s) = server.accept().await {
+//!         tokio::spawn(async move {
+//!             while let Ok(m) = s.recv().await {
+//!                 let echo = Outgoing::data(m.header.body_codec, m.body.clone());
+//!                 if s.reply(&m, echo).await.is_err() { break; }
+//!             }
+//!         });
+//!     }
+//! });
+//!
+//! let client = Session::connect(&url, SessionConfig::default()).await?;
+//! let reply = client.request(Outgoing::ether(&Ether::text("hi"), CodecId::JSON)?).await?;
+//! assert_eq!(reply.ether()?, Ether::text("hi"));
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod driver;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::codec::CodecId;
+use crate::conn::{self, Connection, Incoming, Negotiated, Outgoing, Role};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ether::Ether;
+use crate::transport::{Listener, SocketFile, Stream};
+use driver::{Channels, Command, Shared, LINGER};
+
+/// Settings of a [`Session`] or of every session of a [`Server`].
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// The connection's own settings: limits, codecs, handshake/idle/frame timeouts.
+    pub conn: conn::Config,
+    /// How long [`Session::connect`] (socket connect and handshake) may take; a server also
+    /// drops a connection whose handshake takes longer.
+    pub connect_timeout: Duration,
+    /// How long [`Session::request`] waits for the reply.
+    pub request_timeout: Duration,
+    /// Back-pressure: the most commands (sends, requests, ...) queued for the driver, and the
+    /// most received messages queued for [`Session::recv`]. When the receive queue is full the
+    /// driver stops reading the socket.
+    pub max_in_flight: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            conn: conn::Config::default(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_in_flight: 4096,
+        }
+    }
+}
+
+struct Inner {
+    negotiated: Negotiated,
+    peer: String,
+    request_timeout: Duration,
+    cmd: mpsc::Sender<Command>,
+    recv: Mutex<mpsc::Receiver<Incoming>>,
+    done: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+}
+
+/// One XCP connection. Cloning gives another handle to the same connection; any number of
+/// tasks may send, request and receive at once. When the last handle is dropped the
+/// connection is closed gracefully.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.inner.peer)
+            .field("codecs", &self.inner.negotiated.codecs)
+            .field("max_frame_bytes", &self.inner.negotiated.max_frame_bytes)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Connects to `url` (`tcp://host:port` or `unix:///path`) and returns once the handshake
+    /// finished. Fails with [`Error::Timeout`] after `connect_timeout`, with
+    /// [`Error::Incompatible`] when the peer shares no codec (it NACKs
+    /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
+    pub async fn connect(url: &str, config: SessionConfig) -> Result<Session> {
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let stream = match tokio::time::timeout_at(deadline, Stream::connect(url)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "connect {url}: no connection within {:?}",
+                    config.connect_timeout
+                )))
+            }
+        };
+        let peer = stream.peer_label();
+        start(stream, peer, Role::Initiator, &config, deadline).await
+    }
+
+    /// What the handshake settled.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.inner.negotiated
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// Sends a message; returns its msgId once it is queued (the body is chunked to the
+    /// negotiated `max_frame_bytes`). Waits while too much is queued already.
+    pub async fn send(&self, msg: Outgoing) -> Result<u64> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Send { msg, done }).await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Sends `e` as a DATA message encoded with `codec` (JSON or PROTOBUF).
+    pub async fn send_ether(&self, e: &Ether, codec: CodecId) -> Result<u64> {
+        self.send(Outgoing::ether(e, codec)?).await
+    }
+
+    /// Sends `msg` and waits for the reply: the message whose `inReplyTo` is our msgId. A NACK
+    /// of the message is [`Error::Nack`]; no reply within `request_timeout` is
+    /// [`Error::Timeout`]; the end of the connection is [`Error::Closed`].
+    pub async fn request(&self, msg: Outgoing) -> Result<Incoming> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Request { msg, done }).await?;
+        match tokio::time::timeout(self.inner.request_timeout, rx).await {
+            Ok(r) => r.map_err(|_| self.closed())?,
+            Err(_) => Err(Error::Timeout(format!(
+                "request to {}: no reply within {:?}",
+                self.inner.peer, self.inner.request_timeout
+            ))),
+        }
+    }
+
+    /// The next message that is not a reply to one of our pending requests. After the
+    /// connection ended, and every message received before was delivered, this is
+    /// [`Error::Closed`] saying why.
+    pub async fn recv(&self) -> Result<Incoming> {
+        let mut rx = self.inner.recv.lock().await;
+        match rx.recv().await {
+            Some(m) => Ok(m),
+            None => Err(self.closed()),
+        }
+    }
+
+    /// Sends `msg` as the reply to `to` (sets `inReplyTo` and uses the same channel).
+    pub async fn reply(&self, to: &Incoming, msg: Outgoing) -> Result<u64> {
+        self.send(msg.reply_to(to.msg_id()).on_channel(to.header.channel_id))
+            .await
+    }
+
+    /// Sends a PING and returns the round-trip time when the PONG arrives (bounded by
+    /// `request_timeout`).
+    pub async fn ping(&self) -> Result<Duration> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Ping { done }).await?;
+        match tokio::time::timeout(self.inner.request_timeout, rx).await {
+            Ok(r) => r.map_err(|_| self.closed())?,
+            Err(_) => Err(Error::Timeout(format!(
+                "ping {}: no PONG within {:?}",
+                self.inner.peer, self.inner.request_timeout
+            ))),
+        }
+    }
+
+    /// Acknowledges the peer's message `msg_id` (ACK).
+    pub async fn ack(&self, msg_id: u64) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Ack { msg_id, done }).await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Refuses the peer's message `msg_id` (NACK with `code`).
+    pub async fn nack(
+        &self,
+        msg_id: u64,
+        code: ErrorCode,
+        retry_after_ms: u32,
+        detail: &str,
+    ) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::Nack {
+            msg_id,
+            code,
+            retry_after_ms,
+            detail: detail.to_string(),
+            done,
+        })
+        .await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// Closes gracefully: what was sent before is flushed, the write side is shut down, and
+    /// this waits (up to a few seconds) for the driver to finish. Closing a closed session is
+    /// not an error.
+    pub async fn close(&self) -> Result<()> {
+        // A closed channel means the driver is already over.
+        let _ = self.inner.cmd.send(Command::Close).await;
+        let mut done = self.inner.done.clone();
+        let finished = tokio::time::timeout(LINGER * 2, async {
+            // Err: the driver dropped its side, which also means it is over.
+            let _ = done.wait_for(|d| *d).await;
+        })
+        .await
+        .is_ok();
+        match finished {
+            true => Ok(()),
+            false => Err(Error::Timeout(format!(
+                "close {}: the connection did not finish within {:?}",
+                self.inner.peer,
+                LINGER * 2
+            ))),
+        }
+    }
+
+    /// Whether the connection is over.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.done.borrow() || self.inner.cmd.is_closed()
+    }
+
+    async fn command(&self, cmd: Command) -> Result<()> {
+        self.inner.cmd.send(cmd).await.map_err(|_| self.closed())
+    }
+
+    fn closed(&self) -> Error {
+        self.inner.shared.closed_error()
+    }
+}
+
+/// Starts the driver of a new connection and waits for its handshake until `deadline`.
+async fn start(
+    stream: Stream,
+    peer: String,
+    role: Role,
+    config: &SessionConfig,
+    deadline: tokio::time::Instant,
+) -> Result<Session> {
+    let cap = config.max_in_flight.max(1);
+    let (cmd_tx, cmd_rx) = mpsc::channel(cap);
+    let (recv_tx, recv_rx) = mpsc::channel(cap);
+    let (connected_tx, connected_rx) = oneshot::channel();
+    let (done_tx, done_rx) = watch::channel(false);
+    let shared = Arc::new(Shared::default());
+    let conn = Connection::new(role, config.conn.clone(), Instant::now());
+    let task = tokio::spawn(driver::run(
+        stream,
+        peer.clone(),
+        conn,
+        Channels {
+            cmd_rx,
+            recv_tx,
+            connected: connected_tx,
+            done: done_tx,
+            shared: shared.clone(),
+        },
+    ));
+    let negotiated = match tokio::time::timeout_at(deadline, connected_rx).await {
+        Ok(Ok(Ok(n))) => n,
+        Ok(Ok(Err(e))) => return Err(e),
+        Ok(Err(_)) => {
+            return Err(Error::Closed(format!(
+                "{peer}: the connection ended during the handshake"
+            )))
+        }
+        Err(_) => {
+            task.abort();
+            return Err(Error::Timeout(format!(
+                "{peer}: no handshake within {:?}",
+                config.connect_timeout
+            )));
+        }
+    };
+    Ok(Session {
+        inner: Arc::new(Inner {
+            negotiated,
+            peer,
+            request_timeout: config.request_timeout,
+            cmd: cmd_tx,
+            recv: Mutex::new(recv_rx),
+            done: done_rx,
+            shared,
+        }),
+    })
+}
+
+/// A listening socket that accepts XCP connections. Handshakes run concurrently, one task per
+/// connection; [`Server::accept`] returns the sessions whose handshake completed. Dropping the
+/// server stops accepting (sessions already accepted live on) and removes a Unix socket file.
+pub struct Server {
+    local_url: String,
+    sessions: Mutex<mpsc::Receiver<Session>>,
+    accept_task: JoinHandle<()>,
+    socket_file: Option<Arc<SocketFile>>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_url", &self.local_url)
+            .finish()
+    }
+}
+
+/// Sessions that finished their handshake and wait for [`Server::accept`].
+const ACCEPT_QUEUE: usize = 128;
+
+impl Server {
+    /// Binds `url` (`tcp://host:port`, port 0 for any; or `unix:///path`) and starts accepting.
+    pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
+        let listener = Listener::bind(url).await?;
+        let local_url = listener.local_url();
+        let socket_file = listener.socket_file();
+        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let accept_task = tokio::spawn(accept_loop(listener, config, tx));
+        tracing::info!("listening on {local_url}");
+        Ok(Server {
+            local_url,
+            sessions: Mutex::new(rx),
+            accept_task,
+            socket_file,
+        })
+    }
+
+    /// The URL really bound (with the real port when bound to port 0).
+    pub fn local_url(&self) -> String {
+        self.local_url.clone()
+    }
+
+    /// The next connection whose handshake completed. Connections that fail their handshake
+    /// are logged and never returned.
+    pub async fn accept(&self) -> Result<Session> {
+        let mut rx = self.sessions.lock().await;
+        rx.recv()
+            .await
+            .ok_or_else(|| Error::Closed(format!("server {} stopped accepting", self.local_url)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        if let Some(f) = &self.socket_file {
+            f.remove();
+        }
+    }
+}
+
+async fn accept_loop(listener: Listener, config: SessionConfig, tx: mpsc::Sender<Session>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!("accept on {}: {e}", listener.local_url());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = tx.closed() => return,
+        };
+        tracing::debug!("accepted {peer}");
+        let config = config.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + config.connect_timeout;
+            match start(stream, peer.clone(), Role::Responder, &config, deadline).await {
+                Ok(session) => {
+                    // If the server is gone, dropping the session closes it.
+                    let _ = tx.send(session).await;
+                }
+                Err(e) => tracing::info!("{peer}: handshake failed: {e}"),
+            }
+        });
+    }
+}

@@ -1,0 +1,330 @@
+//! Byte-stream transports: TCP and Unix-domain sockets, addressed by URL.
+//!
+//! | URL | transport |
+//! |---|---|
+//! | `tcp://host:port` | TCP, `TCP_NODELAY` on, buffers left to the kernel's autotuning |
+//! | `unix:///absolute/path` | a Unix stream socket with 4 MiB send and receive buffers |
+//!
+//! [`Stream`] is either kind behind one type that implements `AsyncRead` and `AsyncWrite`;
+//! [`Stream::into_split`] gives owned halves so one task can read and write at once.
+//! [`Listener`] binds a URL and accepts streams; [`Listener::local_url`] reports the address
+//! really bound (`tcp://127.0.0.1:0` becomes the port the kernel chose).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> xcp::Result<()> {
+//! use xcp::transport::{Listener, Stream};
+//! let listener = Listener::bind("tcp://127.0.0.1:0").await?;
+//! let client = Stream::connect(&listener.local_url()).await?;
+//! let (server_side, peer) = listener.accept().await?;
+//! # drop((client, server_side, peer)); Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod tcp;
+mod unix;
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{tcp as tokio_tcp, unix as tokio_unix, TcpStream, UnixStream};
+
+use crate::error::{Error, Result};
+
+pub use unix::SocketFile;
+
+/// The socket buffer size set on Unix-domain sockets (`SO_SNDBUF` and `SO_RCVBUF`).
+pub const UNIX_SOCKET_BUFFER: usize = 4 << 20;
+
+const SUPPORTED: &str = "supported are tcp://host:port and unix:///absolute/path";
+
+/// A parsed transport address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Url {
+    /// `tcp://host:port`: `host:port` as given (a name, an IPv4 address or a bracketed IPv6
+    /// address).
+    Tcp(String),
+    /// `unix:///absolute/path`.
+    Unix(PathBuf),
+}
+
+impl Url {
+    /// Parses `tcp://host:port` or `unix:///absolute/path`; anything else is
+    /// [`Error::Invalid`] naming what is wrong and the supported forms.
+    pub fn parse(url: &str) -> Result<Url> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Error::invalid(format!(
+                "URL {url:?} has no scheme; {SUPPORTED}"
+            )));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "tcp" => tcp::parse_authority(url, rest).map(Url::Tcp),
+            "unix" => unix::parse_path(url, rest).map(Url::Unix),
+            other => Err(Error::invalid(format!(
+                "URL {url:?}: unsupported scheme {other:?}; {SUPPORTED}"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Url::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Url::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Url {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Url> {
+        Url::parse(s)
+    }
+}
+
+/// A connected byte stream: TCP or a Unix-domain socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix-domain stream socket.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Connects to `url` and applies the socket options of its transport.
+    pub async fn connect(url: &str) -> Result<Stream> {
+        match Url::parse(url)? {
+            Url::Tcp(addr) => tcp::connect(&addr).await.map(Stream::Tcp),
+            Url::Unix(path) => unix::connect(&path).await.map(Stream::Unix),
+        }
+    }
+
+    /// A description of the peer for logs: `tcp://ip:port` or `unix://path`.
+    pub fn peer_label(&self) -> String {
+        match self {
+            Stream::Tcp(s) => match s.peer_addr() {
+                Ok(a) => format!("tcp://{a}"),
+                Err(_) => "tcp://?".to_string(),
+            },
+            Stream::Unix(s) => unix::peer_label(s),
+        }
+    }
+
+    /// Splits into owned read and write halves (no lock between them).
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Stream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+        }
+    }
+}
+
+macro_rules! delegate_read {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Unix(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! delegate_write {
+    ($ty:ident) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Unix(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                true
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Unix(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Unix(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+/// The owned read half of a [`Stream`].
+#[derive(Debug)]
+pub enum ReadHalf {
+    /// TCP.
+    Tcp(tokio_tcp::OwnedReadHalf),
+    /// Unix-domain socket.
+    Unix(tokio_unix::OwnedReadHalf),
+}
+
+/// The owned write half of a [`Stream`]. Shutting it down (`AsyncWriteExt::shutdown`) sends
+/// end-of-stream to the peer; dropping it does too.
+#[derive(Debug)]
+pub enum WriteHalf {
+    /// TCP.
+    Tcp(tokio_tcp::OwnedWriteHalf),
+    /// Unix-domain socket.
+    Unix(tokio_unix::OwnedWriteHalf),
+}
+
+delegate_read!(Stream);
+delegate_write!(Stream);
+delegate_read!(ReadHalf);
+delegate_write!(WriteHalf);
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix-domain listener and the socket file it owns.
+    Unix(tokio::net::UnixListener, std::sync::Arc<SocketFile>),
+}
+
+impl Listener {
+    /// Binds `url`. For TCP, port 0 picks a free port (see [`Listener::local_url`]). For a Unix
+    /// socket, a stale socket file (one nobody listens on) is removed first; a path where
+    /// someone listens, or that is not a socket, is refused.
+    pub async fn bind(url: &str) -> Result<Listener> {
+        match Url::parse(url)? {
+            Url::Tcp(addr) => tcp::bind(&addr).await.map(Listener::Tcp),
+            Url::Unix(path) => {
+                let (l, file) = unix::bind(&path)?;
+                Ok(Listener::Unix(l, file))
+            }
+        }
+    }
+
+    /// The URL really bound, such as `tcp://127.0.0.1:41234` or `unix:///tmp/x.sock`.
+    pub fn local_url(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp://{a}"),
+                Err(_) => "tcp://?".to_string(),
+            },
+            Listener::Unix(_, file) => format!("unix://{}", file.path().display()),
+        }
+    }
+
+    /// The socket file of a Unix listener (removed when the last owner of it drops).
+    pub fn socket_file(&self) -> Option<std::sync::Arc<SocketFile>> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix(_, f) => Some(f.clone()),
+        }
+    }
+
+    /// Accepts the next connection, with the transport's socket options applied. Returns the
+    /// stream and a description of the peer for logs.
+    pub async fn accept(&self) -> Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                tcp::configure(&s)?;
+                Ok((Stream::Tcp(s), format!("tcp://{addr}")))
+            }
+            Listener::Unix(l, file) => {
+                let (s, _) = l.accept().await?;
+                unix::configure(&s);
+                let label = format!("unix://{} (accepted)", file.path().display());
+                Ok((Stream::Unix(s), label))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_supported_urls() {
+        assert_eq!(
+            Url::parse("tcp://127.0.0.1:9000").unwrap(),
+            Url::Tcp("127.0.0.1:9000".into())
+        );
+        assert_eq!(
+            Url::parse("TCP://localhost:1").unwrap(),
+            Url::Tcp("localhost:1".into())
+        );
+        assert_eq!(
+            Url::parse("tcp://[::1]:80").unwrap(),
+            Url::Tcp("[::1]:80".into())
+        );
+        assert_eq!(
+            Url::parse("unix:///tmp/x.sock").unwrap(),
+            Url::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Url::parse("unix:///tmp/x.sock").unwrap().to_string(),
+            "unix:///tmp/x.sock"
+        );
+    }
+
+    #[test]
+    fn refuses_others_with_clear_messages() {
+        for (url, needle) in [
+            ("http://x:1", "unsupported scheme \"http\""),
+            ("127.0.0.1:80", "no scheme"),
+            ("tcp://127.0.0.1", "port"),
+            ("tcp://:80", "host"),
+            ("tcp://h:99999", "port"),
+            ("tcp://h:80/path", "path"),
+            ("tcp://::1:80", "bracket"),
+            ("unix://relative/x", "absolute"),
+            ("unix://", "absolute"),
+        ] {
+            let e = Url::parse(url).unwrap_err();
+            assert!(matches!(e, Error::Invalid(_)), "{url}: {e:?}");
+            let s = e.to_string();
+            assert!(s.contains(needle), "{url}: {s}");
+            assert!(s.contains("tcp://host:port"), "{url}: {s}");
+        }
+    }
+}
