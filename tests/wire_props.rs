@@ -49,7 +49,8 @@ fn form() -> impl Strategy<Value = HeaderForm> {
 }
 
 fn flags() -> impl Strategy<Value = Flags> {
-    (0u8..8).prop_map(|b| Flags(((b & 1) * 0x80) | (((b >> 1) & 1) * 0x40) | (((b >> 2) & 1) * 0x20)))
+    (0u8..8)
+        .prop_map(|b| Flags(((b & 1) * 0x80) | (((b >> 1) & 1) * 0x40) | (((b >> 2) & 1) * 0x20)))
 }
 
 fn decode_pieces(bytes: &[u8], cuts: &[usize]) -> Vec<Frame> {

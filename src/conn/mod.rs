@@ -98,8 +98,10 @@ pub struct Config {
     pub frame_timeout: Duration,
     /// The most messages pending reassembly at once.
     pub max_pending_messages: usize,
-    /// Decode JSON and PROTOBUF bodies of DATA frames on arrival, NACK the undecodable ones
-    /// with `ERR_MALFORMED`, and hand the decoded [`Ether`] to the application.
+    /// Check every DATA body on arrival with the codec its frame names (JSON and PROTOBUF
+    /// are decoded, and the [`Ether`] handed to the application; tensor, latent, Arrow and
+    /// DLPack bodies are parsed as views, without copying), and NACK a bad one with
+    /// `ERR_MALFORMED` before it reaches the application.
     pub decode_ethers: bool,
     /// Capabilities beyond the core: `shared_mem`, `attach`, `host_id`, `shm_prefix`, `crypt`.
     pub shared_mem: bool,
@@ -123,7 +125,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             limits: Limits::default(),
-            codecs: vec![CodecId::JSON, CodecId::PROTOBUF],
+            codecs: crate::codec::Registry::default().ids(),
             header_form: HeaderForm::Capnp,
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
@@ -1046,13 +1048,14 @@ impl Connection {
             );
         }
         let mut ether = None;
-        if self.config.decode_ethers
-            && msg.header.msg_type == MsgType::DATA
-            && (codec == CodecId::JSON || codec == CodecId::PROTOBUF)
-        {
-            match crate::codec::decode_ether(codec, &msg.body) {
-                Ok(e) => ether = Some(e),
-                Err(e) => return self.refuse(ch, id, e),
+        if self.config.decode_ethers && msg.header.msg_type == MsgType::DATA {
+            let checked = if codec == CodecId::JSON || codec == CodecId::PROTOBUF {
+                crate::codec::decode_ether(codec, &msg.body).map(|e| ether = Some(e))
+            } else {
+                crate::codec::validate_body(codec, &msg.body)
+            };
+            if let Err(e) = checked {
+                return self.refuse(ch, id, e);
             }
         }
         self.events.push_back(Event::Message(Incoming {

@@ -270,10 +270,10 @@ fn no_common_codec_fails_both_sides() {
     };
     let now = Instant::now();
     let mut client = Connection::new(Role::Initiator, cc, now);
-    // Forge a HELLO offering only PROTOBUF.
+    // Forge a HELLO offering only a codec nobody implements.
     client.transmits.clear();
     let hello = Control::Hello(Hello {
-        codecs: vec![CodecId::TENSOR_F32],
+        codecs: vec![CodecId(0x77)],
         ..Default::default()
     });
     client.queue_control(&hello, 0, 0);
