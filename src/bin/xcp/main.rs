@@ -1,14 +1,17 @@
 //! `xcp`: the command-line tool of the xcp crate.
 //!
-//! One file per subcommand: [`serve`] (an echo server), [`ping`] (round-trip times) and
-//! [`send`] (one Ether, prints the reply). This file holds what they share: the options that
-//! shape a connection, logging, the runtime, and the exit codes.
+//! One file per subcommand: [`serve`] (an echo server), [`ping`] (round-trip times),
+//! [`send`] (one Ether, prints the reply) and [`frame`] (frames from a JSON description and
+//! back). This file holds what they share: the options that shape a connection, the static
+//! key, logging, the runtime, and the exit codes.
 
+mod frame;
 mod ping;
 mod send;
 mod serve;
 
 use std::io::IsTerminal as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,6 +20,7 @@ use tracing::level_filters::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 use xcp::conn::Config;
+use xcp::wire::seal::{load_key_file, CompressPolicy, Sealer, MIN_COMPRESS_BYTES};
 use xcp::wire::{HeaderForm, Limits, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use xcp::SessionConfig;
 
@@ -38,17 +42,29 @@ step (info, debug, trace). RUST_LOG, when set, takes precedence (e.g. RUST_LOG=x
 
 URLs: tcp://HOST:PORT or unix:///absolute/path/to/socket.
 
+Encryption (SPEC §3): `--key-file FILE` (or XCP_KEY_FILE) on any subcommand gives it a 32-byte
+pre-shared static key. A side with a key seals every message it sends (ChaCha20-Poly1305, one
+key per direction derived from the static key) and requires CRYPT from its peer: a peer
+without the key cannot connect (ERR_DECRYPT). The file must be exactly 32 bytes and readable
+by its owner only; make one with
+  head -c 32 /dev/urandom > key && chmod 600 key
+and give the same file to both ends. Compression: `--compress off|on|auto|BYTES`.
+
 Two-process check:
   shell 1:  xcp serve --listen tcp://127.0.0.1:7070
   shell 2:  xcp ping tcp://127.0.0.1:7070 --count 3
             xcp send tcp://127.0.0.1:7070 --text hello
-            xcp send tcp://127.0.0.1:7070 --text hello --codec protobuf --json-header";
+            xcp send tcp://127.0.0.1:7070 --text hello --codec protobuf --json-header
 
-/// XCP v0.2 from the command line: an echo server and two clients.
+Inspecting frames:
+  echo '{\"header\":{\"msgType\":4},\"body\":{\"control\":{\"nonce\":1}}}' | xcp frame encode | xcp frame decode";
+
+/// XCP v0.2 from the command line: an echo server, two clients, and a frame inspector.
 ///
 /// XCP is a binary, capability-negotiated framing protocol for tensors, tables, text and
 /// control messages. `xcp serve` answers every DATA message with the same body; `xcp ping`
-/// measures round trips; `xcp send` sends one Ether and prints the reply.
+/// measures round trips; `xcp send` sends one Ether and prints the reply; `xcp frame`
+/// turns a JSON description into frame bytes and frame bytes back into descriptions.
 #[derive(Parser, Debug)]
 #[command(name = "xcp", version, after_help = MAIN_AFTER_HELP, propagate_version = true)]
 struct Cli {
@@ -68,6 +84,52 @@ enum Command {
     Ping(ping::PingArgs),
     /// Send one Ether as a request and print the reply as JSON.
     Send(send::SendArgs),
+    /// Encode frames from a JSON description, or decode frames into descriptions.
+    Frame(frame::FrameArgs),
+}
+
+impl Command {
+    /// Loads what the arguments name before anything runs (the static key): a refusal here is
+    /// a usage error.
+    fn prepare(&mut self) -> Result<(), String> {
+        match self {
+            Command::Serve(a) => a.conn.key.load(),
+            Command::Ping(a) => a.conn.key.load(),
+            Command::Send(a) => a.conn.key.load(),
+            Command::Frame(a) => a.key_args().load(),
+        }
+    }
+}
+
+/// The static key of SPEC §3, shared by every subcommand.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// A file holding the 32-byte pre-shared static key (SPEC §3): exactly 32 bytes, readable
+    /// by its owner only (make one with `head -c 32 /dev/urandom > key && chmod 600 key`).
+    /// With a key, a connection seals every message it sends and requires CRYPT from its
+    /// peer, so a peer without the same key cannot connect (ERR_DECRYPT).
+    #[arg(long, value_name = "FILE", env = "XCP_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// The sealer made from the key file by [`KeyArgs::load`].
+    #[arg(skip)]
+    pub sealer: Option<Sealer>,
+}
+
+impl KeyArgs {
+    /// Reads the key file, if one was given, and keeps its [`Sealer`]. The error says which
+    /// rule the file breaks (size, permissions) and how to fix it.
+    pub fn load(&mut self) -> Result<(), String> {
+        let Some(path) = &self.key_file else {
+            return Ok(());
+        };
+        let key = load_key_file(path).map_err(|e| match e {
+            xcp::Error::Invalid(msg) => msg,
+            other => other.to_string(),
+        })?;
+        self.sealer = Some(Sealer::new(&key));
+        Ok(())
+    }
 }
 
 /// Options that shape a connection, shared by every subcommand.
@@ -87,6 +149,16 @@ pub struct ConnArgs {
     /// The largest reassembled message accepted, in bytes (suffixes as above).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_bytes)]
     pub max_message_bytes: u64,
+
+    /// When to compress the bodies this side sends with zstd (COMP): `off`; `on` (bodies of
+    /// 1 KiB and more); `auto` (bodies of 1 KiB and more, and only when compression shrinks
+    /// them: random floats travel as they are); or a byte count (bodies of at least that
+    /// many bytes). Compressed bodies from the peer are always accepted.
+    #[arg(long, value_name = "off|on|auto|BYTES", default_value = "off", value_parser = parse_compress)]
+    pub compress: CompressPolicy,
+
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 impl ConnArgs {
@@ -103,6 +175,8 @@ impl ConnArgs {
             } else {
                 HeaderForm::Capnp
             },
+            sealer: self.key.sealer.clone(),
+            compress: self.compress,
             ..Config::default()
         };
         SessionConfig {
@@ -143,6 +217,22 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// Parses a compression policy: `off` (or `none`), `on` (= 1 KiB), `auto`, or a byte count
+/// with the suffixes of [`parse_bytes`].
+fn parse_compress(s: &str) -> Result<CompressPolicy, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "off" | "none" => Ok(CompressPolicy::Off),
+        "on" => Ok(CompressPolicy::Above(MIN_COMPRESS_BYTES)),
+        "auto" => Ok(CompressPolicy::Auto),
+        _ => {
+            let n = parse_bytes(s).map_err(|e| format!("{e}; or use off, on or auto"))?;
+            usize::try_from(n)
+                .map(CompressPolicy::Above)
+                .map_err(|_| format!("{s:?} is too large a byte count"))
+        }
+    }
+}
+
 /// Installs the stderr logger: `default` level, raised one step per `-v`; RUST_LOG wins.
 fn init_logging(default: LevelFilter, verbose: u8) {
     const STEPS: [LevelFilter; 5] = [
@@ -166,12 +256,21 @@ fn init_logging(default: LevelFilter, verbose: u8) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => LevelFilter::INFO,
-        Command::Ping(_) | Command::Send(_) => LevelFilter::WARN,
+        Command::Ping(_) | Command::Send(_) | Command::Frame(_) => LevelFilter::WARN,
     };
     init_logging(default_level, cli.verbose);
+    if let Err(msg) = cli.command.prepare() {
+        eprintln!("error: {msg}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // `frame` reads stdin and writes stdout; it needs no runtime.
+    let command = match cli.command {
+        Command::Frame(args) => return ExitCode::from(frame::run(args)),
+        command => command,
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,10 +283,11 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve(args) => serve::run(args).await,
             Command::Ping(args) => ping::run(args).await,
             Command::Send(args) => send::run(args).await,
+            Command::Frame(_) => unreachable!("`frame` runs without the runtime"),
         }
     });
     // Sessions still draining in the background must not keep the process alive.
@@ -209,6 +309,16 @@ mod tests {
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
         assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn compress_policies() {
+        use super::{parse_compress, CompressPolicy};
+        assert_eq!(parse_compress("off"), Ok(CompressPolicy::Off));
+        assert_eq!(parse_compress("auto"), Ok(CompressPolicy::Auto));
+        assert_eq!(parse_compress("on"), Ok(CompressPolicy::Above(1024)));
+        assert_eq!(parse_compress("4KiB"), Ok(CompressPolicy::Above(4096)));
+        assert!(parse_compress("sometimes").is_err());
     }
 
     #[test]

@@ -1,0 +1,297 @@
+//! The receiver's side: a per-connection cache of the peer's segments, mapped read-only once
+//! each, and the [`View`]s handed to the application, which ACK their message when the last
+//! one is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::segment::{Mapping, Scheme};
+use super::uri::{AttachmentUri, Target};
+use crate::error::{Error, ErrorCode, Result};
+
+/// How many of the peer's segments stay mapped at most (least recently used go first).
+pub const DEFAULT_MAX_MAPPINGS: usize = 1024;
+
+fn attach_err(detail: impl Into<String>) -> Error {
+    Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
+}
+
+/// Releases a message's handles when dropped: every [`View`] of the message holds it, and
+/// when the last one goes the message's msgId is reported (the session then ACKs it).
+pub struct Lease {
+    msg_id: u64,
+    release: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Lease {
+    /// A lease on message `msg_id` that calls `release(msg_id)` once, when dropped.
+    pub fn new(msg_id: u64, release: impl Fn(u64) + Send + Sync + 'static) -> Arc<Lease> {
+        Arc::new(Lease {
+            msg_id,
+            release: Box::new(release),
+        })
+    }
+
+    /// The message it belongs to.
+    pub fn msg_id(&self) -> u64 {
+        self.msg_id
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        (self.release)(self.msg_id);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("msg_id", &self.msg_id).finish()
+    }
+}
+
+/// A read-only view of attachment bytes in the peer's shared segment. It derefs to `&[u8]`,
+/// becomes a `Bytes` without copying ([`View::into_bytes`]), and keeps the segment mapped and
+/// the message's lease held until dropped.
+#[derive(Clone)]
+pub struct View {
+    map: Arc<Mapping>,
+    off: usize,
+    len: usize,
+    lease: Arc<Lease>,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("msg_id", &self.lease.msg_id)
+            .field("off", &self.off)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl View {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.slice(self.off, self.len)
+    }
+
+    /// The bytes as `Bytes`, without a copy; the mapping and the lease live as long as any
+    /// clone of the result.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+
+    /// The msgId of the message it came with.
+    pub fn msg_id(&self) -> u64 {
+        self.lease.msg_id
+    }
+}
+
+impl std::ops::Deref for View {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// Resolves the peer's attachment URIs into views, mapping each segment once.
+pub struct Mapper {
+    /// Schemes negotiated with the peer.
+    schemes: Vec<Scheme>,
+    /// The peer's `shm_prefix`; shm names outside it are refused.
+    peer_prefix: String,
+    cache: HashMap<MapKey, Arc<Mapping>>,
+    order: VecDeque<MapKey>,
+    max: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum MapKey {
+    Shm(String),
+    Inode(u64, u64),
+}
+
+impl Mapper {
+    /// A mapper for a peer that negotiated `schemes` and announced `peer_prefix`.
+    pub fn new(schemes: Vec<Scheme>, peer_prefix: &str) -> Mapper {
+        Mapper {
+            schemes,
+            peer_prefix: peer_prefix.to_string(),
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+            max: DEFAULT_MAX_MAPPINGS,
+        }
+    }
+
+    /// How many segments are mapped.
+    pub fn mapped(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Resolves one URI. `fds` are the descriptors passed with the message (for `memfd://`).
+    /// Every refusal is `ERR_ATTACHMENT` naming the reason; nothing is mapped then.
+    pub fn resolve(&mut self, uri: &AttachmentUri, fds: &[OwnedFd], lease: &Arc<Lease>) -> Result<View> {
+        let (key, map) = match uri.target() {
+            Target::Shm { name } => {
+                if !self.schemes.contains(&Scheme::Shm) {
+                    return Err(attach_err("shm: scheme not negotiated"));
+                }
+                if self.peer_prefix.is_empty() || !name.starts_with(&self.peer_prefix) {
+                    return Err(attach_err(format!(
+                        "shm: name {name:?} is outside the peer's prefix {:?}",
+                        self.peer_prefix
+                    )));
+                }
+                let key = MapKey::Shm(name.clone());
+                match self.cache.get(&key) {
+                    Some(m) => (key, m.clone()),
+                    None => (key, Arc::new(Mapping::open_shm(name)?)),
+                }
+            }
+            Target::Memfd { index } => {
+                if !self.schemes.contains(&Scheme::Memfd) {
+                    return Err(attach_err("memfd: scheme not negotiated"));
+                }
+                let fd = fds.get(*index as usize).ok_or_else(|| {
+                    attach_err(format!(
+                        "memfd: index {index}, but {} descriptors came with the message",
+                        fds.len()
+                    ))
+                })?;
+                let st = rustix::fs::fstat(fd)
+                    .map_err(|e| attach_err(format!("memfd {index}: fstat: {e}")))?;
+                let key = MapKey::Inode(st.st_dev, st.st_ino);
+                match self.cache.get(&key) {
+                    // The same memfd again: its mapping is reused and the new descriptor closes.
+                    Some(m) if m.len() as i64 == st.st_size => (key, m.clone()),
+                    _ => (key, Arc::new(Mapping::map_fd(fd, &format!("memfd {index}"))?)),
+                }
+            }
+            Target::CudaIpc { .. } => {
+                return Err(attach_err("cuda-ipc: not supported by this build"));
+            }
+        };
+        let end = uri.end();
+        if end > map.len() as u64 {
+            return Err(attach_err(format!(
+                "{}: bytes {}..{end} lie outside the object of {} bytes",
+                uri.scheme(),
+                uri.offset(),
+                map.len()
+            )));
+        }
+        self.remember(key, map.clone());
+        Ok(View {
+            map,
+            off: uri.offset() as usize,
+            len: uri.size() as usize,
+            lease: lease.clone(),
+        })
+    }
+
+    fn remember(&mut self, key: MapKey, map: Arc<Mapping>) {
+        if self.cache.insert(key.clone(), map).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.max {
+                if let Some(old) = self.order.pop_front() {
+                    // Views still hold their mapping; only the cache entry goes.
+                    self.cache.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Forgets every mapping (the peer disconnected). Views already handed out stay valid.
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.order.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attach::pool::{Pool, PoolConfig};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn lease(counter: &Arc<AtomicUsize>) -> Arc<Lease> {
+        let c = counter.clone();
+        Lease::new(5, move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn shm_round_trip_and_release_once() {
+        let pool = Pool::new(PoolConfig::new(Scheme::Shm, 1 << 20));
+        let mut r = pool.try_alloc(5000).unwrap().unwrap();
+        r.copy_from_slice(&[3u8; 5000]);
+        let name = r.segment().name().to_string();
+        let mut m = Mapper::new(vec![Scheme::Shm], &pool.config().prefix);
+        let acks = Arc::new(AtomicUsize::new(0));
+        let l = lease(&acks);
+        let uri = AttachmentUri::shm(&name, 100, 4900).unwrap();
+        let v = m.resolve(&uri, &[], &l).unwrap();
+        let v2 = m.resolve(&uri, &[], &l).unwrap();
+        assert_eq!(m.mapped(), 1, "mapped once");
+        drop(l);
+        assert_eq!(v.len(), 4900);
+        assert!(v.iter().all(|&b| b == 3));
+        let b = v2.into_bytes();
+        drop(v);
+        assert_eq!(acks.load(Ordering::SeqCst), 0, "a Bytes still holds the lease");
+        assert_eq!(b.len(), 4900);
+        drop(b);
+        assert_eq!(acks.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn refusals() {
+        let pool = Pool::new(PoolConfig::new(Scheme::Shm, 1 << 20));
+        let r = pool.try_alloc(100).unwrap().unwrap();
+        let name = r.segment().name().to_string();
+        let acks = Arc::new(AtomicUsize::new(0));
+        let l = lease(&acks);
+        let code = |res: Result<View>| res.unwrap_err().code();
+        let seg_len = r.segment().len() as u64;
+        let mut m = Mapper::new(vec![Scheme::Shm], &pool.config().prefix);
+        assert_eq!(code(m.resolve(&AttachmentUri::shm(&name, seg_len, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(code(m.resolve(&AttachmentUri::shm("xcp-other-1", 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        let missing = format!("{}999999", pool.config().prefix);
+        assert_eq!(code(m.resolve(&AttachmentUri::shm(&missing, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(code(m.resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        let mut no_shm = Mapper::new(vec![Scheme::Memfd], &pool.config().prefix);
+        assert_eq!(code(no_shm.resolve(&AttachmentUri::shm(&name, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        let mut memfd = Mapper::new(vec![Scheme::Memfd], "");
+        assert_eq!(code(memfd.resolve(&AttachmentUri::memfd(1, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(m.mapped(), 0, "nothing mapped on refusal");
+    }
+
+    #[test]
+    fn memfd_by_descriptor() {
+        let pool = Pool::new(PoolConfig::new(Scheme::Memfd, 1 << 20));
+        let mut r = pool.try_alloc(10).unwrap().unwrap();
+        r.copy_from_slice(b"0123456789");
+        let fd = r.segment().fd().try_clone().unwrap();
+        let fd2 = r.segment().fd().try_clone().unwrap();
+        let acks = Arc::new(AtomicUsize::new(0));
+        let l = lease(&acks);
+        let mut m = Mapper::new(vec![Scheme::Memfd], "");
+        let v = m.resolve(&AttachmentUri::memfd(0, 2, 3).unwrap(), &[fd], &l).unwrap();
+        assert_eq!(&v[..], b"234");
+        let v = m.resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[fd2], &l).unwrap();
+        assert_eq!(&v[..], b"0");
+        assert_eq!(m.mapped(), 1, "the same memfd maps once");
+    }
+}

@@ -1,0 +1,209 @@
+//! Shared segments: a POSIX shm object (`/dev/shm/<name>`) or a memfd, mapped into this
+//! process. The sender creates and maps them read-write; the receiver opens and maps them
+//! read-only.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::Mode;
+
+use crate::error::{Error, ErrorCode, Result};
+
+/// Which kind of shared memory a segment is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// A named POSIX shared-memory object (`shm://`).
+    Shm,
+    /// An anonymous memfd whose descriptor is passed over a Unix socket (`memfd://`).
+    Memfd,
+}
+
+impl Scheme {
+    /// The URI scheme / HELLO `attach` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Shm => "shm",
+            Scheme::Memfd => "memfd",
+        }
+    }
+}
+
+/// A shared segment mapped read-write by its creator.
+///
+/// A shm segment's name is unlinked when the segment drops; a memfd simply closes.
+pub struct Segment {
+    scheme: Scheme,
+    /// The object name (shm) or a label (memfd).
+    name: String,
+    fd: OwnedFd,
+    map: MmapRaw,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("scheme", &self.scheme)
+            .field("name", &self.name)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+fn io_err(what: &str, e: rustix::io::Errno) -> Error {
+    let os = std::io::Error::from_raw_os_error(e.raw_os_error());
+    Error::Io(std::io::Error::new(os.kind(), format!("{what}: {e}")))
+}
+
+impl Segment {
+    /// Creates a shm object `/<name>` of `len` bytes (mode 0600; fails if it exists) and maps it.
+    pub fn create_shm(name: &str, len: usize) -> Result<Segment> {
+        let fd = rustix::shm::open(
+            format!("/{name}").as_str(),
+            rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR,
+            Mode::RUSR | Mode::WUSR,
+        )
+        .map_err(|e| io_err(&format!("shm_open /{name}"), e))?;
+        let seg = Self::finish(Scheme::Shm, name.to_string(), fd, len);
+        if seg.is_err() {
+            let _ = rustix::shm::unlink(format!("/{name}").as_str());
+        }
+        seg
+    }
+
+    /// Creates a memfd of `len` bytes and maps it.
+    pub fn create_memfd(label: &str, len: usize) -> Result<Segment> {
+        let fd = rustix::fs::memfd_create(label, rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| io_err("memfd_create", e))?;
+        Self::finish(Scheme::Memfd, label.to_string(), fd, len)
+    }
+
+    fn finish(scheme: Scheme, name: String, fd: OwnedFd, len: usize) -> Result<Segment> {
+        if len == 0 {
+            return Err(Error::invalid("a shared segment needs at least one byte"));
+        }
+        rustix::fs::ftruncate(&fd, len as u64).map_err(|e| io_err("ftruncate", e))?;
+        let map = MmapOptions::new().len(len).map_raw(&fd)?;
+        Ok(Segment {
+            scheme,
+            name,
+            fd,
+            map,
+        })
+    }
+
+    /// The scheme.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The shm object name (without `/`), or the memfd label.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The descriptor (passed with `SCM_RIGHTS` for memfd).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never true: segments have at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The base of the read-write mapping.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.scheme == Scheme::Shm {
+            if let Err(e) = rustix::shm::unlink(format!("/{}", self.name).as_str()) {
+                tracing::debug!("shm_unlink /{}: {e}", self.name);
+            }
+        }
+    }
+}
+
+/// A segment of the peer, mapped read-only.
+pub struct Mapping {
+    map: MmapRaw,
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("len", &self.len()).finish()
+    }
+}
+
+fn attach_err(detail: String) -> Error {
+    Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
+}
+
+impl Mapping {
+    /// Opens the shm object `/<name>` read-only and maps all of it.
+    pub fn open_shm(name: &str) -> Result<Mapping> {
+        let fd = rustix::shm::open(
+            format!("/{name}").as_str(),
+            rustix::shm::OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .map_err(|e| attach_err(format!("shm object /{name}: {e}")))?;
+        Self::map_fd(&fd, &format!("shm object /{name}"))
+    }
+
+    /// Maps all of a received descriptor read-only.
+    pub fn map_fd(fd: impl AsFd, what: &str) -> Result<Mapping> {
+        let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
+        // Only regular files (shm objects and memfds are): not sockets, pipes or devices.
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(attach_err(format!("{what}: not a shared-memory object")));
+        }
+        let len = usize::try_from(st.st_size)
+            .map_err(|_| attach_err(format!("{what}: size {} out of range", st.st_size)))?;
+        if len == 0 {
+            return Err(attach_err(format!("{what}: empty object")));
+        }
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw_read_only(&fd.as_fd())
+            .map_err(|e| attach_err(format!("{what}: mmap: {e}")))?;
+        Ok(Mapping { map })
+    }
+
+    /// The object's size.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never true.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// `len` bytes at `off`, which the caller has checked lie inside the mapping.
+    pub(crate) fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.len()));
+        // SAFETY: the range lies inside a live read-only mapping owned by `self`, which
+        // outlives the returned borrow. The peer keeps the bytes unchanged until we ACK
+        // (SPEC §7 lease rule); a peer that breaks that rule can change what we read, but
+        // not make us read outside the mapping.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), len) }
+    }
+}
+
+/// Whether a file descriptor came from `memfd_create` or `shm_open` (a regular file on a
+/// tmpfs); used to refuse other descriptors passed by a peer.
+pub fn is_shared_memory(fd: impl AsFd) -> bool {
+    rustix::fs::fstat(fd)
+        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
+        .unwrap_or(false)
+}
+
