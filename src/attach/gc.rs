@@ -97,7 +97,10 @@ mod tests {
         let r = live.try_alloc(1).unwrap().unwrap();
         let got = collect().unwrap();
         assert!(got.removed.contains(&dead), "{got:?}");
-        assert!(got.kept.contains(&r.segment().name().to_string()), "{got:?}");
+        assert!(
+            got.kept.contains(&r.segment().name().to_string()),
+            "{got:?}"
+        );
         assert!(!Path::new(&format!("/dev/shm/{dead}")).exists());
     }
 }

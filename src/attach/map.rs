@@ -23,6 +23,7 @@ fn attach_err(detail: impl Into<String>) -> Error {
 /// when the last one goes the message's msgId is reported (the session then ACKs it).
 pub struct Lease {
     msg_id: u64,
+    armed: std::sync::atomic::AtomicBool,
     release: Box<dyn Fn(u64) + Send + Sync>,
 }
 
@@ -31,8 +32,14 @@ impl Lease {
     pub fn new(msg_id: u64, release: impl Fn(u64) + Send + Sync + 'static) -> Arc<Lease> {
         Arc::new(Lease {
             msg_id,
+            armed: std::sync::atomic::AtomicBool::new(true),
             release: Box::new(release),
         })
+    }
+
+    /// Makes the drop report nothing (the message was refused, not consumed).
+    pub fn disarm(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The message it belongs to.
@@ -43,13 +50,17 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        (self.release)(self.msg_id);
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            (self.release)(self.msg_id);
+        }
     }
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("msg_id", &self.msg_id).finish()
+        f.debug_struct("Lease")
+            .field("msg_id", &self.msg_id)
+            .finish()
     }
 }
 
@@ -141,7 +152,12 @@ impl Mapper {
 
     /// Resolves one URI. `fds` are the descriptors passed with the message (for `memfd://`).
     /// Every refusal is `ERR_ATTACHMENT` naming the reason; nothing is mapped then.
-    pub fn resolve(&mut self, uri: &AttachmentUri, fds: &[OwnedFd], lease: &Arc<Lease>) -> Result<View> {
+    pub fn resolve(
+        &mut self,
+        uri: &AttachmentUri,
+        fds: &[OwnedFd],
+        lease: &Arc<Lease>,
+    ) -> Result<View> {
         let (key, map) = match uri.target() {
             Target::Shm { name } => {
                 if !self.schemes.contains(&Scheme::Shm) {
@@ -175,7 +191,10 @@ impl Mapper {
                 match self.cache.get(&key) {
                     // The same memfd again: its mapping is reused and the new descriptor closes.
                     Some(m) if m.len() as i64 == st.st_size => (key, m.clone()),
-                    _ => (key, Arc::new(Mapping::map_fd(fd, &format!("memfd {index}"))?)),
+                    _ => (
+                        key,
+                        Arc::new(Mapping::map_fd(fd, &format!("memfd {index}"))?),
+                    ),
                 }
             }
             Target::CudaIpc { .. } => {
@@ -250,7 +269,11 @@ mod tests {
         assert!(v.iter().all(|&b| b == 3));
         let b = v2.into_bytes();
         drop(v);
-        assert_eq!(acks.load(Ordering::SeqCst), 0, "a Bytes still holds the lease");
+        assert_eq!(
+            acks.load(Ordering::SeqCst),
+            0,
+            "a Bytes still holds the lease"
+        );
         assert_eq!(b.len(), 4900);
         drop(b);
         assert_eq!(acks.load(Ordering::SeqCst), 1);
@@ -266,15 +289,33 @@ mod tests {
         let code = |res: Result<View>| res.unwrap_err().code();
         let seg_len = r.segment().len() as u64;
         let mut m = Mapper::new(vec![Scheme::Shm], &pool.config().prefix);
-        assert_eq!(code(m.resolve(&AttachmentUri::shm(&name, seg_len, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
-        assert_eq!(code(m.resolve(&AttachmentUri::shm("xcp-other-1", 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(
+            code(m.resolve(&AttachmentUri::shm(&name, seg_len, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
+        assert_eq!(
+            code(m.resolve(&AttachmentUri::shm("xcp-other-1", 0, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
         let missing = format!("{}999999", pool.config().prefix);
-        assert_eq!(code(m.resolve(&AttachmentUri::shm(&missing, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
-        assert_eq!(code(m.resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(
+            code(m.resolve(&AttachmentUri::shm(&missing, 0, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
+        assert_eq!(
+            code(m.resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
         let mut no_shm = Mapper::new(vec![Scheme::Memfd], &pool.config().prefix);
-        assert_eq!(code(no_shm.resolve(&AttachmentUri::shm(&name, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(
+            code(no_shm.resolve(&AttachmentUri::shm(&name, 0, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
         let mut memfd = Mapper::new(vec![Scheme::Memfd], "");
-        assert_eq!(code(memfd.resolve(&AttachmentUri::memfd(1, 0, 1).unwrap(), &[], &l)), ErrorCode::ERR_ATTACHMENT);
+        assert_eq!(
+            code(memfd.resolve(&AttachmentUri::memfd(1, 0, 1).unwrap(), &[], &l)),
+            ErrorCode::ERR_ATTACHMENT
+        );
         assert_eq!(m.mapped(), 0, "nothing mapped on refusal");
     }
 
@@ -288,9 +329,13 @@ mod tests {
         let acks = Arc::new(AtomicUsize::new(0));
         let l = lease(&acks);
         let mut m = Mapper::new(vec![Scheme::Memfd], "");
-        let v = m.resolve(&AttachmentUri::memfd(0, 2, 3).unwrap(), &[fd], &l).unwrap();
+        let v = m
+            .resolve(&AttachmentUri::memfd(0, 2, 3).unwrap(), &[fd], &l)
+            .unwrap();
         assert_eq!(&v[..], b"234");
-        let v = m.resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[fd2], &l).unwrap();
+        let v = m
+            .resolve(&AttachmentUri::memfd(0, 0, 1).unwrap(), &[fd2], &l)
+            .unwrap();
         assert_eq!(&v[..], b"0");
         assert_eq!(m.mapped(), 1, "the same memfd maps once");
     }

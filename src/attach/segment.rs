@@ -203,7 +203,8 @@ impl Mapping {
 /// tmpfs); used to refuse other descriptors passed by a peer.
 pub fn is_shared_memory(fd: impl AsFd) -> bool {
     rustix::fs::fstat(fd)
-        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
+        .map(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        })
         .unwrap_or(false)
 }
-

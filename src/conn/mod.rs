@@ -176,6 +176,10 @@ pub struct Incoming {
     pub control: Option<Control>,
     /// COMP and CRYPT as they were on the wire (the body here is already opened and inflated).
     pub flags: Flags,
+    /// Read-only views of the attachments that came by handle, by attachment id (filled in by
+    /// the session, which maps them; empty at this layer). The message is ACKed when the last
+    /// view, and every `Bytes` made from one, is dropped.
+    pub views: Vec<(String, crate::attach::View)>,
     /// How many frames carried it.
     pub frames: u32,
 }
@@ -184,6 +188,26 @@ impl Incoming {
     /// The msgId.
     pub fn msg_id(&self) -> u64 {
         self.header.msg_id
+    }
+
+    /// The view of the attachment `id`, if it came by handle.
+    pub fn view(&self, id: &str) -> Option<&crate::attach::View> {
+        self.views.iter().find(|(i, _)| i == id).map(|(_, v)| v)
+    }
+
+    /// The bytes of attachment `id`, wherever they came: a handle's view (no copy) or the
+    /// inline bytes of the Ether.
+    pub fn attachment_bytes(&self, id: &str) -> Option<Bytes> {
+        if let Some(v) = self.view(id) {
+            return Some(v.clone().into_bytes());
+        }
+        self.ether
+            .as_ref()?
+            .attachments
+            .iter()
+            .find(|a| a.id == id)?
+            .inline_bytes
+            .clone()
     }
 
     /// The decoded Ether, decoding now if it was not decoded on arrival.
@@ -252,6 +276,9 @@ impl Outgoing {
 }
 
 /// What happened on the connection.
+// Events are moved once, from the connection to its driver; boxing the message would cost an
+// allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     /// The handshake finished.
@@ -1021,6 +1048,7 @@ impl Connection {
                     ether: None,
                     control: Some(c),
                     flags: msg.flags,
+                    views: Vec::new(),
                     frames: msg.frames,
                 }));
             }
@@ -1064,6 +1092,7 @@ impl Connection {
             ether,
             control: None,
             flags: msg.flags,
+            views: Vec::new(),
             frames: msg.frames,
         }));
     }

@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::attach::uri::{AttachmentUri, Target};
+use crate::attach::{Lease, Mapper, Region, Scheme};
+use crate::codec::CodecId;
 use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
 use crate::error::{Error, ErrorCode, Result};
+use crate::ether::{Attachment, Ether};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
 
@@ -65,7 +70,26 @@ pub(crate) enum Command {
         detail: String,
         done: oneshot::Sender<Result<()>>,
     },
+    SendAttached {
+        ether: Ether,
+        codec: CodecId,
+        regions: Vec<(Attachment, Region)>,
+        reply: Option<oneshot::Sender<Result<Incoming>>>,
+        done: oneshot::Sender<Result<u64>>,
+    },
     Close,
+}
+
+/// Descriptors received but not yet claimed by a `memfd://` attachment, at most.
+const MAX_PENDING_FDS: usize = 64;
+
+/// A message of ours whose attachments went by handle: its regions stay loaned until the
+/// peer ACKs; the rest is kept to resend inline if the peer refuses the handles.
+struct SentLease {
+    ether: Ether,
+    codec: CodecId,
+    channel_id: u32,
+    regions: Vec<(usize, Region)>,
 }
 
 /// State shared between the driver and the handles.
@@ -102,6 +126,10 @@ pub(crate) struct Channels {
     pub(crate) connected: oneshot::Sender<Result<Negotiated>>,
     pub(crate) done: watch::Sender<bool>,
     pub(crate) shared: Arc<Shared>,
+    /// Read with `recvmsg` so descriptors passed by the peer are kept (memfd offered).
+    pub(crate) fd_reads: bool,
+    /// Regions below this size go inline.
+    pub(crate) inline_threshold: usize,
 }
 
 /// Frames waiting to be written: frozen segments, then a tail where small frames coalesce.
@@ -110,9 +138,35 @@ struct OutQueue {
     segs: VecDeque<Bytes>,
     tail: BytesMut,
     bytes: usize,
+    /// Descriptors to send with the first byte of `segs[0]` (it starts a frame).
+    front_fds: Vec<OwnedFd>,
+    /// Descriptor sets waiting for their frame to reach the front: (segments before it, fds).
+    later_fds: VecDeque<(usize, Vec<OwnedFd>)>,
 }
 
 impl OutQueue {
+    /// Queues a frame whose first byte must carry `fds` (`SCM_RIGHTS`).
+    fn push_with_fds(&mut self, f: EncodedFrame, fds: Vec<OwnedFd>) {
+        if fds.is_empty() {
+            return self.push(f);
+        }
+        if !self.tail.is_empty() {
+            let tail = self.tail.split().freeze();
+            self.segs.push_back(tail);
+        }
+        if self.segs.is_empty() && self.front_fds.is_empty() {
+            self.front_fds = fds;
+        } else {
+            self.later_fds.push_back((self.segs.len(), fds));
+        }
+        self.bytes += f.len();
+        self.segs.push_back(f.head);
+        if !f.payload.is_empty() {
+            self.segs.push_back(f.payload);
+        }
+        self.tail.put_slice(&f.trailer);
+    }
+
     fn push(&mut self, f: EncodedFrame) {
         self.bytes += f.len();
         if f.len() <= COALESCE_MAX {
@@ -135,14 +189,24 @@ impl OutQueue {
         self.bytes == 0
     }
 
+    /// The descriptors to send with the next write, if any.
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.front_fds.iter().map(|f| f.as_fd()).collect()
+    }
+
     fn slices(&self) -> Vec<IoSlice<'_>> {
+        // A later frame's descriptors must go with its own first byte: stop the write there.
+        let limit = self
+            .later_fds
+            .front()
+            .map_or(MAX_IOVECS, |(at, _)| (*at).clamp(1, MAX_IOVECS));
         let mut v: Vec<IoSlice<'_>> = self
             .segs
             .iter()
-            .take(MAX_IOVECS)
+            .take(limit)
             .map(|b| IoSlice::new(b))
             .collect();
-        if v.len() < MAX_IOVECS && !self.tail.is_empty() {
+        if v.len() < limit && self.later_fds.is_empty() && !self.tail.is_empty() {
             v.push(IoSlice::new(&self.tail));
         }
         v
@@ -150,11 +214,23 @@ impl OutQueue {
 
     fn advance(&mut self, mut n: usize) {
         self.bytes -= n.min(self.bytes);
+        if n > 0 {
+            // They went with the first byte written.
+            self.front_fds.clear();
+        }
         while n > 0 {
             match self.segs.front_mut() {
                 Some(front) if front.len() <= n => {
                     n -= front.len();
                     self.segs.pop_front();
+                    for (at, _) in self.later_fds.iter_mut() {
+                        *at -= 1;
+                    }
+                    if self.later_fds.front().is_some_and(|(at, _)| *at == 0) {
+                        if let Some((_, fds)) = self.later_fds.pop_front() {
+                            self.front_fds = fds;
+                        }
+                    }
                 }
                 Some(front) => {
                     front.advance(n);
@@ -177,6 +253,7 @@ enum Step {
     Delivered,
     ReceiverGone,
     Command(Option<Command>),
+    Release(Option<u64>),
     Timer,
 }
 
@@ -204,6 +281,20 @@ struct Driver {
     timer_hold: Option<Instant>,
     /// Set when the connection closed: the last frames must be out by then.
     flush_deadline: Option<Instant>,
+    fd_reads: bool,
+    scratch: Vec<u8>,
+    /// Descriptors received, waiting for the `memfd://` attachments of their message.
+    fds: Vec<OwnedFd>,
+    /// Maps the peer's segments (set once handles are negotiated).
+    mapper: Option<Mapper>,
+    /// Leases of received messages report here when their last view is dropped.
+    release_tx: mpsc::UnboundedSender<u64>,
+    release_rx: mpsc::UnboundedReceiver<u64>,
+    /// Our messages whose regions wait for the peer's ACK.
+    leases: HashMap<u64, SentLease>,
+    /// Handle schemes both sides take (empty after the peer refused a handle).
+    handle_schemes: Vec<Scheme>,
+    inline_threshold: usize,
 }
 
 /// Runs one connection until it is over.
@@ -215,7 +306,10 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         connected,
         done,
         shared,
+        fd_reads,
+        inline_threshold,
     } = ch;
+    let (release_tx, release_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
         conn,
         peer,
@@ -236,6 +330,19 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         broken: false,
         timer_hold: None,
         flush_deadline: None,
+        fd_reads,
+        scratch: if fd_reads {
+            vec![0; READ_CHUNK * 4]
+        } else {
+            Vec::new()
+        },
+        fds: Vec::new(),
+        mapper: None,
+        release_tx,
+        release_rx,
+        leases: HashMap::new(),
+        handle_schemes: Vec::new(),
+        inline_threshold,
     };
     d.main_loop().await;
 
@@ -288,6 +395,7 @@ fn fail_command(cmd: Command, reason: &str) {
         Command::Request { done, .. } => drop(done.send(Err(e()))),
         Command::Ping { done } => drop(done.send(Err(e()))),
         Command::Ack { done, .. } | Command::Nack { done, .. } => drop(done.send(Err(e()))),
+        Command::SendAttached { done, .. } => drop(done.send(Err(e()))),
         Command::Close => {}
     }
 }
@@ -328,14 +436,17 @@ impl Driver {
             };
             let has_out = !self.out.is_empty();
             let slices = self.out.slices();
+            let out_fds = self.out.fds();
+            let fd_reads = self.fd_reads;
             let rbuf_spare = self.rbuf.capacity() - self.rbuf.len();
             if can_read && rbuf_spare < READ_CHUNK / 4 {
                 let want = self.conn.bytes_wanted(&self.rbuf).max(READ_CHUNK);
                 self.rbuf.reserve(want);
             }
             let step = tokio::select! {
-                r = self.wr.write_vectored(&slices), if has_out => Step::Wrote(r),
-                r = self.rd.read_buf(&mut self.rbuf), if can_read => Step::Read(r),
+                r = write_out(&mut self.wr, &slices, &out_fds), if has_out => Step::Wrote(r),
+                r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, fd_reads), if can_read => Step::Read(r),
+                id = self.release_rx.recv() => Step::Release(id),
                 p = self.recv_tx.reserve(), if paused && !closed => match p {
                     Ok(permit) => {
                         if let Some(m) = self.backlog.pop_front() {
@@ -348,7 +459,7 @@ impl Driver {
                 c = self.cmd_rx.recv(), if take_cmds => Step::Command(c),
                 _ = sleep_until(deadline), if deadline.is_some() => Step::Timer,
             };
-            drop(slices);
+            drop((slices, out_fds));
             match step {
                 Step::Wrote(Ok(0)) => self.io_failed(std::io::ErrorKind::WriteZero.into(), "write"),
                 Step::Wrote(Ok(n)) => self.out.advance(n),
@@ -361,7 +472,10 @@ impl Driver {
                             self.conn.handle_eof();
                         }
                         Ok(_) if closed => self.rbuf.clear(),
-                        Ok(_) => self.conn.handle_input(&mut self.rbuf, Instant::now()),
+                        Ok(_) => {
+                            self.bound_fds();
+                            self.conn.handle_input(&mut self.rbuf, Instant::now())
+                        }
                         Err(e) => self.io_failed(e, "read"),
                     }
                 }
@@ -373,6 +487,15 @@ impl Driver {
                 // No handle can receive any more: nobody will read these.
                 Step::ReceiverGone => self.backlog.clear(),
                 Step::Command(Some(cmd)) => self.on_command(cmd),
+                Step::Release(Some(id)) => {
+                    if !self.conn.is_closed() {
+                        if let Err(e) = self.conn.ack(id) {
+                            tracing::debug!(peer = %self.peer, "ACK {id}: {e}");
+                        }
+                    }
+                }
+                // The driver holds a sender itself: never closed while it runs.
+                Step::Release(None) => {}
                 Step::Command(None) => {
                     // Every handle is gone: close gracefully.
                     self.cmd_open = false;
@@ -390,12 +513,11 @@ impl Driver {
     /// Moves frames to the write queue, dispatches events, and hands queued messages to the
     /// application as far as its channel has room.
     fn pump(&mut self) {
-        while let Some(f) = self.conn.poll_transmit() {
-            self.out.push(f);
-        }
         while let Some(ev) = self.conn.poll_event() {
             self.on_event(ev);
         }
+        // After the events: handling them may queue frames (a NACK, an ACK).
+        self.pump_transmits();
         while let Some(m) = self.backlog.pop_front() {
             match self.recv_tx.try_send(m) {
                 Ok(()) => {}
@@ -414,7 +536,24 @@ impl Driver {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Connected(neg) => {
-                tracing::debug!(peer = %self.peer, codecs = ?neg.codecs, max_frame = neg.max_frame_bytes, "connected");
+                tracing::debug!(peer = %self.peer, codecs = ?neg.codecs, max_frame = neg.max_frame_bytes, attach = ?neg.attach, "connected");
+                if neg.shared_mem {
+                    self.handle_schemes = neg
+                        .attach
+                        .iter()
+                        .filter_map(|a| match a.as_str() {
+                            "shm" => Some(Scheme::Shm),
+                            "memfd" => Some(Scheme::Memfd),
+                            _ => None,
+                        })
+                        .collect();
+                    if !self.handle_schemes.is_empty() {
+                        self.mapper = Some(Mapper::new(
+                            self.handle_schemes.clone(),
+                            &neg.peer.shm_prefix,
+                        ));
+                    }
+                }
                 if let Some(tx) = self.connected.take() {
                     if tx.send(Ok(neg)).is_err() {
                         // Nobody waits for this connection any more.
@@ -422,7 +561,18 @@ impl Driver {
                     }
                 }
             }
-            Event::Message(m) => {
+            Event::Message(mut m) => {
+                if let Err(e) = self.attach_views(&mut m) {
+                    tracing::warn!(peer = %self.peer, "refused the attachments of msgId {}: {e}", m.msg_id());
+                    let detail = match &e {
+                        Error::Protocol { detail, .. } => detail.clone(),
+                        other => other.to_string(),
+                    };
+                    if let Err(e) = self.conn.nack(m.msg_id(), e.code(), 0, &detail) {
+                        tracing::debug!(peer = %self.peer, "NACK: {e}");
+                    }
+                    return;
+                }
                 let to = m.header.in_reply_to;
                 if to != 0 {
                     if let Some(tx) = self.requests.remove(&to) {
@@ -436,6 +586,8 @@ impl Driver {
             }
             Event::Ack { msg_id } => {
                 tracing::trace!(peer = %self.peer, "ACK for msgId {msg_id}");
+                // Its regions return to the pool.
+                self.leases.remove(&msg_id);
             }
             Event::Nack {
                 msg_id,
@@ -443,6 +595,12 @@ impl Driver {
                 retry_after_ms,
                 detail,
             } => {
+                if code == ErrorCode::ERR_ATTACHMENT {
+                    if let Some(lease) = self.leases.remove(&msg_id) {
+                        return self.resend_inline(msg_id, lease, &detail);
+                    }
+                }
+                self.leases.remove(&msg_id);
                 let err = Error::Nack {
                     msg_id,
                     code,
@@ -521,7 +679,197 @@ impl Driver {
             } => {
                 let _ = done.send(self.conn.nack(msg_id, code, retry_after_ms, &detail));
             }
+            Command::SendAttached {
+                ether,
+                codec,
+                regions,
+                reply,
+                done,
+            } => {
+                let r = self.send_attached(ether, codec, regions);
+                if let (Ok(id), Some(reply)) = (&r, reply) {
+                    self.requests.insert(*id, reply);
+                }
+                let _ = done.send(r);
+            }
             Command::Close => self.conn.close(),
+        }
+    }
+
+    /// Sends an Ether with regions: by handle where negotiated and large enough, else inline.
+    fn send_attached(
+        &mut self,
+        mut ether: Ether,
+        codec: CodecId,
+        regions: Vec<(Attachment, Region)>,
+    ) -> Result<u64> {
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut kept: Vec<(usize, Region)> = Vec::new();
+        for (mut att, region) in regions {
+            att.size_bytes = region.len() as u64;
+            att.inline_bytes = None;
+            let scheme = region.segment().scheme();
+            let by_handle =
+                region.len() >= self.inline_threshold && self.handle_schemes.contains(&scheme);
+            if by_handle {
+                let uri = match scheme {
+                    Scheme::Shm => {
+                        AttachmentUri::shm(region.segment().name(), 0, region.len() as u64)?
+                    }
+                    Scheme::Memfd => {
+                        fds.push(region.segment().fd().try_clone()?);
+                        AttachmentUri::memfd(fds.len() as u32 - 1, 0, region.len() as u64)?
+                    }
+                };
+                att.uri = uri.to_string();
+                kept.push((ether.attachments.len(), region));
+            } else {
+                att.uri.clear();
+                att.inline_bytes = Some(Bytes::copy_from_slice(&region));
+            }
+            ether.attachments.push(att);
+        }
+        let channel_id = 0;
+        let out = Outgoing::ether(&ether, codec)?;
+        // Frames queued before this message go first, so the next frame is this message's.
+        self.pump_transmits();
+        let id = self.conn.send(out)?;
+        let mut first = true;
+        while let Some(f) = self.conn.poll_transmit() {
+            if first {
+                self.out.push_with_fds(f, std::mem::take(&mut fds));
+                first = false;
+            } else {
+                self.out.push(f);
+            }
+        }
+        if !kept.is_empty() {
+            self.leases.insert(
+                id,
+                SentLease {
+                    ether,
+                    codec,
+                    channel_id,
+                    regions: kept,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    /// The peer refused our handles: send the same message again with the bytes inline, and
+    /// use inline bytes from now on.
+    fn resend_inline(&mut self, old_id: u64, lease: SentLease, detail: &str) {
+        if !self.handle_schemes.is_empty() {
+            tracing::warn!(peer = %self.peer, "the peer refused a handle ({detail}); sending attachments inline from now on");
+            self.handle_schemes.clear();
+        }
+        let SentLease {
+            mut ether,
+            codec,
+            channel_id,
+            regions,
+        } = lease;
+        for (i, region) in &regions {
+            if let Some(att) = ether.attachments.get_mut(*i) {
+                att.uri.clear();
+                att.inline_bytes = Some(Bytes::copy_from_slice(region));
+            }
+        }
+        drop(regions);
+        let waiter = self.requests.remove(&old_id);
+        let sent = Outgoing::ether(&ether, codec)
+            .map(|o| o.on_channel(channel_id))
+            .and_then(|o| self.conn.send(o));
+        match (sent, waiter) {
+            (Ok(new_id), Some(w)) => {
+                self.requests.insert(new_id, w);
+            }
+            (Ok(_), None) => {}
+            (Err(e), Some(w)) => {
+                let _ = w.send(Err(e));
+            }
+            (Err(e), None) => {
+                tracing::warn!(peer = %self.peer, "resending msgId {old_id} inline: {e}")
+            }
+        }
+    }
+
+    /// Maps the handle attachments of a received message into views (SPEC §7). Descriptors
+    /// for `memfd://` come from those received with the message, in order.
+    fn attach_views(&mut self, m: &mut Incoming) -> Result<()> {
+        let Some(ether) = &m.ether else {
+            return Ok(());
+        };
+        let with_uri: Vec<(String, &str)> = ether
+            .attachments
+            .iter()
+            .filter(|a| !a.uri.is_empty())
+            .map(|a| (a.id.clone(), a.uri.as_str()))
+            .collect();
+        if with_uri.is_empty() {
+            return Ok(());
+        }
+        let Some(mapper) = self.mapper.as_mut() else {
+            return Err(Error::protocol(
+                ErrorCode::ERR_ATTACHMENT,
+                "attachment by handle, but no handle scheme was negotiated",
+            ));
+        };
+        let mut uris = Vec::with_capacity(with_uri.len());
+        let mut fd_count = 0usize;
+        for (id, uri) in with_uri {
+            let u = AttachmentUri::parse(uri)?;
+            if let Target::Memfd { index } = u.target() {
+                fd_count = fd_count.max(*index as usize + 1);
+            }
+            uris.push((id, u));
+        }
+        if fd_count > self.fds.len() {
+            return Err(Error::protocol(
+                ErrorCode::ERR_ATTACHMENT,
+                format!(
+                    "memfd: the message names {fd_count} descriptors, {} came with it",
+                    self.fds.len()
+                ),
+            ));
+        }
+        let fds: Vec<OwnedFd> = self.fds.drain(..fd_count).collect();
+        let tx = self.release_tx.clone();
+        let lease = Lease::new(m.msg_id(), move |id| {
+            let _ = tx.send(id);
+        });
+        let mut views = Vec::with_capacity(uris.len());
+        for (id, u) in uris {
+            match mapper.resolve(&u, &fds, &lease) {
+                Ok(v) => views.push((id, v)),
+                Err(e) => {
+                    // Refused, not consumed: no ACK for it.
+                    lease.disarm();
+                    return Err(e);
+                }
+            }
+        }
+        m.views = views;
+        Ok(())
+    }
+
+    /// Keeps received descriptors only where memfd was negotiated, and a bounded number.
+    fn bound_fds(&mut self) {
+        let take = if self.handle_schemes.contains(&Scheme::Memfd) {
+            MAX_PENDING_FDS
+        } else {
+            0
+        };
+        if self.fds.len() > take {
+            tracing::warn!(peer = %self.peer, "closing {} descriptors the peer passed unasked", self.fds.len() - take);
+            self.fds.truncate(take);
+        }
+    }
+
+    fn pump_transmits(&mut self) {
+        while let Some(f) = self.conn.poll_transmit() {
+            self.out.push(f);
         }
     }
 
@@ -562,6 +910,35 @@ impl Driver {
             }
         }
     }
+}
+
+/// One write: vectored, with descriptors attached when there are any.
+async fn write_out(
+    wr: &mut WriteHalf,
+    slices: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<usize> {
+    if fds.is_empty() {
+        wr.write_vectored(slices).await
+    } else {
+        wr.write_with_fds(slices, fds).await
+    }
+}
+
+/// One read into `rbuf`: plain, or with `recvmsg` through `scratch` when descriptors may come.
+async fn read_in(
+    rd: &mut ReadHalf,
+    rbuf: &mut BytesMut,
+    scratch: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    fd_reads: bool,
+) -> std::io::Result<usize> {
+    if !fd_reads {
+        return rd.read_buf(rbuf).await;
+    }
+    let n = rd.read_with_fds(scratch, fds).await?;
+    rbuf.extend_from_slice(&scratch[..n]);
+    Ok(n)
 }
 
 async fn sleep_until(t: Option<Instant>) {

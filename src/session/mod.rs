@@ -41,9 +41,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 
+use crate::attach::{Pool, PoolConfig, Region, Scheme};
 use crate::codec::CodecId;
 use crate::conn::{self, Connection, Incoming, Negotiated, Outgoing, Role};
 use crate::error::{Error, ErrorCode, Result};
+use crate::ether::Attachment;
 use crate::ether::Ether;
 use crate::transport::{Listener, SocketFile, Stream};
 use driver::{Channels, Command, Shared, LINGER};
@@ -62,6 +64,48 @@ pub struct SessionConfig {
     /// most received messages queued for [`Session::recv`]. When the receive queue is full the
     /// driver stops reading the socket.
     pub max_in_flight: usize,
+    /// Attachments by handle: which schemes to offer, the pool, the inline threshold.
+    pub attach: AttachConfig,
+}
+
+/// How attachments travel (SPEC §6 `shared_mem`/`attach`, §7).
+///
+/// Handles are used only when both sides offer the same scheme and report the same
+/// `host_id`; otherwise, after an `ERR_ATTACHMENT` from the peer, and for regions smaller than
+/// `inline_threshold`, the bytes go inline in the Ether (chunked like any message).
+#[derive(Clone, Debug)]
+pub struct AttachConfig {
+    /// Schemes offered, in order of preference. `memfd` is offered on Unix sockets only
+    /// (its descriptors travel with `SCM_RIGHTS`). Empty: everything goes inline.
+    pub schemes: Vec<Scheme>,
+    /// The most bytes of shared segments a session's pool holds.
+    pub pool_cap_bytes: u64,
+    /// How long [`Session::alloc`] waits for the pool to have room before `ERR_BUSY`.
+    pub alloc_timeout: Duration,
+    /// Regions smaller than this go inline even when handles are negotiated: below it a copy
+    /// is cheaper than the handle's round trip (measured with `xcp bench`).
+    pub inline_threshold: usize,
+}
+
+impl Default for AttachConfig {
+    fn default() -> Self {
+        AttachConfig {
+            schemes: vec![Scheme::Memfd, Scheme::Shm],
+            pool_cap_bytes: 1 << 30,
+            alloc_timeout: Duration::from_secs(5),
+            inline_threshold: 64 << 10,
+        }
+    }
+}
+
+impl AttachConfig {
+    /// No handles: every attachment travels inline.
+    pub fn inline_only() -> Self {
+        AttachConfig {
+            schemes: Vec::new(),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SessionConfig {
@@ -71,12 +115,15 @@ impl Default for SessionConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_in_flight: 4096,
+            attach: AttachConfig::default(),
         }
     }
 }
 
 struct Inner {
     negotiated: Negotiated,
+    pool: Pool,
+    alloc_timeout: Duration,
     peer: String,
     request_timeout: Duration,
     cmd: mpsc::Sender<Command>,
@@ -219,6 +266,72 @@ impl Session {
         rx.await.map_err(|_| self.closed())?
     }
 
+    /// Loans a writable region of `len` bytes from this session's pool of shared segments
+    /// (memfd on a Unix socket that negotiated it, else POSIX shm). Fill it in place, then send
+    /// it with [`Session::send_regions`]; it returns to the pool when the peer ACKs. When the
+    /// pool is full this waits (`alloc_timeout`) for regions to come back, then fails with
+    /// `ERR_BUSY`. Works whatever was negotiated: without handles the bytes go inline.
+    pub async fn alloc(&self, len: usize) -> Result<Region> {
+        self.inner.pool.alloc(len, self.inner.alloc_timeout).await
+    }
+
+    /// The pool [`Session::alloc`] loans from.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Sends `ether` with each region as an attachment: by handle (`shm://` or `memfd://` in
+    /// the attachment's `uri`) when negotiated and the region is at least `inline_threshold`
+    /// bytes, else inline. Each `Attachment` gives the metadata (id, media type, codec, shape,
+    /// dtype); `uri`, `size_bytes` and `inline_bytes` are filled in here. The regions stay
+    /// loaned until the peer ACKs the message (it does when it drops its views); if the peer
+    /// refuses the handles (`ERR_ATTACHMENT`), the same message is sent again inline and the
+    /// session uses inline bytes from then on.
+    pub async fn send_regions(
+        &self,
+        ether: Ether,
+        codec: CodecId,
+        regions: Vec<(Attachment, Region)>,
+    ) -> Result<u64> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::SendAttached {
+            ether,
+            codec,
+            regions,
+            reply: None,
+            done,
+        })
+        .await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// [`Session::send_regions`], then waits for the reply, as [`Session::request`] does.
+    pub async fn request_regions(
+        &self,
+        ether: Ether,
+        codec: CodecId,
+        regions: Vec<(Attachment, Region)>,
+    ) -> Result<Incoming> {
+        let (done, sent) = oneshot::channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.command(Command::SendAttached {
+            ether,
+            codec,
+            regions,
+            reply: Some(reply_tx),
+            done,
+        })
+        .await?;
+        sent.await.map_err(|_| self.closed())??;
+        match tokio::time::timeout(self.inner.request_timeout, reply_rx).await {
+            Ok(r) => r.map_err(|_| self.closed())?,
+            Err(_) => Err(Error::Timeout(format!(
+                "request to {}: no reply within {:?}",
+                self.inner.peer, self.inner.request_timeout
+            ))),
+        }
+    }
+
     /// Closes gracefully: what was sent before is flushed, the write side is shut down, and
     /// this waits (up to a few seconds) for the driver to finish. Closing a closed session is
     /// not an error.
@@ -270,7 +383,23 @@ async fn start(
     let (connected_tx, connected_rx) = oneshot::channel();
     let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
-    let conn = Connection::new(role, config.conn.clone(), Instant::now());
+    let unix = matches!(stream, Stream::Unix(_));
+    let offered: Vec<Scheme> = config
+        .attach
+        .schemes
+        .iter()
+        .copied()
+        .filter(|s| unix || *s != Scheme::Memfd)
+        .collect();
+    let mut conn_config = config.conn.clone();
+    if !offered.is_empty() {
+        conn_config.shared_mem = true;
+        conn_config.attach = offered.iter().map(|s| s.name().to_string()).collect();
+        conn_config.host_id = crate::attach::host_id().to_string();
+        conn_config.shm_prefix = crate::attach::process_prefix().to_string();
+    }
+    let fd_reads = offered.contains(&Scheme::Memfd);
+    let conn = Connection::new(role, conn_config, Instant::now());
     let task = tokio::spawn(driver::run(
         stream,
         peer.clone(),
@@ -281,6 +410,8 @@ async fn start(
             connected: connected_tx,
             done: done_tx,
             shared: shared.clone(),
+            fd_reads,
+            inline_threshold: config.attach.inline_threshold,
         },
     ));
     let negotiated = match tokio::time::timeout_at(deadline, connected_rx).await {
@@ -299,9 +430,21 @@ async fn start(
             )));
         }
     };
+    // Regions come from memfd when the peer takes memfd (or when no handle was negotiated:
+    // then they are plain memory with no name in /dev/shm), else from POSIX shm.
+    let scheme = if negotiated.attach.iter().any(|a| a == "memfd")
+        || !negotiated.attach.iter().any(|a| a == "shm")
+    {
+        Scheme::Memfd
+    } else {
+        Scheme::Shm
+    };
+    let pool = Pool::new(PoolConfig::new(scheme, config.attach.pool_cap_bytes));
     Ok(Session {
         inner: Arc::new(Inner {
             negotiated,
+            pool,
+            alloc_timeout: config.attach.alloc_timeout,
             peer,
             request_timeout: config.request_timeout,
             cmd: cmd_tx,

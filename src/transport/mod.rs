@@ -279,6 +279,75 @@ impl Listener {
     }
 }
 
+/// The most descriptors accepted with one `recvmsg`.
+pub const MAX_FDS_PER_READ: usize = 16;
+
+impl ReadHalf {
+    /// Whether file descriptors can arrive on this stream (`SCM_RIGHTS`, Unix sockets only).
+    pub fn passes_fds(&self) -> bool {
+        matches!(self, ReadHalf::Unix(_))
+    }
+
+    /// Receives into `scratch` with `recvmsg`, appending any descriptors that came with the
+    /// bytes to `fds` (Unix sockets; on TCP it is a plain read). Use it instead of a plain read
+    /// whenever the peer may pass descriptors: a plain read on a Unix socket discards them.
+    /// Cancel-safe.
+    pub async fn read_with_fds(
+        &mut self,
+        scratch: &mut [u8],
+        fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let s: &UnixStream = match &mut *self {
+            ReadHalf::Tcp(r) => return r.read(scratch).await,
+            ReadHalf::Unix(r) => (*r).as_ref(),
+        };
+        loop {
+            s.readable().await?;
+            match s.try_io(tokio::io::Interest::READABLE, || {
+                unix::recv_with_fds(s, scratch, fds)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl WriteHalf {
+    /// Whether file descriptors can be sent on this stream.
+    pub fn passes_fds(&self) -> bool {
+        matches!(self, WriteHalf::Unix(_))
+    }
+
+    /// Writes `slices` with `fds` attached to their first byte (`SCM_RIGHTS`). Returns the
+    /// bytes written; when it is more than zero the descriptors went with them. Cancel-safe.
+    pub async fn write_with_fds(
+        &mut self,
+        slices: &[IoSlice<'_>],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        let WriteHalf::Unix(w) = self else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "file descriptors can only be passed on Unix sockets",
+            ));
+        };
+        let s: &UnixStream = w.as_ref();
+        loop {
+            s.writable().await?;
+            match s.try_io(tokio::io::Interest::WRITABLE, || {
+                unix::send_with_fds(s, slices, fds)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

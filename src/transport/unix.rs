@@ -147,3 +147,52 @@ pub(super) fn bind(path: &Path) -> Result<(UnixListener, Arc<SocketFile>)> {
     });
     Ok((l, file))
 }
+
+/// One `recvmsg` into `buf`, collecting `SCM_RIGHTS` descriptors (close-on-exec) into `fds`.
+pub(super) fn recv_with_fds(
+    s: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::MAX_FDS_PER_READ))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = rustix::net::recvmsg(
+        s,
+        &mut iov,
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = m {
+            fds.extend(received);
+        }
+    }
+    Ok(msg.bytes)
+}
+
+/// One `sendmsg` of `slices` with `fds` attached.
+pub(super) fn send_with_fds(
+    s: &UnixStream,
+    slices: &[io::IoSlice<'_>],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one message"));
+    }
+    rustix::net::sendmsg(
+        s,
+        slices,
+        &mut control,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )
+    .map_err(io::Error::from)
+}

@@ -34,7 +34,8 @@ pub const EXIT_USAGE: u8 = 2;
 const MAIN_AFTER_HELP: &str = "\
 Exit codes:
   0  success
-  1  the peer answered, but not as hoped (a PONG lost, a NACK, a reply timed out)
+  1  the peer answered, but not as hoped (a PONG lost, a NACK, a reply timed out);
+     `frame decode`: a frame or message failed a check (its line has an \"error\")
   2  nothing could be tried: bad arguments or input, no connection, cannot listen
 
 Logging goes to stderr. `serve` logs at info level, the clients at warn; each -v raises it one
@@ -43,8 +44,8 @@ step (info, debug, trace). RUST_LOG, when set, takes precedence (e.g. RUST_LOG=x
 URLs: tcp://HOST:PORT or unix:///absolute/path/to/socket.
 
 Encryption (SPEC §3): `--key-file FILE` (or XCP_KEY_FILE) on any subcommand gives it a 32-byte
-pre-shared static key. A side with a key seals every message it sends (ChaCha20-Poly1305, one
-key per direction derived from the static key) and requires CRYPT from its peer: a peer
+pre-shared static key. A side with a key seals every DATA message it sends (ChaCha20-Poly1305,
+one key per direction derived from the static key) and requires CRYPT from its peer: a peer
 without the key cannot connect (ERR_DECRYPT). The file must be exactly 32 bytes and readable
 by its owner only; make one with
   head -c 32 /dev/urandom > key && chmod 600 key
@@ -106,8 +107,8 @@ impl Command {
 pub struct KeyArgs {
     /// A file holding the 32-byte pre-shared static key (SPEC §3): exactly 32 bytes, readable
     /// by its owner only (make one with `head -c 32 /dev/urandom > key && chmod 600 key`).
-    /// With a key, a connection seals every message it sends and requires CRYPT from its
-    /// peer, so a peer without the same key cannot connect (ERR_DECRYPT).
+    /// With a key, a connection seals every DATA message it sends and requires CRYPT from
+    /// its peer, so a peer without the same key cannot connect (ERR_DECRYPT).
     #[arg(long, value_name = "FILE", env = "XCP_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 
