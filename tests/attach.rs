@@ -350,3 +350,50 @@ async fn views_become_bytes_without_copy() {
     drop(b);
     wait_returned(&c).await;
 }
+
+#[tokio::test]
+async fn dlpack_tensor_by_handle() {
+    use xcp::codec::dlpack::{DlData, DlDataType, DlpackDescriptor};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}/d.sock", dir.path().display());
+    let server = Server::bind(&url, config(&[Scheme::Memfd])).await.unwrap();
+    let c = Session::connect(&url, config(&[Scheme::Memfd]))
+        .await
+        .unwrap();
+    let s = server.accept().await.unwrap();
+    let (rows, cols) = (512i64, 256i64);
+    let mut r = c.alloc((rows * cols * 4) as usize).await.unwrap();
+    for (i, x) in r.chunks_exact_mut(4).enumerate() {
+        x.copy_from_slice(&(i as f32).to_le_bytes());
+    }
+    let desc = DlpackDescriptor {
+        device_type: xcp::codec::dlpack::DEVICE_CPU,
+        device_id: 0,
+        dtype: DlDataType::F32,
+        shape: vec![rows, cols],
+        strides: vec![cols, 1],
+        byte_offset: 0,
+        data: DlData::Inline(Bytes::new()), // replaced by the region's handle
+    };
+    c.send_dlpack(desc, r).await.unwrap();
+    let m = t("recv", s.recv()).await.unwrap();
+    assert!(
+        m.view(xcp::session::DLPACK_VIEW).is_some(),
+        "came by handle"
+    );
+    let d = m.dlpack().unwrap();
+    assert_eq!(d.shape, vec![rows, cols]);
+    let DlData::Inline(bytes) = &d.data else {
+        panic!("inline view expected")
+    };
+    assert_eq!(bytes.len(), (rows * cols * 4) as usize);
+    let last = f32::from_le_bytes(bytes[bytes.len() - 4..].try_into().unwrap());
+    assert_eq!(last, (rows * cols - 1) as f32);
+    // Through the DLPack C ABI, still without a copy.
+    let managed = xcp::attach::dlpack_ffi::export(&d).unwrap();
+    // SAFETY: `managed` was just returned by `export` and is released exactly once here.
+    let back = unsafe { xcp::attach::dlpack_ffi::import(managed) }.unwrap();
+    assert_eq!(back.shape, d.shape);
+    drop((m, d, back));
+    wait_returned(&c).await;
+}

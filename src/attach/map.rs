@@ -101,6 +101,17 @@ impl View {
     pub fn msg_id(&self) -> u64 {
         self.lease.msg_id
     }
+
+    /// The bytes as a tensor body (TENSOR_F32/F16/QNT8), viewed in place.
+    pub fn tensor(&self, codec: crate::codec::CodecId) -> Result<crate::codec::tensor::TensorView> {
+        crate::codec::tensor::TensorView::parse(self.clone().into_bytes(), Some(codec))
+    }
+
+    /// The bytes as an Arrow IPC stream: record batches whose buffers point into the segment.
+    #[allow(clippy::type_complexity)]
+    pub fn arrow(&self) -> Result<(arrow_schema::SchemaRef, Vec<arrow_array::RecordBatch>)> {
+        crate::codec::arrow::decode_batches(self.clone().into_bytes())
+    }
 }
 
 impl std::ops::Deref for View {

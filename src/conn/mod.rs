@@ -210,6 +210,24 @@ impl Incoming {
             .clone()
     }
 
+    /// A DLPACK body as a descriptor whose data is inline bytes: the body's own bytes, or the
+    /// view of a handle (no copy either way), ready for
+    /// [`dlpack_ffi::export`](crate::attach::dlpack_ffi::export).
+    pub fn dlpack(&self) -> Result<crate::codec::dlpack::DlpackDescriptor> {
+        use crate::codec::dlpack::{DlData, DlpackDescriptor};
+        let mut d = DlpackDescriptor::decode(self.body.clone())?;
+        if let DlData::Uri(u) = &d.data {
+            let v = self.view("dlpack").ok_or_else(|| {
+                Error::protocol(
+                    ErrorCode::ERR_ATTACHMENT,
+                    format!("dlpack: {u} was not mapped"),
+                )
+            })?;
+            d.data = DlData::Inline(v.clone().into_bytes());
+        }
+        Ok(d)
+    }
+
     /// The decoded Ether, decoding now if it was not decoded on arrival.
     pub fn ether(&self) -> Result<Ether> {
         match &self.ether {
@@ -767,6 +785,10 @@ impl Connection {
         }
         let fatal = e.fatal;
         let (ch, id) = (e.channel_id, e.msg_id);
+        if !fatal && self.state == State::Established {
+            // The rest of its message must not be assembled around the hole.
+            self.reassembler.abandon(ch, id, e.more);
+        }
         let err = Error::from(e);
         if fatal {
             self.queue_nack(ch, id, err.code(), 0, &detail_of(&err));

@@ -679,3 +679,52 @@ fn nonces_never_repeat_across_chunked_and_interleaved_sends() {
     assert_eq!(nonces.len(), 200);
     assert!(frames > 400);
 }
+
+#[test]
+fn corrupt_middle_chunk_drops_the_whole_message() {
+    let sc = Config {
+        limits: Limits {
+            max_frame_bytes: 400,
+            ..Default::default()
+        },
+        decode_ethers: false,
+        ..Default::default()
+    };
+    let mut p = Pair::new(Config::default(), sc);
+    Pair::events(&mut p.server);
+    Pair::events(&mut p.client);
+    let id = p
+        .client
+        .send(Outgoing::data(CodecId::JSON, Bytes::from(vec![1u8; 1500])))
+        .unwrap();
+    let mut buf = BytesMut::new();
+    for (i, f) in std::iter::from_fn(|| p.client.poll_transmit()).enumerate() {
+        let mut v = f.to_vec();
+        if i == 1 {
+            let n = v.len();
+            v[n - 1] ^= 0xFF;
+        }
+        buf.extend_from_slice(&v);
+    }
+    p.server.handle_input(&mut buf, p.now);
+    let ev = Pair::events(&mut p.server);
+    assert!(
+        ev.iter().all(|e| !matches!(e, Event::Message(_))),
+        "a message with a hole is not delivered: {ev:?}"
+    );
+    assert_eq!(p.server.pending_reassembly_bytes(), 0);
+    p.run();
+    assert_eq!(
+        nack_codes(&mut p.client),
+        vec![(id, ErrorCode::ERR_CHECKSUM)]
+    );
+    p.client
+        .send(Outgoing::data(CodecId::JSON, Bytes::from(vec![2u8; 1500])))
+        .unwrap();
+    p.run();
+    let ev = Pair::events(&mut p.server);
+    assert!(
+        matches!(&ev[..], [Event::Message(m)] if m.body.len() == 1500),
+        "{ev:?}"
+    );
+}

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::attach::uri::{AttachmentUri, Target};
 use crate::attach::{Lease, Mapper, Region, Scheme};
+use crate::codec::dlpack::{DlData, DlpackDescriptor};
 use crate::codec::CodecId;
 use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
 use crate::error::{Error, ErrorCode, Result};
@@ -77,8 +78,17 @@ pub(crate) enum Command {
         reply: Option<oneshot::Sender<Result<Incoming>>>,
         done: oneshot::Sender<Result<u64>>,
     },
+    SendDlpack {
+        desc: DlpackDescriptor,
+        region: Region,
+        done: oneshot::Sender<Result<u64>>,
+    },
     Close,
 }
+
+/// The id under which the data of a DLPACK body that came by handle appears in
+/// [`Incoming::views`].
+pub const DLPACK_VIEW: &str = "dlpack";
 
 /// Descriptors received but not yet claimed by a `memfd://` attachment, at most.
 const MAX_PENDING_FDS: usize = 64;
@@ -86,10 +96,39 @@ const MAX_PENDING_FDS: usize = 64;
 /// A message of ours whose attachments went by handle: its regions stay loaned until the
 /// peer ACKs; the rest is kept to resend inline if the peer refuses the handles.
 struct SentLease {
-    ether: Ether,
-    codec: CodecId,
+    body: LeasedBody,
     channel_id: u32,
+    /// Each region with the index of its attachment (0 for a DLPACK body).
     regions: Vec<(usize, Region)>,
+}
+
+/// What a leased message carried.
+enum LeasedBody {
+    Ether { ether: Ether, codec: CodecId },
+    Dlpack { desc: DlpackDescriptor },
+}
+
+impl LeasedBody {
+    /// The message with every region's bytes inline.
+    fn inline(mut self, regions: &[(usize, Region)]) -> Result<Outgoing> {
+        match &mut self {
+            LeasedBody::Ether { ether, codec } => {
+                for (i, region) in regions {
+                    if let Some(att) = ether.attachments.get_mut(*i) {
+                        att.uri.clear();
+                        att.inline_bytes = Some(Bytes::copy_from_slice(region));
+                    }
+                }
+                Outgoing::ether(ether, *codec)
+            }
+            LeasedBody::Dlpack { desc } => {
+                if let Some((_, region)) = regions.first() {
+                    desc.data = DlData::Inline(Bytes::copy_from_slice(region));
+                }
+                Ok(Outgoing::data(CodecId::DLPACK, desc.encode()?))
+            }
+        }
+    }
 }
 
 /// State shared between the driver and the handles.
@@ -247,6 +286,7 @@ impl OutQueue {
 }
 
 /// What one turn of the driver loop did.
+#[allow(clippy::large_enum_variant)] // one per loop turn, on the stack
 enum Step {
     Wrote(std::io::Result<usize>),
     Read(std::io::Result<usize>),
@@ -395,7 +435,9 @@ fn fail_command(cmd: Command, reason: &str) {
         Command::Request { done, .. } => drop(done.send(Err(e()))),
         Command::Ping { done } => drop(done.send(Err(e()))),
         Command::Ack { done, .. } | Command::Nack { done, .. } => drop(done.send(Err(e()))),
-        Command::SendAttached { done, .. } => drop(done.send(Err(e()))),
+        Command::SendAttached { done, .. } | Command::SendDlpack { done, .. } => {
+            drop(done.send(Err(e())))
+        }
         Command::Close => {}
     }
 }
@@ -692,6 +734,9 @@ impl Driver {
                 }
                 let _ = done.send(r);
             }
+            Command::SendDlpack { desc, region, done } => {
+                let _ = done.send(self.send_dlpack(desc, region));
+            }
             Command::Close => self.conn.close(),
         }
     }
@@ -708,29 +753,64 @@ impl Driver {
         for (mut att, region) in regions {
             att.size_bytes = region.len() as u64;
             att.inline_bytes = None;
-            let scheme = region.segment().scheme();
-            let by_handle =
-                region.len() >= self.inline_threshold && self.handle_schemes.contains(&scheme);
-            if by_handle {
-                let uri = match scheme {
-                    Scheme::Shm => {
-                        AttachmentUri::shm(region.segment().name(), 0, region.len() as u64)?
-                    }
-                    Scheme::Memfd => {
-                        fds.push(region.segment().fd().try_clone()?);
-                        AttachmentUri::memfd(fds.len() as u32 - 1, 0, region.len() as u64)?
-                    }
-                };
-                att.uri = uri.to_string();
-                kept.push((ether.attachments.len(), region));
-            } else {
-                att.uri.clear();
-                att.inline_bytes = Some(Bytes::copy_from_slice(&region));
+            match self.handle_for(&region, &mut fds)? {
+                Some(uri) => {
+                    att.uri = uri.to_string();
+                    kept.push((ether.attachments.len(), region));
+                }
+                None => {
+                    att.uri.clear();
+                    att.inline_bytes = Some(Bytes::copy_from_slice(&region));
+                }
             }
             ether.attachments.push(att);
         }
-        let channel_id = 0;
         let out = Outgoing::ether(&ether, codec)?;
+        self.send_leased(out, fds, kept, LeasedBody::Ether { ether, codec })
+    }
+
+    /// Sends a DLPACK descriptor whose data is `region`: by handle (a URI in the body) when
+    /// negotiated and large enough, else inline.
+    fn send_dlpack(&mut self, mut desc: DlpackDescriptor, region: Region) -> Result<u64> {
+        let mut fds = Vec::new();
+        let mut kept = Vec::new();
+        match self.handle_for(&region, &mut fds)? {
+            Some(uri) => {
+                desc.data = DlData::Uri(uri);
+                kept.push((0, region));
+            }
+            None => desc.data = DlData::Inline(Bytes::copy_from_slice(&region)),
+        }
+        let out = Outgoing::data(CodecId::DLPACK, desc.encode()?);
+        self.send_leased(out, fds, kept, LeasedBody::Dlpack { desc })
+    }
+
+    /// The handle URI for `region` when it should go by handle (a memfd's descriptor is added
+    /// to `fds`), or `None` for inline.
+    fn handle_for(&self, region: &Region, fds: &mut Vec<OwnedFd>) -> Result<Option<AttachmentUri>> {
+        let scheme = region.segment().scheme();
+        if region.len() < self.inline_threshold || !self.handle_schemes.contains(&scheme) {
+            return Ok(None);
+        }
+        let len = region.len() as u64;
+        Ok(Some(match scheme {
+            Scheme::Shm => AttachmentUri::shm(region.segment().name(), 0, len)?,
+            Scheme::Memfd => {
+                fds.push(region.segment().fd().try_clone()?);
+                AttachmentUri::memfd(fds.len() as u32 - 1, 0, len)?
+            }
+        }))
+    }
+
+    /// Queues `out` with `fds` on its first frame, and keeps `kept` loaned until the ACK.
+    fn send_leased(
+        &mut self,
+        out: Outgoing,
+        mut fds: Vec<OwnedFd>,
+        kept: Vec<(usize, Region)>,
+        body: LeasedBody,
+    ) -> Result<u64> {
+        let channel_id = out.channel_id;
         // Frames queued before this message go first, so the next frame is this message's.
         self.pump_transmits();
         let id = self.conn.send(out)?;
@@ -747,8 +827,7 @@ impl Driver {
             self.leases.insert(
                 id,
                 SentLease {
-                    ether,
-                    codec,
+                    body,
                     channel_id,
                     regions: kept,
                 },
@@ -765,20 +844,14 @@ impl Driver {
             self.handle_schemes.clear();
         }
         let SentLease {
-            mut ether,
-            codec,
+            body,
             channel_id,
             regions,
         } = lease;
-        for (i, region) in &regions {
-            if let Some(att) = ether.attachments.get_mut(*i) {
-                att.uri.clear();
-                att.inline_bytes = Some(Bytes::copy_from_slice(region));
-            }
-        }
+        let out = body.inline(&regions);
         drop(regions);
         let waiter = self.requests.remove(&old_id);
-        let sent = Outgoing::ether(&ether, codec)
+        let sent = out
             .map(|o| o.on_channel(channel_id))
             .and_then(|o| self.conn.send(o));
         match (sent, waiter) {
@@ -798,15 +871,26 @@ impl Driver {
     /// Maps the handle attachments of a received message into views (SPEC §7). Descriptors
     /// for `memfd://` come from those received with the message, in order.
     fn attach_views(&mut self, m: &mut Incoming) -> Result<()> {
-        let Some(ether) = &m.ether else {
-            return Ok(());
+        let mut with_uri: Vec<(String, String)> = match &m.ether {
+            Some(ether) => ether
+                .attachments
+                .iter()
+                .filter(|a| !a.uri.is_empty())
+                .map(|a| (a.id.clone(), a.uri.clone()))
+                .collect(),
+            None => Vec::new(),
         };
-        let with_uri: Vec<(String, &str)> = ether
-            .attachments
-            .iter()
-            .filter(|a| !a.uri.is_empty())
-            .map(|a| (a.id.clone(), a.uri.as_str()))
-            .collect();
+        if m.header.body_codec == CodecId::DLPACK && m.header.msg_type == crate::wire::MsgType::DATA
+        {
+            // Checked on arrival by the connection; a URI body names the tensor's bytes.
+            if let Ok(DlpackDescriptor {
+                data: DlData::Uri(u),
+                ..
+            }) = DlpackDescriptor::decode(m.body.clone())
+            {
+                with_uri.push((DLPACK_VIEW.to_string(), u.to_string()));
+            }
+        }
         if with_uri.is_empty() {
             return Ok(());
         }
@@ -819,7 +903,7 @@ impl Driver {
         let mut uris = Vec::with_capacity(with_uri.len());
         let mut fd_count = 0usize;
         for (id, uri) in with_uri {
-            let u = AttachmentUri::parse(uri)?;
+            let u = AttachmentUri::parse(&uri)?;
             if let Target::Memfd { index } = u.target() {
                 fd_count = fd_count.max(*index as usize + 1);
             }

@@ -42,12 +42,14 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::attach::{Pool, PoolConfig, Region, Scheme};
+use crate::codec::dlpack::DlpackDescriptor;
 use crate::codec::CodecId;
 use crate::conn::{self, Connection, Incoming, Negotiated, Outgoing, Role};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ether::Attachment;
 use crate::ether::Ether;
 use crate::transport::{Listener, SocketFile, Stream};
+pub use driver::DLPACK_VIEW;
 use driver::{Channels, Command, Shared, LINGER};
 
 /// Settings of a [`Session`] or of every session of a [`Server`].
@@ -330,6 +332,17 @@ impl Session {
                 self.inner.peer, self.inner.request_timeout
             ))),
         }
+    }
+
+    /// Sends a DLPACK tensor whose bytes are `region`: the body is `desc` with its data set to
+    /// the region's handle URI (or to the bytes inline, as for [`Session::send_regions`]).
+    /// The receiver gets the bytes as `Incoming::view(DLPACK_VIEW)`, and
+    /// [`Incoming::dlpack`] gives a descriptor ready for the DLPack C ABI without a copy.
+    pub async fn send_dlpack(&self, desc: DlpackDescriptor, region: Region) -> Result<u64> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::SendDlpack { desc, region, done })
+            .await?;
+        rx.await.map_err(|_| self.closed())?
     }
 
     /// Closes gracefully: what was sent before is flushed, the write side is shut down, and

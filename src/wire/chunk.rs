@@ -124,6 +124,7 @@ impl Reassembler {
             msg_id: key.1,
             channel_id: key.0,
             header_form: frame.header_form,
+            more,
         };
         if self.discarding.contains(&key) {
             if !more {
@@ -223,6 +224,18 @@ impl Reassembler {
                 }))
             }
         }
+    }
+
+    /// Drops a message one of whose frames was refused before it got here (a bad CRC, say):
+    /// its pending chunks go, and when `more` (the refused frame had MORE) its later chunks
+    /// are dropped as they arrive, so a message with a hole is never delivered.
+    pub fn abandon(&mut self, channel_id: u32, msg_id: u64, more: bool) {
+        let key = (channel_id, msg_id);
+        self.drop_partial(key);
+        if !more {
+            self.discarding.remove(&key);
+        }
+        self.discard(key, more);
     }
 
     fn over_budget(&self, so_far: u64, add: u64) -> Option<String> {
@@ -351,6 +364,25 @@ mod tests {
         f.header.body_codec = crate::codec::CodecId::PROTOBUF;
         assert_eq!(r.push(f).unwrap_err().code, ErrorCode::ERR_MALFORMED);
         assert_eq!(r.pending_messages(), 0);
+    }
+
+    #[test]
+    fn abandoned_message_is_never_delivered() {
+        let mut r = Reassembler::new(1 << 20);
+        r.push(frame(1, 7, Flags::MORE, b"a")).unwrap();
+        // The second chunk failed its CRC upstream.
+        r.abandon(1, 7, true);
+        assert_eq!(r.pending_bytes(), 0);
+        assert!(r.push(frame(1, 7, Flags::MORE, b"c")).unwrap().is_none());
+        assert!(r.push(frame(1, 7, Flags::NONE, b"d")).unwrap().is_none());
+        // The next message on the channel is whole.
+        assert_eq!(
+            &r.push(frame(1, 8, Flags::NONE, b"ok"))
+                .unwrap()
+                .unwrap()
+                .body[..],
+            b"ok"
+        );
     }
 
     #[test]

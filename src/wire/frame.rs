@@ -157,6 +157,9 @@ pub struct FrameError {
     pub channel_id: u32,
     /// The form of the refused frame's header (Cap'n Proto when unknown).
     pub header_form: HeaderForm,
+    /// Whether the refused frame had MORE set: later chunks of its message will follow and
+    /// must be dropped too.
+    pub more: bool,
 }
 
 impl std::fmt::Display for FrameError {
@@ -182,6 +185,7 @@ impl FrameError {
             msg_id: 0,
             channel_id: 0,
             header_form: HeaderForm::Capnp,
+            more: false,
         }
     }
 }
@@ -402,6 +406,7 @@ fn finish_frame(
         fatal: false,
         msg_id: 0,
         channel_id: 0,
+        more: flags.contains(Flags::MORE),
         header_form: if hdr_bytes.first() == Some(&b'{') {
             HeaderForm::Json
         } else {
