@@ -119,6 +119,11 @@ pub struct Config {
     pub compress: CompressPolicy,
     /// The zstd level for compression.
     pub compress_level: i32,
+    /// Bytes pending reassembly shared with other connections (a server's budget); a chunk
+    /// that does not fit is refused with `ERR_BUSY`.
+    pub reassembly_budget: Option<crate::wire::chunk::ReassemblyBudget>,
+    /// The `retry_after_ms` sent with `ERR_BUSY`.
+    pub busy_retry_after_ms: u32,
 }
 
 impl Default for Config {
@@ -140,6 +145,8 @@ impl Default for Config {
             sealer: None,
             compress: CompressPolicy::Off,
             compress_level: 1,
+            reassembly_budget: None,
+            busy_retry_after_ms: 100,
         }
     }
 }
@@ -397,6 +404,7 @@ impl Connection {
         };
         let mut reassembler = Reassembler::new(config.limits.max_message_bytes);
         reassembler.set_max_pending_messages(config.max_pending_messages);
+        reassembler.set_shared_budget(config.reassembly_budget.clone());
         let mut conn = Connection {
             role,
             state: match role {
@@ -774,7 +782,12 @@ impl Connection {
             }
             other => (other.code(), other.to_string()),
         };
-        self.queue_nack(channel_id, msg_id, code, 0, &detail);
+        let retry = if code == ErrorCode::ERR_BUSY {
+            self.config.busy_retry_after_ms
+        } else {
+            0
+        };
+        self.queue_nack(channel_id, msg_id, code, retry, &detail);
         self.events.push_back(Event::Refused { msg_id, error });
     }
 
@@ -1125,6 +1138,7 @@ impl Connection {
             // Bound reassembly by what we advertised.
             let mut r = Reassembler::new(self.config.limits.max_message_bytes);
             r.set_max_pending_messages(self.config.max_pending_messages);
+            r.set_shared_budget(self.config.reassembly_budget.clone());
             r
         };
         self.events.push_back(Event::Connected(neg.clone()));

@@ -169,6 +169,10 @@ pub(crate) struct Channels {
     pub(crate) fd_reads: bool,
     /// Regions below this size go inline.
     pub(crate) inline_threshold: usize,
+    /// The most received messages with views outstanding.
+    pub(crate) max_leases: usize,
+    /// A server's connection count, released when the driver ends.
+    pub(crate) guard: Option<super::ConnGuard>,
 }
 
 /// Frames waiting to be written: frozen segments, then a tail where small frames coalesce.
@@ -335,6 +339,9 @@ struct Driver {
     /// Handle schemes both sides take (empty after the peer refused a handle).
     handle_schemes: Vec<Scheme>,
     inline_threshold: usize,
+    /// Received messages whose views are still held, and the bound on them.
+    live_leases: usize,
+    max_leases: usize,
 }
 
 /// Runs one connection until it is over.
@@ -348,7 +355,10 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         shared,
         fd_reads,
         inline_threshold,
+        max_leases,
+        guard,
     } = ch;
+    let _guard = guard;
     let (release_tx, release_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
         conn,
@@ -383,6 +393,8 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         leases: HashMap::new(),
         handle_schemes: Vec::new(),
         inline_threshold,
+        live_leases: 0,
+        max_leases,
     };
     d.main_loop().await;
 
@@ -530,6 +542,7 @@ impl Driver {
                 Step::ReceiverGone => self.backlog.clear(),
                 Step::Command(Some(cmd)) => self.on_command(cmd),
                 Step::Release(Some(id)) => {
+                    self.live_leases = self.live_leases.saturating_sub(1);
                     if !self.conn.is_closed() {
                         if let Err(e) = self.conn.ack(id) {
                             tracing::debug!(peer = %self.peer, "ACK {id}: {e}");
@@ -610,7 +623,12 @@ impl Driver {
                         Error::Protocol { detail, .. } => detail.clone(),
                         other => other.to_string(),
                     };
-                    if let Err(e) = self.conn.nack(m.msg_id(), e.code(), 0, &detail) {
+                    let retry = if e.code() == ErrorCode::ERR_BUSY {
+                        100
+                    } else {
+                        0
+                    };
+                    if let Err(e) = self.conn.nack(m.msg_id(), e.code(), retry, &detail) {
                         tracing::debug!(peer = %self.peer, "NACK: {e}");
                     }
                     return;
@@ -919,6 +937,15 @@ impl Driver {
             ));
         }
         let fds: Vec<OwnedFd> = self.fds.drain(..fd_count).collect();
+        if self.live_leases >= self.max_leases {
+            return Err(Error::protocol(
+                ErrorCode::ERR_BUSY,
+                format!(
+                    "{} messages by handle are still held here (max_leases_per_peer)",
+                    self.live_leases
+                ),
+            ));
+        }
         let tx = self.release_tx.clone();
         let lease = Lease::new(m.msg_id(), move |id| {
             let _ = tx.send(id);
@@ -935,6 +962,7 @@ impl Driver {
             }
         }
         m.views = views;
+        self.live_leases += 1;
         Ok(())
     }
 

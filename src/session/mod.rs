@@ -68,6 +68,12 @@ pub struct SessionConfig {
     pub max_in_flight: usize,
     /// Attachments by handle: which schemes to offer, the pool, the inline threshold.
     pub attach: AttachConfig,
+    /// A server's limit on connections at once (handshaking or open). A connection beyond it
+    /// gets NACK `ERR_BUSY` with `retry_after_ms` and is closed.
+    pub max_connections: usize,
+    /// A server's limit on bytes pending reassembly across all its connections (each one is
+    /// also bounded by its `max_message_bytes`). A chunk beyond it gets NACK `ERR_BUSY`.
+    pub server_reassembly_bytes: u64,
 }
 
 /// How attachments travel (SPEC §6 `shared_mem`/`attach`, §7).
@@ -87,6 +93,9 @@ pub struct AttachConfig {
     /// Regions smaller than this go inline even when handles are negotiated: below it a copy
     /// is cheaper than the handle's round trip (measured with `xcp bench`).
     pub inline_threshold: usize,
+    /// The most received messages whose views the application still holds; a message by
+    /// handle beyond it gets NACK `ERR_BUSY` (the peer retries after `retry_after_ms`).
+    pub max_leases_per_peer: usize,
 }
 
 impl Default for AttachConfig {
@@ -96,6 +105,7 @@ impl Default for AttachConfig {
             pool_cap_bytes: 1 << 30,
             alloc_timeout: Duration::from_secs(5),
             inline_threshold: 64 << 10,
+            max_leases_per_peer: 1024,
         }
     }
 }
@@ -118,6 +128,8 @@ impl Default for SessionConfig {
             request_timeout: Duration::from_secs(30),
             max_in_flight: 4096,
             attach: AttachConfig::default(),
+            max_connections: 4096,
+            server_reassembly_bytes: 1 << 30,
         }
     }
 }
@@ -169,7 +181,7 @@ impl Session {
             }
         };
         let peer = stream.peer_label();
-        start(stream, peer, Role::Initiator, &config, deadline).await
+        start(stream, peer, Role::Initiator, &config, deadline, None).await
     }
 
     /// What the handshake settled.
@@ -389,6 +401,7 @@ async fn start(
     role: Role,
     config: &SessionConfig,
     deadline: tokio::time::Instant,
+    guard: Option<ConnGuard>,
 ) -> Result<Session> {
     let cap = config.max_in_flight.max(1);
     let (cmd_tx, cmd_rx) = mpsc::channel(cap);
@@ -425,6 +438,8 @@ async fn start(
             shared: shared.clone(),
             fd_reads,
             inline_threshold: config.attach.inline_threshold,
+            max_leases: config.attach.max_leases_per_peer,
+            guard,
         },
     ));
     let negotiated = match tokio::time::timeout_at(deadline, connected_rx).await {
@@ -530,7 +545,60 @@ impl Drop for Server {
     }
 }
 
+/// Counts a server's live connection until dropped (with its driver).
+pub(crate) struct ConnGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Refuses a connection beyond `max_connections`: NACK `ERR_BUSY` with a retry hint, then
+/// close (bounded in time).
+async fn refuse_busy(mut stream: Stream, peer: String, retry_after_ms: u32, live: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nack = crate::control::Control::Nack(crate::control::Nack {
+        msg_id: 0,
+        error_code: ErrorCode::ERR_BUSY,
+        retry_after_ms,
+        detail: Some(format!("server busy: {live} connections")),
+    });
+    let hdr = crate::wire::FrameHeader {
+        msg_type: crate::wire::MsgType::NACK,
+        body_codec: CodecId::JSON,
+        msg_id: 1,
+        ..Default::default()
+    };
+    let frame = nack.encode(CodecId::JSON).and_then(|body| {
+        crate::wire::frame::encode(
+            &hdr,
+            crate::wire::HeaderForm::Capnp,
+            crate::wire::Flags::NONE,
+            body,
+        )
+    });
+    tracing::info!("{peer}: refused, {live} connections already (max_connections)");
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if let Ok(f) = frame {
+            stream.write_all(&f.to_vec()).await?;
+        }
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
 async fn accept_loop(listener: Listener, config: SessionConfig, tx: mpsc::Sender<Session>) {
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut config = config;
+    if config.conn.reassembly_budget.is_none() {
+        config.conn.reassembly_budget = Some(crate::wire::chunk::ReassemblyBudget::new(
+            config.server_reassembly_bytes,
+        ));
+    }
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -545,11 +613,30 @@ async fn accept_loop(listener: Listener, config: SessionConfig, tx: mpsc::Sender
             _ = tx.closed() => return,
         };
         tracing::debug!("accepted {peer}");
+        let now_live = live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let guard = ConnGuard(live.clone());
+        if now_live >= config.max_connections {
+            let retry = config.conn.busy_retry_after_ms;
+            tokio::spawn(async move {
+                refuse_busy(stream, peer, retry, now_live).await;
+                drop(guard);
+            });
+            continue;
+        }
         let config = config.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + config.connect_timeout;
-            match start(stream, peer.clone(), Role::Responder, &config, deadline).await {
+            match start(
+                stream,
+                peer.clone(),
+                Role::Responder,
+                &config,
+                deadline,
+                Some(guard),
+            )
+            .await
+            {
                 Ok(session) => {
                     // If the server is gone, dropping the session closes it.
                     let _ = tx.send(session).await;

@@ -6,6 +6,8 @@
 //! `max_message_bytes` and the number of pending messages bounded too.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -50,6 +52,47 @@ pub struct Message {
     pub frames: u32,
 }
 
+/// A bound on the bytes pending reassembly shared by many connections (a server's budget).
+/// Each connection's [`Reassembler`] takes from it as chunks arrive and gives back when a
+/// message completes or is dropped.
+#[derive(Clone, Debug)]
+pub struct ReassemblyBudget {
+    used: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl ReassemblyBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        ReassemblyBudget {
+            used: Arc::new(AtomicU64::new(0)),
+            limit,
+        }
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
 /// Default bound on the number of messages pending reassembly at once per connection.
 pub const DEFAULT_MAX_PENDING_MESSAGES: usize = 4096;
 
@@ -69,6 +112,14 @@ pub struct Reassembler {
     pending_bytes: u64,
     /// Messages refused part-way: their remaining chunks are dropped silently.
     discarding: HashSet<(u32, u64)>,
+    /// A budget shared with other connections, if any.
+    shared: Option<ReassemblyBudget>,
+}
+
+impl Drop for Reassembler {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl Reassembler {
@@ -81,7 +132,14 @@ impl Reassembler {
             pending: HashMap::new(),
             pending_bytes: 0,
             discarding: HashSet::new(),
+            shared: None,
         }
+    }
+
+    /// Also bounds pending bytes by `budget`, shared with other connections; a chunk that
+    /// does not fit is refused with `ERR_BUSY` (retry later).
+    pub fn set_shared_budget(&mut self, budget: Option<ReassemblyBudget>) {
+        self.shared = budget;
     }
 
     /// Changes the bound on messages pending at once.
@@ -103,6 +161,9 @@ impl Reassembler {
     pub fn clear(&mut self) {
         self.pending.clear();
         self.discarding.clear();
+        if let Some(b) = &self.shared {
+            b.give(self.pending_bytes);
+        }
         self.pending_bytes = 0;
     }
 
@@ -167,6 +228,10 @@ impl Reassembler {
                     self.discard(key, more);
                     return Err(err(ErrorCode::ERR_MESSAGE_TOO_LARGE, e));
                 }
+                if !self.take_shared(len) {
+                    self.discard(key, more);
+                    return Err(err(ErrorCode::ERR_BUSY, self.shared_full(len)));
+                }
                 let mut buf = BytesMut::with_capacity(frame.payload.len());
                 buf.extend_from_slice(&frame.payload);
                 self.pending_bytes += len;
@@ -206,6 +271,12 @@ impl Reassembler {
                     self.discard(key, more);
                     return Err(err(ErrorCode::ERR_MESSAGE_TOO_LARGE, e));
                 }
+                if !self.take_shared(len) {
+                    let detail = self.shared_full(len);
+                    self.drop_partial(key);
+                    self.discard(key, more);
+                    return Err(err(ErrorCode::ERR_BUSY, detail));
+                }
                 let p = self.pending.get_mut(&key).expect("present");
                 p.buf.extend_from_slice(&frame.payload);
                 p.frames += 1;
@@ -215,6 +286,9 @@ impl Reassembler {
                 }
                 let p = self.pending.remove(&key).expect("present");
                 self.pending_bytes -= p.buf.len() as u64;
+                if let Some(b) = &self.shared {
+                    b.give(p.buf.len() as u64);
+                }
                 Ok(Some(Message {
                     header: p.header,
                     flags: p.flags,
@@ -259,7 +333,26 @@ impl Reassembler {
     fn drop_partial(&mut self, key: (u32, u64)) {
         if let Some(p) = self.pending.remove(&key) {
             self.pending_bytes -= p.buf.len() as u64;
+            if let Some(b) = &self.shared {
+                b.give(p.buf.len() as u64);
+            }
         }
+    }
+
+    fn take_shared(&self, n: u64) -> bool {
+        self.shared.as_ref().is_none_or(|b| b.try_take(n))
+    }
+
+    fn shared_full(&self, n: u64) -> String {
+        let b = self
+            .shared
+            .as_ref()
+            .expect("called when a shared budget refused");
+        format!(
+            "reassembly: the server's budget of {} pending bytes is spent ({} in use, {n} more asked)",
+            b.limit(),
+            b.used()
+        )
     }
 
     fn discard(&mut self, key: (u32, u64), more: bool) {
@@ -383,6 +476,26 @@ mod tests {
                 .body[..],
             b"ok"
         );
+    }
+
+    #[test]
+    fn shared_budget_bounds_all_connections() {
+        let budget = ReassemblyBudget::new(5);
+        let mut a = Reassembler::new(1 << 20);
+        let mut b = Reassembler::new(1 << 20);
+        a.set_shared_budget(Some(budget.clone()));
+        b.set_shared_budget(Some(budget.clone()));
+        a.push(frame(1, 1, Flags::MORE, b"abc")).unwrap();
+        let e = b.push(frame(1, 1, Flags::MORE, b"def")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::ERR_BUSY);
+        assert_eq!(budget.used(), 3);
+        // Completing gives the bytes back; so does dropping a connection's reassembler.
+        a.push(frame(1, 1, Flags::NONE, b"g")).unwrap().unwrap();
+        assert_eq!(budget.used(), 0);
+        b.push(frame(2, 2, Flags::MORE, b"hi")).unwrap();
+        assert_eq!(budget.used(), 2);
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
