@@ -93,6 +93,19 @@ impl ReassemblyBudget {
     }
 }
 
+/// Chunks smaller than this are copied while they wait, so that a small slice cannot pin a
+/// whole receive buffer (which would escape the pending-bytes bound); larger ones stay slices
+/// of the buffer they were read into (each about fills its own).
+const SMALL_CHUNK: usize = 64 << 10;
+
+fn own_small(b: Bytes) -> Bytes {
+    if b.len() < SMALL_CHUNK {
+        Bytes::copy_from_slice(&b)
+    } else {
+        b
+    }
+}
+
 /// Default bound on the number of messages pending reassembly at once per connection.
 pub const DEFAULT_MAX_PENDING_MESSAGES: usize = 4096;
 
@@ -100,7 +113,10 @@ struct Partial {
     header: FrameHeader,
     flags: Flags,
     form: HeaderForm,
-    buf: BytesMut,
+    /// The chunks so far, as received (slices of the receive buffer, not copies): they are
+    /// copied once, into a buffer of the exact size, when the last one arrives.
+    chunks: Vec<Bytes>,
+    len: usize,
     frames: u32,
 }
 
@@ -232,8 +248,8 @@ impl Reassembler {
                     self.discard(key, more);
                     return Err(err(ErrorCode::ERR_BUSY, self.shared_full(len)));
                 }
-                let mut buf = BytesMut::with_capacity(frame.payload.len());
-                buf.extend_from_slice(&frame.payload);
+                let len0 = frame.payload.len();
+                let chunks = vec![own_small(frame.payload)];
                 self.pending_bytes += len;
                 self.pending.insert(
                     key,
@@ -241,14 +257,15 @@ impl Reassembler {
                         header: frame.header,
                         flags,
                         form: frame.header_form,
-                        buf,
+                        chunks,
+                        len: len0,
                         frames: 1,
                     },
                 );
                 Ok(None)
             }
             Some(p) => {
-                let so_far = p.buf.len() as u64;
+                let so_far = p.len as u64;
                 let mismatch = if p.header.msg_type != frame.header.msg_type {
                     Some("msgType")
                 } else if p.header.body_codec != frame.header.body_codec {
@@ -278,22 +295,27 @@ impl Reassembler {
                     return Err(err(ErrorCode::ERR_BUSY, detail));
                 }
                 let p = self.pending.get_mut(&key).expect("present");
-                p.buf.extend_from_slice(&frame.payload);
+                p.len += frame.payload.len();
+                p.chunks.push(own_small(frame.payload));
                 p.frames += 1;
                 self.pending_bytes += len;
                 if more {
                     return Ok(None);
                 }
                 let p = self.pending.remove(&key).expect("present");
-                self.pending_bytes -= p.buf.len() as u64;
+                self.pending_bytes -= p.len as u64;
                 if let Some(b) = &self.shared {
-                    b.give(p.buf.len() as u64);
+                    b.give(p.len as u64);
+                }
+                let mut body = BytesMut::with_capacity(p.len);
+                for c in &p.chunks {
+                    body.extend_from_slice(c);
                 }
                 Ok(Some(Message {
                     header: p.header,
                     flags: p.flags,
                     header_form: p.form,
-                    body: p.buf.freeze(),
+                    body: body.freeze(),
                     frames: p.frames,
                 }))
             }
@@ -332,9 +354,9 @@ impl Reassembler {
 
     fn drop_partial(&mut self, key: (u32, u64)) {
         if let Some(p) = self.pending.remove(&key) {
-            self.pending_bytes -= p.buf.len() as u64;
+            self.pending_bytes -= p.len as u64;
             if let Some(b) = &self.shared {
-                b.give(p.buf.len() as u64);
+                b.give(p.len as u64);
             }
         }
     }
