@@ -47,9 +47,8 @@ pub fn collect_in(dir: &Path) -> std::io::Result<Collected> {
         };
         if alive(pid) {
             out.kept.push(name);
-        } else if rustix::shm::unlink(format!("/{name}").as_str()).is_ok()
-            || std::fs::remove_file(entry.path()).is_ok()
-        {
+        } else if std::fs::remove_file(entry.path()).is_ok() {
+            // Removing the file in the shm directory is what shm_unlink does there.
             out.removed.push(name);
         }
     }

@@ -131,7 +131,12 @@ impl Pool {
         let seg = match found {
             Some(seg) => seg,
             None => {
-                // Make room by dropping free segments of other sizes.
+                // Make room by dropping free segments of other sizes, but only when that is
+                // enough: dropping them for nothing would cost their page faults again later.
+                let free: u64 = s.free.iter().map(|(k, v)| *k as u64 * v.len() as u64).sum();
+                if s.total - free + class as u64 > cap {
+                    return Ok(None);
+                }
                 while s.total + class as u64 > cap {
                     let Some(mut e) = s.free.first_entry() else {
                         return Ok(None);
@@ -322,6 +327,16 @@ mod tests {
         let big = p.try_alloc(256 << 10).unwrap();
         assert!(big.is_some());
         assert_eq!(p.usage(), (256 << 10, 256 << 10));
+    }
+
+    #[test]
+    fn full_pool_keeps_its_free_segments() {
+        let p = pool(Scheme::Memfd, 256 << 10);
+        let _a = p.try_alloc(128 << 10).unwrap().unwrap();
+        drop(p.try_alloc(64 << 10).unwrap().unwrap());
+        // 128 KiB loaned + 64 KiB free: a 256 KiB request cannot fit even by evicting.
+        assert!(p.try_alloc(200 << 10).unwrap().is_none());
+        assert_eq!(p.usage(), (192 << 10, 128 << 10), "the free segment was kept");
     }
 
     #[tokio::test]
