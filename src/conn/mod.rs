@@ -456,7 +456,9 @@ impl Connection {
                 }
             }
         }
-        if !self.decoder.is_mid_frame() {
+        // Bytes left in `buf` are the start of a frame too, even before its 8-byte prefix is
+        // whole: a peer trickling the prefix must not escape the frame timeout.
+        if !self.decoder.is_mid_frame() && buf.is_empty() {
             self.frame_started = None;
         } else if completed || self.frame_started.is_none() {
             self.frame_started = Some(now);
@@ -1050,9 +1052,16 @@ impl Connection {
                     in_reply_to: id,
                     ..Default::default()
                 };
-                match encode(&hdr, self.form, Flags::NONE, msg.body) {
-                    Ok(f) => self.transmits.push_back(f),
-                    Err(e) => tracing::error!("encoding PONG failed: {e}"),
+                // A PING may have come in chunks: its echo is chunked to the peer's limit too.
+                let max_frame = self
+                    .negotiated
+                    .as_ref()
+                    .map_or(crate::wire::DEFAULT_MAX_FRAME_BYTES, |n| n.max_frame_bytes);
+                for (flags, chunk) in split(msg.body, Flags::NONE, max_frame) {
+                    match encode(&hdr, self.form, flags, chunk) {
+                        Ok(f) => self.transmits.push_back(f),
+                        Err(e) => tracing::error!("encoding PONG failed: {e}"),
+                    }
                 }
             }
             Control::Pong(pong) => {

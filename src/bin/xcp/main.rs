@@ -5,10 +5,13 @@
 //! back). This file holds what they share: the options that shape a connection, the static
 //! key, logging, the runtime, and the exit codes.
 
+mod bench;
+mod demo;
 mod frame;
 mod ping;
 mod send;
 mod serve;
+mod shm;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -87,6 +90,15 @@ enum Command {
     Send(send::SendArgs),
     /// Encode frames from a JSON description, or decode frames into descriptions.
     Frame(frame::FrameArgs),
+    /// Measure latency and throughput of XCP's paths against raw TCP, HTTP/2 and gRPC.
+    Bench(bench::BenchArgs),
+    /// Show the main job in seconds: text, Arrow, a 64 MiB tensor inline and by handle.
+    Demo(demo::DemoArgs),
+    /// The server process of `xcp bench` and `xcp demo` (started by them).
+    #[command(hide = true)]
+    BenchServer(bench::server::BenchServerArgs),
+    /// Shared-memory housekeeping: `xcp shm gc` removes the segments of killed processes.
+    Shm(shm::ShmArgs),
 }
 
 impl Command {
@@ -98,6 +110,9 @@ impl Command {
             Command::Ping(a) => a.conn.key.load(),
             Command::Send(a) => a.conn.key.load(),
             Command::Frame(a) => a.key_args().load(),
+            Command::Bench(_) | Command::Demo(_) => Ok(()),
+            Command::BenchServer(a) => a.conn.key.load(),
+            Command::Shm(_) => Ok(()),
         }
     }
 }
@@ -260,9 +275,16 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => LevelFilter::INFO,
-        Command::Ping(_) | Command::Send(_) | Command::Frame(_) => LevelFilter::WARN,
+        Command::Bench(_) | Command::Demo(_) | Command::BenchServer(_) => LevelFilter::WARN,
+        Command::Ping(_) | Command::Send(_) | Command::Frame(_) | Command::Shm(_) => {
+            LevelFilter::WARN
+        }
     };
     init_logging(default_level, cli.verbose);
+    // Segments left by killed xcp processes go first (`xcp shm gc` reports its own collection).
+    if !matches!(cli.command, Command::Shm(_)) {
+        shm::collect_at_start();
+    }
     if let Err(msg) = cli.command.prepare() {
         eprintln!("error: {msg}");
         return ExitCode::from(EXIT_USAGE);
@@ -270,6 +292,7 @@ fn main() -> ExitCode {
     // `frame` reads stdin and writes stdout; it needs no runtime.
     let command = match cli.command {
         Command::Frame(args) => return ExitCode::from(frame::run(args)),
+        Command::Shm(args) => return ExitCode::from(shm::run(args)),
         command => command,
     };
 
@@ -288,7 +311,11 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Ping(args) => ping::run(args).await,
             Command::Send(args) => send::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::BenchServer(args) => bench::server::run(args).await,
             Command::Frame(_) => unreachable!("`frame` runs without the runtime"),
+            Command::Shm(_) => unreachable!("`shm` runs without the runtime"),
         }
     });
     // Sessions still draining in the background must not keep the process alive.

@@ -1,4 +1,4 @@
-//! `xcp serve`: an echo server.
+//! `xcp serve`: an echo server, and the checker of `xcp send --random-bytes`.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -8,11 +8,21 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use xcp::codec::CodecId;
 use xcp::conn::{Incoming, Outgoing};
 use xcp::wire::MsgType;
-use xcp::{Error, Server, Session};
+use xcp::{Error, Ether, Server, Session};
 
+use crate::send::AttachMode;
 use crate::{ConnArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+
+/// The kind of the Ether `xcp send --random-bytes` sends: its attachment
+/// [`BLOB_ATTACHMENT`] holds the bytes, `payload.reply` is `"crc32c"`.
+pub const BLOB_KIND: &str = "blob";
+/// The id of the attachment that holds a blob's bytes.
+pub const BLOB_ATTACHMENT: &str = "data";
+/// The kind of the answer to a blob: `payload` = `{bytes, crc32c, path}` or `{error}`.
+pub const BLOB_REPLY_KIND: &str = "blob.checksum";
 
 const AFTER_HELP: &str = "\
 What it does:
@@ -22,7 +32,15 @@ What it does:
   answered with a message of the same type, codec, body, channel, schema key and tags, with
   inReplyTo set to its msgId. PING is answered with PONG by the library itself. One info line
   is logged on stderr when a connection opens (peer, negotiated codecs, max_frame_bytes,
-  header form) and one when it closes (reason, messages echoed).
+  header form, handle schemes) and one when it closes (reason, messages answered).
+
+  Except one kind: a `blob` Ether whose payload says \"reply\": \"crc32c\" (what
+  `xcp send --random-bytes N` sends) is answered with a `blob.checksum` Ether: the CRC32C of
+  the bytes of its attachment \"data\", read in place from the sender's shared segment when
+  they came by handle, their length, and how they came: \"shm\", \"memfd\" or \"inline\".
+
+  `--attach` chooses the handle schemes offered: auto (memfd and shm on a Unix socket, shm on
+  TCP), shm, memfd (unix:// only) or inline (none: every attachment must come inline).
 
   Each peer is answered in the header form of its HELLO, Cap'n Proto or JSON, whatever
   --json-header says; the flag is accepted for symmetry with the clients.
@@ -33,6 +51,7 @@ Examples:
   xcp serve --listen tcp://127.0.0.1:7070
   xcp serve --listen tcp://127.0.0.1:0            # any free port; read it from stdout
   xcp serve --listen unix:///tmp/xcp.sock
+  xcp serve --listen tcp://127.0.0.1:7070 --attach inline   # attachments inline only
   xcp serve --listen tcp://0.0.0.0:7070 --max-frame-bytes 4MiB -v";
 
 /// How long open sessions get to close when the server stops.
@@ -45,6 +64,16 @@ pub struct ServeArgs {
     /// Where to listen: tcp://HOST:PORT (port 0: any free port) or unix:///path/to/socket.
     #[arg(long, short = 'l', value_name = "URL")]
     pub listen: String,
+
+    /// Which attachment handles to offer: auto (memfd and shm on a Unix socket, shm on TCP),
+    /// shm, memfd (unix:// only) or inline (none).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+
+    /// For tests: keep each blob's bytes (and so the sender's segment) this many milliseconds
+    /// before answering.
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub hold_ms: u64,
 
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -62,7 +91,15 @@ pub async fn run(args: ServeArgs) -> u8 {
         }
     };
 
-    let config = args.conn.session_config(Duration::from_secs(30));
+    let mut config = args.conn.session_config(Duration::from_secs(30));
+    config.attach = match args.attach.config(&args.listen) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return EXIT_USAGE;
+        }
+    };
+    let hold = Duration::from_millis(args.hold_ms);
     let server = match Server::bind(&args.listen, config).await {
         Ok(s) => s,
         Err(e) => {
@@ -92,7 +129,7 @@ pub async fn run(args: ServeArgs) -> u8 {
             sig = shutdown.recv() => break Ok(sig),
             accepted = server.accept() => match accepted {
                 Ok(session) => {
-                    sessions.spawn(serve_session(session, next_conn, stop_rx.clone()));
+                    sessions.spawn(serve_session(session, next_conn, stop_rx.clone(), hold));
                     next_conn += 1;
                 }
                 Err(Error::Closed(why)) => break Err(why),
@@ -139,8 +176,14 @@ pub async fn run(args: ServeArgs) -> u8 {
     exit
 }
 
-/// Echoes every message of one session until it closes or the server stops.
-async fn serve_session(session: Session, conn: u64, mut stop: watch::Receiver<bool>) {
+/// Echoes every message of one session (and checks blobs) until it closes or the server
+/// stops.
+async fn serve_session(
+    session: Session,
+    conn: u64,
+    mut stop: watch::Receiver<bool>,
+    hold: Duration,
+) {
     let peer = session.peer().to_string();
     {
         let n = session.negotiated();
@@ -150,6 +193,7 @@ async fn serve_session(session: Session, conn: u64, mut stop: watch::Receiver<bo
             codecs = ?n.codecs,
             max_frame_bytes = n.max_frame_bytes,
             header_form = ?n.header_form,
+            attach = ?n.attach,
             "connection open"
         );
     }
@@ -164,6 +208,14 @@ async fn serve_session(session: Session, conn: u64, mut stop: watch::Receiver<bo
                 break reason;
             }
             received = session.recv() => match received {
+                Ok(msg) if is_blob(&msg) => {
+                    let msg_id = msg.msg_id();
+                    match answer_blob(&session, msg, conn, hold).await {
+                        Ok(()) => echoed += 1,
+                        Err(Error::Closed(why)) => break why,
+                        Err(e) => warn!(conn, msg_id, error = %e, "blob answer failed"),
+                    }
+                }
                 Ok(msg) => {
                     let Some(answer) = echo_of(&msg) else {
                         debug!(conn, msg_type = ?msg.header.msg_type, msg_id = msg.msg_id(), "not echoed");
@@ -181,6 +233,79 @@ async fn serve_session(session: Session, conn: u64, mut stop: watch::Receiver<bo
         }
     };
     info!(conn, %peer, %reason, messages = echoed, "connection closed");
+}
+
+/// Whether `msg` is a blob to check (`xcp send --random-bytes`) rather than to echo.
+fn is_blob(msg: &Incoming) -> bool {
+    if msg.header.msg_type != MsgType::DATA {
+        return false;
+    }
+    let blob = |e: &Ether| {
+        e.kind == BLOB_KIND && e.payload.get("reply").and_then(|r| r.as_str()) == Some("crc32c")
+    };
+    match &msg.ether {
+        Some(e) => blob(e),
+        // Not decoded on arrival (a codec the connection does not decode): not a blob.
+        None => false,
+    }
+}
+
+/// How an attachment's bytes came, from its URI: "shm", "memfd" or "inline".
+fn path_of(uri: &str) -> &str {
+    match uri.split_once("://") {
+        Some((scheme, _)) => scheme,
+        None => "inline",
+    }
+}
+
+/// Answers a blob with the CRC32C of its bytes and how they came; the views are dropped (and
+/// the message so ACKed) before the answer goes out.
+async fn answer_blob(
+    session: &Session,
+    mut msg: Incoming,
+    conn: u64,
+    hold: Duration,
+) -> Result<(), Error> {
+    let attachment = msg
+        .ether
+        .as_ref()
+        .and_then(|e| e.attachments.iter().find(|a| a.id == BLOB_ATTACHMENT))
+        .cloned();
+    let mut reply = Ether::new(BLOB_REPLY_KIND, serde_json::Map::new());
+    let found = attachment.and_then(|a| Some((a.uri, msg.attachment_bytes(BLOB_ATTACHMENT)?)));
+    match found {
+        Some((uri, bytes)) => {
+            let path = path_of(&uri).to_string();
+            let len = bytes.len();
+            // 64 MiB take tens of milliseconds: off the runtime's workers.
+            let crc = tokio::task::spawn_blocking(move || xcp::wire::frame::crc32c(&bytes))
+                .await
+                .map_err(|e| Error::invalid(format!("checksum task failed: {e}")))?;
+            debug!(conn, msg_id = msg.msg_id(), len, %path, crc, "blob checked");
+            if !hold.is_zero() {
+                info!(
+                    conn,
+                    msg_id = msg.msg_id(),
+                    hold_ms = hold.as_millis() as u64,
+                    "holding the blob before answering"
+                );
+                tokio::time::sleep(hold).await;
+            }
+            reply.payload.insert("bytes".into(), len.into());
+            reply.payload.insert("crc32c".into(), crc.into());
+            reply.payload.insert("path".into(), path.into());
+        }
+        None => {
+            reply.payload.insert(
+                "error".into(),
+                format!("the blob has no attachment {BLOB_ATTACHMENT:?} with bytes").into(),
+            );
+        }
+    }
+    // Done with the sender's segment: dropping the views ACKs the message.
+    msg.views.clear();
+    let out = Outgoing::ether(&reply, CodecId::JSON)?;
+    session.reply(&msg, out).await.map(|_| ())
 }
 
 /// The answer to `msg`: the same type, codec, body, channel, schema key and tags, in reply to

@@ -1,0 +1,507 @@
+//! The paths `xcp bench` measures, the server process of each, and one client per path.
+
+use std::collections::VecDeque;
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Mutex};
+
+use xcp::codec::tensor::{DType, TensorHeader};
+use xcp::codec::CodecId;
+use xcp::conn::Outgoing;
+use xcp::wire::seal::{CompressPolicy, Sealer};
+use xcp::{Attachment, Ether, Session, SessionConfig};
+
+use super::server::{
+    pb, AttachMode, Summary, H2_CONN_WINDOW, H2_MAX_FRAME, H2_STREAM_WINDOW, MAX_MESSAGE,
+};
+
+/// One way of moving bytes from the client to the server process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PathId {
+    /// Baseline: length-prefixed bytes on TCP.
+    RawTcp,
+    /// Baseline: HTTP/2 POST (hyper, h2c).
+    Http2,
+    /// Baseline: gRPC unary (tonic).
+    Grpc,
+    /// XCP over TCP, bytes inline.
+    Tcp,
+    /// XCP over a Unix socket, bytes inline.
+    Unix,
+    /// XCP over TCP, bytes by POSIX shm handle, receiver does not touch them.
+    Shm,
+    /// As `Shm`, the receiver reads every byte.
+    ShmTouch,
+    /// XCP over a Unix socket, bytes by memfd handle, receiver does not touch them.
+    Memfd,
+    /// As `Memfd`, the receiver reads every byte.
+    MemfdTouch,
+    /// XCP over TCP with COMP (auto) and CRYPT.
+    Sealed,
+}
+
+impl PathId {
+    /// Every path, in the order they run and print.
+    pub const ALL: [PathId; 10] = [
+        PathId::RawTcp,
+        PathId::Http2,
+        PathId::Grpc,
+        PathId::Tcp,
+        PathId::Unix,
+        PathId::Sealed,
+        PathId::Shm,
+        PathId::ShmTouch,
+        PathId::Memfd,
+        PathId::MemfdTouch,
+    ];
+
+    /// The name used by `--paths`, the table and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            PathId::RawTcp => "raw-tcp",
+            PathId::Http2 => "http2",
+            PathId::Grpc => "grpc",
+            PathId::Tcp => "tcp",
+            PathId::Unix => "unix",
+            PathId::Shm => "shm",
+            PathId::ShmTouch => "shm-touch",
+            PathId::Memfd => "memfd",
+            PathId::MemfdTouch => "memfd-touch",
+            PathId::Sealed => "tcp-comp-crypt",
+        }
+    }
+
+    /// What the row measures, in one line.
+    pub fn description(self) -> &'static str {
+        match self {
+            PathId::RawTcp => "baseline: TCP, u64 length + bytes, 8-byte reply; no framing, no checksum",
+            PathId::Http2 => "baseline: HTTP/2 POST, hyper 1.x h2c (no TLS), 8-byte reply body",
+            PathId::Grpc => "baseline: gRPC unary, tonic + prost (protox-generated), 8-byte reply",
+            PathId::Tcp => "XCP over TCP, bytes inline (TENSOR_QNT8 body, CRC32C), 48-byte reply",
+            PathId::Unix => "XCP over a Unix socket, bytes inline, 48-byte reply",
+            PathId::Sealed => "XCP over TCP, COMP auto (zstd tried; random bytes stay raw) + CRYPT (ChaCha20-Poly1305)",
+            PathId::Shm => "XCP over TCP, bytes by shm handle; receiver does NOT touch them (descriptor only)",
+            PathId::ShmTouch => "XCP over TCP, bytes by shm handle; receiver reads every byte (CRC32C of the view)",
+            PathId::Memfd => "XCP over a Unix socket, bytes by memfd handle (SCM_RIGHTS); receiver does NOT touch them",
+            PathId::MemfdTouch => "XCP over a Unix socket, bytes by memfd handle; receiver reads every byte (CRC32C)",
+        }
+    }
+
+    /// Parses a `--paths` name.
+    pub fn from_name(s: &str) -> Option<PathId> {
+        let s = s.trim();
+        PathId::ALL.into_iter().find(|p| p.name() == s).or(match s {
+            "sealed" | "comp-crypt" => Some(PathId::Sealed),
+            _ => None,
+        })
+    }
+
+    /// Whether the bytes go by handle.
+    pub fn by_handle(self) -> bool {
+        matches!(
+            self,
+            PathId::Shm | PathId::ShmTouch | PathId::Memfd | PathId::MemfdTouch
+        )
+    }
+
+    /// Whether the receiver reads every byte (always for bytes that cross the socket).
+    pub fn touched(self) -> bool {
+        !matches!(self, PathId::Shm | PathId::Memfd)
+    }
+
+    fn unix(self) -> bool {
+        matches!(self, PathId::Unix | PathId::Memfd | PathId::MemfdTouch)
+    }
+
+    fn attach(self) -> AttachMode {
+        match self {
+            PathId::Shm | PathId::ShmTouch => AttachMode::Shm,
+            PathId::Memfd | PathId::MemfdTouch => AttachMode::Memfd,
+            _ => AttachMode::None,
+        }
+    }
+
+    fn mode(self) -> &'static str {
+        match self {
+            PathId::RawTcp => "raw-tcp",
+            PathId::Http2 => "http2",
+            PathId::Grpc => "grpc",
+            _ => "xcp",
+        }
+    }
+}
+
+/// A server child process; killed when dropped.
+pub struct ServerProc {
+    child: Child,
+    /// The URL its first line announced.
+    pub url: String,
+    socket: Option<PathBuf>,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Starts `xcp bench-server` (this same executable) with `args`, and waits for its
+/// `listening on URL` line.
+pub fn spawn_server(args: &[String], socket: Option<PathBuf>) -> Result<ServerProc, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the xcp binary: {e}"))?;
+    let mut child = Command::new(&exe)
+        .arg("bench-server")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(r);
+    });
+    let mut proc = ServerProc {
+        child,
+        url: String::new(),
+        socket,
+    };
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(line)) => match line.trim().strip_prefix("listening on ") {
+            Some(url) => {
+                proc.url = url.to_string();
+                Ok(proc)
+            }
+            None => Err(format!("bench-server {args:?} said {line:?}")),
+        },
+        Ok(Err(e)) => Err(format!("bench-server {args:?}: {e}")),
+        Err(_) => Err(format!("bench-server {args:?}: no address within 20 s")),
+    }
+}
+
+/// Per-run settings shared by every path.
+pub struct Env {
+    /// A 32-byte key file (mode 600) for the sealed path.
+    pub key_file: PathBuf,
+    /// Its sealer.
+    pub sealer: Sealer,
+    /// A directory for Unix sockets.
+    pub dir: PathBuf,
+}
+
+impl Env {
+    /// Makes the key file and the socket directory under the temp directory.
+    pub fn new() -> Result<Env, String> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xcp-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let key: [u8; 32] = rand::random();
+        let key_file = dir.join("key");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_file)
+            .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        std::io::Write::write_all(&mut f, &key).map_err(|e| e.to_string())?;
+        Ok(Env {
+            key_file,
+            sealer: Sealer::new(&key),
+            dir,
+        })
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the server of `path`.
+pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
+    let mut args: Vec<String> = vec!["--mode".into(), path.mode().into()];
+    let socket = path
+        .unix()
+        .then(|| env.dir.join(format!("{}.sock", path.name())));
+    let listen = match &socket {
+        Some(p) => format!("unix://{}", p.display()),
+        None => "tcp://127.0.0.1:0".to_string(),
+    };
+    args.extend(["--listen".into(), listen]);
+    if path.mode() == "xcp" {
+        let attach = match path.attach() {
+            AttachMode::None => "none",
+            AttachMode::Shm => "shm",
+            AttachMode::Memfd => "memfd",
+        };
+        args.extend(["--attach".into(), attach.into()]);
+        if path.by_handle() && path.touched() {
+            args.push("--touch".into());
+        }
+        if path == PathId::Sealed {
+            args.extend([
+                "--key-file".into(),
+                env.key_file.display().to_string(),
+                "--compress".into(),
+                "auto".into(),
+            ]);
+        }
+    }
+    spawn_server(&args, socket)
+}
+
+/// The bytes of one size, in the forms the paths send.
+pub struct Payload {
+    /// The size in bytes.
+    pub size: usize,
+    /// `size` bytes (raw TCP, HTTP/2, gRPC).
+    pub raw: Bytes,
+    /// A TENSOR_QNT8 body of `size` bytes in all (XCP inline).
+    pub tensor: Bytes,
+}
+
+impl Payload {
+    /// Pseudo-random (incompressible) bytes; `size` must be at least 33.
+    pub fn new(size: usize) -> Payload {
+        let mut raw = vec![0u8; size];
+        fill(&mut raw, size as u64);
+        let header = TensorHeader::new(DType::Qnt8, &[(size - 32) as u32]).expect("shape");
+        let mut tensor = BytesMut::with_capacity(size);
+        tensor.extend_from_slice(&header.to_bytes());
+        tensor.extend_from_slice(&raw[32..]);
+        Payload {
+            size,
+            raw: Bytes::from(raw),
+            tensor: tensor.freeze(),
+        }
+    }
+}
+
+/// Fills `buf` with xorshift bytes from `seed`.
+pub fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// A connected client of one path. Shared by the tasks of a throughput run.
+pub enum Client {
+    /// Pipelined length-prefixed writes; a reader task completes replies in order.
+    Raw(RawClient),
+    /// An HTTP/2 connection (requests multiplexed as streams).
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    /// A gRPC channel.
+    Grpc(pb::echo_client::EchoClient<tonic::transport::Channel>),
+    /// An XCP session.
+    Xcp {
+        /// The session.
+        session: Session,
+        /// Send the bytes as a region (by handle) instead of inline.
+        handle: bool,
+        /// The server reads every byte and returns its CRC32C.
+        touch: bool,
+    },
+}
+
+/// The raw TCP client.
+pub struct RawClient {
+    wr: Mutex<OwnedWriteHalf>,
+    pending: Arc<std::sync::Mutex<VecDeque<oneshot::Sender<u64>>>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Client {
+    /// Connects to the server of `path`.
+    pub async fn connect(path: PathId, url: &str, env: &Env) -> Result<Client, BoxError> {
+        match path {
+            PathId::RawTcp => {
+                let addr = url.trim_start_matches("tcp://");
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let (mut rd, wr) = s.into_split();
+                let pending: Arc<std::sync::Mutex<VecDeque<oneshot::Sender<u64>>>> = Arc::default();
+                let p = pending.clone();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 8];
+                    while rd.read_exact(&mut b).await.is_ok() {
+                        let tx = p.lock().ok().and_then(|mut q| q.pop_front());
+                        if let Some(tx) = tx {
+                            let _ = tx.send(u64::from_le_bytes(b));
+                        }
+                    }
+                });
+                Ok(Client::Raw(RawClient {
+                    wr: Mutex::new(wr),
+                    pending,
+                }))
+            }
+            PathId::Http2 => {
+                let addr = url.trim_start_matches("tcp://");
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let (sr, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(H2_STREAM_WINDOW)
+                    .initial_connection_window_size(H2_CONN_WINDOW)
+                    .max_frame_size(H2_MAX_FRAME)
+                    .handshake(TokioIo::new(s))
+                    .await?;
+                tokio::spawn(conn);
+                Ok(Client::Http2(sr))
+            }
+            PathId::Grpc => {
+                let http = format!("http://{}", url.trim_start_matches("tcp://"));
+                let channel = tonic::transport::Endpoint::from_shared(http)?
+                    .initial_stream_window_size(H2_STREAM_WINDOW)
+                    .initial_connection_window_size(H2_CONN_WINDOW)
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?;
+                let c = pb::echo_client::EchoClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE);
+                Ok(Client::Grpc(c))
+            }
+            _ => {
+                let mut cfg = SessionConfig {
+                    request_timeout: Duration::from_secs(60),
+                    attach: path.attach().config(),
+                    ..SessionConfig::default()
+                };
+                if path == PathId::Sealed {
+                    cfg.conn.sealer = Some(env.sealer.clone());
+                    cfg.conn.compress = CompressPolicy::Auto;
+                }
+                let session = Session::connect(url, cfg).await?;
+                if path.by_handle() && session.negotiated().attach.is_empty() {
+                    return Err(format!("{}: no handle scheme negotiated", path.name()).into());
+                }
+                Ok(Client::Xcp {
+                    session,
+                    handle: path.by_handle(),
+                    touch: path.touched(),
+                })
+            }
+        }
+    }
+
+    /// One request carrying `p.size` bytes; checks the reply. With `verify`, the handle
+    /// region is filled with known bytes and the server's checksum is compared.
+    pub async fn call(&self, p: &Payload, verify: bool) -> Result<(), BoxError> {
+        match self {
+            Client::Raw(c) => {
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut wr = c.wr.lock().await;
+                    c.pending.lock().map_err(|_| "poisoned")?.push_back(tx);
+                    wr.write_all(&(p.size as u64).to_le_bytes()).await?;
+                    wr.write_all(&p.raw).await?;
+                }
+                let n = rx.await?;
+                check(n == p.size as u64, "raw-tcp: wrong reply length")
+            }
+            Client::Http2(sr) => {
+                let mut sr = sr.clone();
+                sr.ready().await?;
+                let req =
+                    hyper::Request::post("http://127.0.0.1/echo").body(Full::new(p.raw.clone()))?;
+                let resp = sr.send_request(req).await?;
+                let body = resp.into_body().collect().await?.to_bytes();
+                check(
+                    body.as_ref() == (p.size as u64).to_le_bytes(),
+                    "http2: wrong reply",
+                )
+            }
+            Client::Grpc(c) => {
+                let mut c = c.clone();
+                let r = c
+                    .echo(pb::Blob {
+                        data: p.raw.clone(),
+                    })
+                    .await?;
+                check(
+                    r.get_ref().data.as_ref() == (p.size as u64).to_le_bytes(),
+                    "grpc: wrong reply",
+                )
+            }
+            Client::Xcp {
+                session,
+                handle: false,
+                ..
+            } => {
+                let reply = session
+                    .request(Outgoing::data(CodecId::TENSOR_QNT8, p.tensor.clone()))
+                    .await?;
+                let s = Summary::decode(&reply.body).ok_or("xcp: bad reply")?;
+                check(s.bytes == p.size as u64, "xcp: wrong byte count")
+            }
+            Client::Xcp {
+                session,
+                handle: true,
+                touch,
+            } => {
+                let mut region = session.alloc(p.size).await?;
+                let want = if verify {
+                    fill(&mut region, 7);
+                    xcp::wire::frame::crc32c(&region)
+                } else {
+                    0
+                };
+                let att = Attachment {
+                    id: "blob".into(),
+                    media_type: "application/octet-stream".into(),
+                    ..Default::default()
+                };
+                let reply = session
+                    .request_regions(Ether::text("bench"), CodecId::PROTOBUF, vec![(att, region)])
+                    .await?;
+                let s = Summary::decode(&reply.body).ok_or("xcp: bad reply")?;
+                check(s.bytes == p.size as u64, "xcp: wrong byte count")?;
+                check(s.handles == 1, "xcp: the bytes did not go by handle")?;
+                if verify && *touch {
+                    check(s.crc == want, "xcp: checksum of the handle's bytes differs")?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the connection (XCP sessions close gracefully).
+    pub async fn close(self) {
+        if let Client::Xcp { session, .. } = self {
+            let _ = session.close().await;
+        }
+    }
+}
+
+fn check(ok: bool, what: &'static str) -> Result<(), BoxError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(what.into())
+    }
+}

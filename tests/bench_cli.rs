@@ -1,0 +1,123 @@
+//! `xcp bench` and `xcp demo` from the command line: they run, exit 0, and report figures.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs the xcp binary with `args`, killing it after `limit`.
+fn xcp(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xcp"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start xcp");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "xcp {args:?} ran over {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bench_quick_tcp_and_raw_tcp_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let out = xcp(
+        &[
+            "bench",
+            "--quick",
+            "--paths",
+            "tcp,raw-tcp",
+            "--sizes",
+            "64,16384",
+            "--duration",
+            "0.2",
+            "--json",
+            json.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("x raw"), "{stdout}");
+    assert!(
+        stdout.contains("io_uring"),
+        "the missing path is named: {stdout}"
+    );
+
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(!doc["machine"]["kernel"].as_str().unwrap().is_empty());
+    let rows = doc["rows"].as_array().unwrap();
+    for path in ["tcp", "raw-tcp"] {
+        for size in [64u64, 16384] {
+            let r = rows
+                .iter()
+                .find(|r| r["path"] == path && r["size"].as_u64() == Some(size))
+                .unwrap_or_else(|| panic!("no row for {path} at {size}: {doc:#}"));
+            for f in ["p50_us", "p95_us", "p99_us", "max_us"] {
+                assert!(r["latency"][f].as_f64().unwrap() > 0.0, "{path} {size} {f}");
+            }
+            assert!(r["throughput"]["mb_per_s"].as_f64().unwrap() > 0.0);
+            assert!(r["throughput"]["msg_per_s"].as_f64().unwrap() > 0.0);
+            assert!(r["ratio_vs_raw_tcp"].as_f64().unwrap() > 0.0);
+        }
+    }
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("<polyline"));
+}
+
+#[test]
+fn bench_refuses_unknown_paths() {
+    let out = xcp(
+        &["bench", "--paths", "carrier-pigeon"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn demo_passes_and_prints_its_table() {
+    // A smaller tensor keeps the debug build quick; the release demo uses 64 MiB.
+    let out = xcp(
+        &["demo", "--tensor-mib", "8", "--repeat", "2"],
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "[6/6]",
+        "tensor inline (TCP)",
+        "tensor by shm handle (TCP)",
+        "tensor by memfd handle (Unix)",
+        "all checks passed",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");
+    }
+}
