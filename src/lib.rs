@@ -14,7 +14,7 @@ pub mod ether;
 pub mod session;
 pub mod transport;
 pub mod wire;
-pub use session::{Server, Session, SessionConfig};
+pub use session::{AttachConfig, Server, Session, SessionConfig};
 
 pub use error::{Error, ErrorCode, Result};
 pub use ether::{Attachment, Ether, SchemaKey};

@@ -336,7 +336,11 @@ mod tests {
         drop(p.try_alloc(64 << 10).unwrap().unwrap());
         // 128 KiB loaned + 64 KiB free: a 256 KiB request cannot fit even by evicting.
         assert!(p.try_alloc(200 << 10).unwrap().is_none());
-        assert_eq!(p.usage(), (192 << 10, 128 << 10), "the free segment was kept");
+        assert_eq!(
+            p.usage(),
+            (192 << 10, 128 << 10),
+            "the free segment was kept"
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! server in its own process (the same binary, `xcp bench-server`).
 
 pub mod client;
+mod load;
 mod report;
 pub mod server;
 
@@ -40,7 +41,8 @@ What is measured (every row, every path):
 Examples:
   xcp bench --quick
   xcp bench --paths tcp,raw-tcp,shm --sizes 64,16KiB,1MiB --json bench.json --svg bench.svg
-  xcp bench --duration 5";
+  xcp bench --duration 5
+  xcp bench --load --clients 16 --messages 2000 --json load.json";
 
 /// Arguments of `xcp bench`.
 #[derive(Args, Debug)]
@@ -77,6 +79,29 @@ pub struct BenchArgs {
     /// Write a chart (p50 latency and throughput by size, one line per path) as SVG.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+
+    /// The load test instead of the matrix: N client sessions × M requests of mixed sizes
+    /// (64 B to 1 MiB, mostly small) and codecs (JSON, PROTOBUF, TENSOR_F32, ARROW_IPC)
+    /// through one echo server, every reply checked byte for byte; exit 1 if any is lost or
+    /// differs. Reports p50/p99/max latency, msg/s and MB/s (`--json` for the figures).
+    #[arg(long)]
+    pub load: bool,
+
+    /// --load: concurrent client sessions.
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "load")]
+    pub clients: usize,
+
+    /// --load: requests per client.
+    #[arg(long, value_name = "M", default_value_t = 2000, requires = "load")]
+    pub messages: u64,
+
+    /// --load: requests each client keeps in flight.
+    #[arg(long, value_name = "W", default_value_t = 8, requires = "load")]
+    pub window: usize,
+
+    /// --load: an XCP echo server to use (`xcp serve`) instead of starting one.
+    #[arg(long, value_name = "URL", requires = "load")]
+    pub url: Option<String>,
 }
 
 /// What one run covers.
@@ -158,6 +183,15 @@ fn window(size: usize) -> usize {
 
 /// Runs the benchmark; returns the exit code.
 pub async fn run(args: BenchArgs) -> u8 {
+    if args.load {
+        let plan = load::LoadPlan {
+            clients: args.clients,
+            messages: args.messages,
+            window: args.window,
+            url: args.url.clone(),
+        };
+        return load::run(plan, args.json.as_deref()).await;
+    }
     let plan = match plan(&args) {
         Ok(p) => p,
         Err(e) => {
