@@ -703,7 +703,9 @@ pub fn batch_to_ethers(schema: &SchemaRef, batch: &RecordBatch) -> Result<Vec<Et
         )));
     }
     let default_meta = default_metadata(meta.get(META_TRACE_ID).map(String::as_str));
-    let mut ethers = Vec::with_capacity(batch.num_rows());
+    // The row count is the batch's own claim (a batch without columns, or of Null columns,
+    // needs no buffer for it): reserve for what is plausible, not for the claim.
+    let mut ethers = Vec::with_capacity(batch.num_rows().min(MAX_PREALLOCATED_ROWS));
     for i in 0..batch.num_rows() {
         let mut e = Ether {
             kind: kind.clone(),
@@ -751,6 +753,7 @@ pub fn batch_to_ethers(schema: &SchemaRef, batch: &RecordBatch) -> Result<Vec<Et
 /// Decodes an ARROW_IPC body of Ethers: every batch of the stream, in order. With
 /// `expected_kind`, a stream whose `xcp.kind` is another kind is `ERR_MALFORMED`.
 pub fn decode_ethers(body: Bytes, expected_kind: Option<&str>) -> Result<Vec<Ether>> {
+    let body_len = body.len();
     let (schema, batches) = decode_batches(body)?;
     let kind = schema
         .metadata()
@@ -763,12 +766,24 @@ pub fn decode_ethers(body: Bytes, expected_kind: Option<&str>) -> Result<Vec<Eth
             )));
         }
     }
+    // Every row of an Ether stream takes at least one bit of the body (its cells are backed by
+    // buffers): a larger row count is a claim, which would make us build that many Ethers.
+    let rows = batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+    let plausible = body_len.saturating_mul(8);
+    if rows > plausible {
+        return Err(malformed(format!(
+            "the stream claims {rows} rows in {body_len} bytes"
+        )));
+    }
     let mut out = Vec::new();
     for b in &batches {
         out.extend(batch_to_ethers(&schema, b)?);
     }
     Ok(out)
 }
+
+/// The most Ethers [`batch_to_ethers`] reserves room for before it has made them.
+const MAX_PREALLOCATED_ROWS: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -428,9 +428,12 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         wr,
         backlog,
         recv_tx,
+        leases,
         ..
     } = d;
-    drop((rd, wr));
+    // The regions of our messages go back to the pool before anyone is told the connection is
+    // over, so a `close` that returned has returned them.
+    drop((rd, wr, leases));
     let _ = done.send(true);
     // Messages received before the end are still delivered, then recv() reports the close.
     for m in backlog {
@@ -458,6 +461,19 @@ impl Driver {
     async fn main_loop(&mut self) {
         loop {
             self.pump();
+            if self.out.bytes > self.out_hard_limit() {
+                // The peer does not read what it makes us send (replies to its own PINGs,
+                // NACKs of its own bad frames): drop it rather than grow without bound.
+                self.note_error(Error::protocol(
+                    ErrorCode::ERR_BUSY,
+                    format!(
+                        "{} bytes wait to be written to {}: the peer does not read",
+                        self.out.bytes, self.peer
+                    ),
+                ));
+                tracing::warn!(peer = %self.peer, "closing: {} bytes unsent, the peer does not read", self.out.bytes);
+                self.broken = true;
+            }
             if self.broken {
                 return;
             }
@@ -928,14 +944,15 @@ impl Driver {
             uris.push((id, u));
         }
         if fd_count > self.fds.len() {
+            let had = self.fds.len();
+            // They cannot belong to a later message either.
+            self.fds.clear();
             return Err(Error::protocol(
                 ErrorCode::ERR_ATTACHMENT,
-                format!(
-                    "memfd: the message names {fd_count} descriptors, {} came with it",
-                    self.fds.len()
-                ),
+                format!("memfd: the message names {fd_count} descriptors, {had} came with it"),
             ));
         }
+        // Taken now, so that a refusal below still consumes this message's descriptors.
         let fds: Vec<OwnedFd> = self.fds.drain(..fd_count).collect();
         if self.live_leases >= self.max_leases {
             return Err(Error::protocol(
@@ -983,6 +1000,21 @@ impl Driver {
         while let Some(f) = self.conn.poll_transmit() {
             self.out.push(f);
         }
+    }
+
+    /// The most bytes that may wait to be written: what the application may queue (commands
+    /// stop at `OUT_HIGH_WATER`, plus one message of the peer's largest size), plus room for
+    /// the connection's own replies.
+    fn out_hard_limit(&self) -> usize {
+        let peer_max = self
+            .conn
+            .negotiated()
+            .map_or(crate::wire::DEFAULT_MAX_MESSAGE_BYTES, |n| {
+                n.peer_max_message_bytes
+            });
+        OUT_HIGH_WATER
+            .saturating_add(usize::try_from(peer_max).unwrap_or(usize::MAX))
+            .saturating_add(OUT_HIGH_WATER * 2)
     }
 
     fn note_error(&mut self, e: Error) {

@@ -1,0 +1,559 @@
+//! The fuzz entry points, in one place for both of their callers:
+//!
+//! - the cargo-fuzz targets `fuzz/fuzz_targets/<name>.rs` (nightly, libFuzzer), one per
+//!   function here;
+//! - `tests/fuzz_corpus.rs`, which replays every file of `fuzz/corpus/<name>/` through the same
+//!   function as an ordinary `cargo test` on the stable toolchain.
+//!
+//! Every function takes arbitrary bytes. It must not panic, and it checks with `assert!` the
+//! invariants its doc names (limits that hold, round trips that must agree), so a broken
+//! invariant is a crash the fuzzer reports like any other.
+// Each fuzz target uses one of these functions; the corpus replay uses them all.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use xcp::attach::uri::AttachmentUri;
+use xcp::codec::dlpack::DlpackDescriptor;
+use xcp::codec::tensor::TensorView;
+use xcp::codec::{self, arrow, json, latent, protobuf, CodecId};
+use xcp::conn::{Config, Connection, Event, Role};
+use xcp::control::Control;
+use xcp::wire::chunk::Reassembler;
+use xcp::wire::frame::{encode_frame, FrameDecoder, FrameError};
+use xcp::wire::seal::{self, Direction, Sealer};
+use xcp::wire::{header, Flags, FrameHeader, HeaderForm, Limits, MsgType, PREFIX_LEN};
+use xcp::ErrorCode;
+
+/// A fuzz entry point.
+pub type Entry = fn(&[u8]);
+
+/// Every target by name, as the corpus directories are named.
+pub const TARGETS: &[(&str, Entry)] = &[
+    ("frame_decoder", frame_decoder),
+    ("header", header),
+    ("codecs", codecs),
+    ("attach_uri", attach_uri),
+    ("connection", connection),
+];
+
+// ----- panics the library catches ---------------------------------------------------------
+
+/// Lets panics raised inside the arrow crates unwind quietly.
+///
+/// The arrow-ipc decoder can panic on a malformed stream, and `codec::arrow::decode_batches`
+/// catches that (`catch_unwind`) and answers `ERR_MALFORMED`. libFuzzer's panic hook aborts on
+/// every panic, caught or not, so such a panic would be reported as a crash though nothing
+/// escapes. This hook ignores panics located in the arrow crates and hands every other one to
+/// the previous hook; a panic that escapes the library still fails the run (libFuzzer aborts
+/// when its `catch_unwind` sees it, and the corpus replay reports it).
+fn let_caught_arrow_panics_unwind() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_arrow = info
+                .location()
+                .is_some_and(|l| l.file().contains("/arrow-"));
+            if !in_arrow {
+                previous(info);
+            }
+        }));
+    });
+}
+
+// ----- split points ------------------------------------------------------------------------
+
+/// Chunk lengths drawn from a seed: single bytes, small and medium pieces, and "the rest", so
+/// one input is fed to a decoder cut at many different places.
+struct Splits {
+    state: u64,
+}
+
+impl Splits {
+    fn new(seed: u8) -> Splits {
+        Splits {
+            state: 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed).wrapping_mul(0x2545_F491_4F6C_DD1D),
+        }
+    }
+
+    fn next_len(&mut self) -> usize {
+        // xorshift64
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        let pick = (x >> 32) as usize;
+        match x % 5 {
+            0 => 1,
+            1 => 1 + pick % 8,
+            2 => 1 + pick % 64,
+            3 => 1 + pick % 4096,
+            _ => usize::MAX,
+        }
+    }
+
+    /// `data` cut into pieces.
+    fn cut<'a>(&mut self, mut data: &'a [u8]) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            let n = self.next_len().min(data.len());
+            let (a, b) = data.split_at(n);
+            out.push(a);
+            data = b;
+        }
+        out
+    }
+}
+
+// ----- frame_decoder -----------------------------------------------------------------------
+
+/// The limits of the `frame_decoder` target: small, so the fuzzer reaches them.
+pub const FRAME_LIMITS: Limits = Limits {
+    max_frame_bytes: 512,
+    max_message_bytes: 2048,
+};
+/// Messages pending reassembly at once in the `frame_decoder` target.
+pub const FRAME_MAX_PENDING: usize = 8;
+
+/// What decoding a stream produced, in order.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Frame(FrameHeader, Flags, Bytes),
+    FrameError(FrameError),
+    Message(FrameHeader, Flags, Bytes, u32),
+    Refused(FrameError),
+}
+
+/// Feeds `pieces` to a [`FrameDecoder`] and a [`Reassembler`] with small limits, as the
+/// connection does, and checks each step's bounds.
+fn decode_stream(pieces: &[&[u8]]) -> Vec<Outcome> {
+    let mut dec = FrameDecoder::new(FRAME_LIMITS);
+    let mut re = Reassembler::new(FRAME_LIMITS.max_message_bytes);
+    re.set_max_pending_messages(FRAME_MAX_PENDING);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(frame)) => {
+                    assert!(frame.payload.len() as u64 <= FRAME_LIMITS.max_frame_bytes);
+                    check_frame_round_trip(&frame);
+                    out.push(Outcome::Frame(
+                        frame.header.clone(),
+                        frame.flags,
+                        frame.payload.clone(),
+                    ));
+                    match re.push(frame) {
+                        Ok(None) => {}
+                        Ok(Some(m)) => {
+                            assert!(m.body.len() as u64 <= FRAME_LIMITS.max_message_bytes);
+                            assert!(!m.flags.contains(Flags::MORE));
+                            out.push(Outcome::Message(m.header, m.flags, m.body, m.frames));
+                        }
+                        Err(e) => {
+                            assert!(!e.fatal, "the reassembler never fails the stream");
+                            out.push(Outcome::Refused(e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    if e.fatal {
+                        // Poisoned: the same error from now on, whatever comes.
+                        let mut more = BytesMut::from(&b"\x10\x7a\xa1\xa9"[..]);
+                        assert_eq!(dec.decode(&mut more).unwrap_err(), e);
+                        assert!(!dec.is_mid_frame());
+                        out.push(Outcome::FrameError(e));
+                        check_reassembly_bounds(&re);
+                        return out;
+                    }
+                    re.abandon(e.channel_id, e.msg_id, e.more);
+                    out.push(Outcome::FrameError(e));
+                }
+            }
+            check_reassembly_bounds(&re);
+        }
+        // What stays buffered is less than one frame: the decoder consumed every whole one.
+        let one_frame = PREFIX_LEN as u64 + 65535 + 8 + FRAME_LIMITS.max_frame_bytes + 4;
+        assert!((buf.len() as u64) < one_frame, "{} bytes left", buf.len());
+    }
+    out
+}
+
+fn check_reassembly_bounds(re: &Reassembler) {
+    assert!(re.pending_bytes() <= FRAME_LIMITS.max_message_bytes);
+    assert!(re.pending_messages() <= FRAME_MAX_PENDING);
+}
+
+/// A decoded frame encodes again (when its header fits our canonical encoding) to bytes that
+/// decode to the same frame.
+fn check_frame_round_trip(frame: &xcp::wire::Frame) {
+    let flags = frame.flags.with(Flags::LARGE, false);
+    let Ok(bytes) = encode_frame(&frame.header, frame.header_form, flags, &frame.payload) else {
+        return;
+    };
+    let mut dec = FrameDecoder::new(Limits::default());
+    let mut buf = BytesMut::from(&bytes[..]);
+    let again = dec
+        .decode(&mut buf)
+        .expect("our own frame decodes")
+        .expect("whole");
+    assert!(buf.is_empty());
+    assert_eq!(again.header, frame.header);
+    assert_eq!(again.header_form, frame.header_form);
+    assert_eq!(again.flags, flags);
+    assert_eq!(again.payload, frame.payload);
+}
+
+/// `frame_decoder`: byte 0 seeds the split points, the rest is a byte stream. The stream is
+/// decoded (frames, then reassembly with small limits) twice, whole and cut into pieces; both
+/// must give the same frames, messages and errors. Checked on the way: no payload over
+/// `max_frame_bytes`, no message over `max_message_bytes`, pending bytes and messages within
+/// their bounds, less than one frame left buffered, a fatal error that sticks, and every
+/// decoded frame surviving an encode/decode round trip.
+pub fn frame_decoder(data: &[u8]) {
+    let Some((&seed, stream)) = data.split_first() else {
+        return;
+    };
+    let whole = decode_stream(&[stream]);
+    let pieces = Splits::new(seed).cut(stream);
+    let split = decode_stream(&pieces);
+    assert_eq!(whole, split, "results depend on where the input was split");
+}
+
+// ----- header ------------------------------------------------------------------------------
+
+fn other_form(f: HeaderForm) -> HeaderForm {
+    match f {
+        HeaderForm::Capnp => HeaderForm::Json,
+        HeaderForm::Json => HeaderForm::Capnp,
+    }
+}
+
+/// `header`: [`header::decode`] of arbitrary bytes (`{` first: the JSON form, else Cap'n
+/// Proto). A failure is `ERR_MALFORMED`; a decoded header encodes in both forms (unless it
+/// would not fit HLEN) to bytes that decode to the same header.
+pub fn header(data: &[u8]) {
+    match header::decode(data) {
+        Err(e) => assert_eq!(e.code(), ErrorCode::ERR_MALFORMED, "{e}"),
+        Ok((h, form)) => {
+            assert_eq!(form == HeaderForm::Json, data[0] == b'{');
+            for f in [form, other_form(form)] {
+                let Ok(bytes) = header::encode(&h, f) else {
+                    continue;
+                };
+                assert!(!bytes.is_empty() && bytes.len() <= header::MAX_HEADER_LEN);
+                let (again, f2) = header::decode(&bytes).expect("our own header decodes");
+                assert_eq!(f2, f);
+                assert_eq!(again, h);
+            }
+        }
+    }
+}
+
+// ----- codecs ------------------------------------------------------------------------------
+
+/// The cap on inflated bytes in the `codecs` target's zstd case.
+pub const ZSTD_MAX: u64 = 4096;
+
+/// The control msgTypes fuzzed (every defined one, and two unknown).
+const CONTROL_TYPES: [MsgType; 10] = [
+    MsgType::HELLO,
+    MsgType::CAPS,
+    MsgType::ACK,
+    MsgType::NACK,
+    MsgType::PING,
+    MsgType::PONG,
+    MsgType::CLARIFY_REQ,
+    MsgType::CLARIFY_RES,
+    MsgType(0x0042),
+    MsgType(0x00FF),
+];
+
+/// `codecs`: byte 0 picks a decoder, the rest is its body.
+///
+/// | byte 0 % 12 | decoder | checked |
+/// |---|---|---|
+/// | 0 | JSON Ether | a decoded Ether encodes and decodes to itself |
+/// | 1 | PROTOBUF Ether | the same |
+/// | 2, 3, 4 | TENSOR_F32 / F16 / QNT8 | every element converts; size = header's |
+/// | 5 | MIXED_LATENT | the same for each tensor |
+/// | 6 | ARROW_IPC | batches, and Ethers from them |
+/// | 7 | DLPACK | a decoded descriptor validates and encodes to what decodes to itself |
+/// | 8 | control body: byte 1 picks the msgType and JSON/PROTOBUF | a decoded body round-trips |
+/// | 9 | `seal::decompress` with a 4 KiB cap | never more than the cap |
+/// | 10 | `validate_body` with the codec in bytes 1..3 | only the SPEC's codes |
+/// | 11 | `Sealer::open` | always `ERR_DECRYPT` |
+pub fn codecs(data: &[u8]) {
+    let_caught_arrow_panics_unwind();
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let body = Bytes::copy_from_slice(rest);
+    match sel % 12 {
+        0 => {
+            if let Ok(e) = json::decode(rest) {
+                let again = json::encode(&e).expect("a decoded Ether encodes");
+                assert_same_ether(&json::decode(&again).expect("and decodes"), &e);
+            }
+        }
+        1 => {
+            if let Ok(e) = protobuf::decode(rest) {
+                let again = protobuf::encode(&e).expect("a decoded Ether encodes");
+                assert_same_ether(&protobuf::decode(&again).expect("and decodes"), &e);
+            }
+        }
+        c @ 2..=4 => {
+            let codec = CodecId(u16::from(c));
+            if let Ok(v) = TensorView::parse(body.clone(), Some(codec)) {
+                check_tensor(&v);
+                assert!(codec::validate_body(codec, &body).is_ok());
+            }
+        }
+        5 => {
+            if let Ok(views) = latent::decode(body.clone()) {
+                views.iter().for_each(check_tensor);
+                assert!(codec::validate_body(CodecId::MIXED_LATENT, &body).is_ok());
+            }
+        }
+        6 => {
+            if let Ok((_schema, batches)) = arrow::decode_batches(body.clone()) {
+                for b in &batches {
+                    assert!(b.num_columns() <= b.schema().fields().len());
+                }
+            }
+            let _ = arrow::decode_ethers(body, None);
+        }
+        7 => {
+            if let Ok(d) = DlpackDescriptor::decode(body) {
+                d.validate().expect("a decoded descriptor is valid");
+                let _ = d.extent();
+                let again = d.encode().expect("a decoded descriptor encodes");
+                assert_eq!(DlpackDescriptor::decode(again).expect("and decodes"), d);
+            }
+        }
+        8 => {
+            let Some((&which, body)) = rest.split_first() else {
+                return;
+            };
+            let t = CONTROL_TYPES[usize::from(which) % CONTROL_TYPES.len()];
+            let codec = if which & 0x80 != 0 {
+                CodecId::PROTOBUF
+            } else {
+                CodecId::JSON
+            };
+            match Control::decode(t, codec, body) {
+                Ok(c) => {
+                    assert_eq!(c.msg_type(), t);
+                    let again = c.encode(codec).expect("a decoded control body encodes");
+                    let back = Control::decode(t, codec, &again).expect("and decodes");
+                    assert!(
+                        same_json(&back.to_json(), &c.to_json()),
+                        "{back:?} != {c:?}"
+                    );
+                }
+                Err(e) => assert_eq!(e.code(), ErrorCode::ERR_MALFORMED, "{e}"),
+            }
+        }
+        9 => match seal::decompress(rest, ZSTD_MAX) {
+            Ok(out) => assert!(out.len() as u64 <= ZSTD_MAX),
+            Err(e) => assert!(
+                e.code() == ErrorCode::ERR_MALFORMED
+                    || e.code() == ErrorCode::ERR_MESSAGE_TOO_LARGE,
+                "{e}"
+            ),
+        },
+        10 => {
+            let Some(id) = rest.get(..2) else {
+                return;
+            };
+            let codec = CodecId(u16::from_le_bytes([id[0], id[1]]));
+            let body = body.slice(2..);
+            if let Err(e) = codec::validate_body(codec, &body) {
+                let c = e.code();
+                assert!(
+                    c == ErrorCode::ERR_MALFORMED
+                        || c == ErrorCode::ERR_ATTACHMENT
+                        || c == ErrorCode::ERR_CODEC_UNSUPPORTED,
+                    "{e}"
+                );
+            }
+        }
+        _ => {
+            let sealer = Sealer::new(&[7u8; 32]);
+            let ad = seal::aad(MsgType::DATA, CodecId::JSON, 1, 2);
+            let e = sealer
+                .open(Direction::C2S, 2, 1, &ad, rest)
+                .expect_err("a forgery");
+            assert_eq!(e.code(), ErrorCode::ERR_DECRYPT);
+        }
+    }
+}
+
+/// JSON values equal but for the last bits of floats. serde_json (without its
+/// `float_roundtrip` feature) parses some long decimal numbers to a neighbour of the nearest
+/// f64, so a float written and read again may move by an ulp; nothing else may change.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => (x - y).abs() <= 4.0 * f64::EPSILON * x.abs().max(y.abs()),
+                _ => false,
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn assert_same_ether(a: &xcp::Ether, b: &xcp::Ether) {
+    let (x, y) = (
+        serde_json::to_value(a).expect("an Ether serializes"),
+        serde_json::to_value(b).expect("an Ether serializes"),
+    );
+    assert!(same_json(&x, &y), "{a:?} != {b:?}");
+}
+
+fn check_tensor(v: &TensorView) {
+    let n = v.numel();
+    assert_eq!(n as u64, v.header().numel().expect("checked"));
+    assert_eq!(
+        v.body().len() as u64,
+        v.header().body_len().expect("checked")
+    );
+    assert_eq!(v.to_f32_vec().len(), n);
+}
+
+// ----- attach_uri --------------------------------------------------------------------------
+
+/// `attach_uri`: [`AttachmentUri::parse`] of arbitrary UTF-8. A failure is `ERR_ATTACHMENT`;
+/// a parsed URI has `offset + size` without overflow, and prints as a URI that parses to
+/// itself.
+pub fn attach_uri(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    match AttachmentUri::parse(s) {
+        Err(e) => assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT, "{e}"),
+        Ok(u) => {
+            assert_eq!(u.offset().checked_add(u.size()), Some(u.end()));
+            let printed = u.to_string();
+            assert_eq!(AttachmentUri::parse(&printed).expect("reparses"), u);
+        }
+    }
+}
+
+// ----- connection --------------------------------------------------------------------------
+
+/// The limits of the `connection` target's responder.
+pub const CONN_LIMITS: Limits = Limits {
+    max_frame_bytes: 1024,
+    max_message_bytes: 4096,
+};
+/// The static key of the `connection` target's keyed runs.
+pub const CONN_KEY: [u8; 32] = [0x42; 32];
+
+fn conn_config(keyed: bool) -> Config {
+    Config {
+        limits: CONN_LIMITS,
+        max_pending_messages: 16,
+        handshake_timeout: Duration::from_secs(5),
+        frame_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(60),
+        keepalive_interval: Duration::from_secs(1),
+        sealer: keyed.then(|| Sealer::new(&CONN_KEY)),
+        ..Config::default()
+    }
+}
+
+/// `connection`: a responder [`Connection`] (small limits) gets a valid HELLO, built by an
+/// initiator `Connection` of the library, then arbitrary bytes. Byte 0: bit 0 gives both sides
+/// a key, bit 1 makes the HELLO use the JSON header form, bit 2 skips the HELLO (the handshake
+/// itself is fuzzed), bits 3.. seed the split points. Time moves 50 ms per piece, so the
+/// keep-alive and frame timers fire too. It must never panic; bytes pending reassembly stay
+/// within `max_message_bytes`, less than one frame stays buffered, no message over the limit
+/// reaches the application, and every frame the responder writes decodes.
+pub fn connection(data: &[u8]) {
+    let_caught_arrow_panics_unwind();
+    let Some((&mode, stream)) = data.split_first() else {
+        return;
+    };
+    let keyed = mode & 1 != 0;
+    let t0 = Instant::now();
+    let mut server = Connection::new(Role::Responder, conn_config(keyed), t0);
+    // Both sides offer the same limits, so the negotiated chunk size is ours.
+    let mut out = FrameDecoder::new(CONN_LIMITS);
+    let mut written = BytesMut::new();
+    if mode & 4 == 0 {
+        let mut cfg = conn_config(keyed);
+        if mode & 2 != 0 {
+            cfg.header_form = HeaderForm::Json;
+        }
+        let mut client = Connection::new(Role::Initiator, cfg, t0);
+        let mut hello = BytesMut::new();
+        while let Some(f) = client.poll_transmit() {
+            f.write_to(&mut hello);
+        }
+        server.handle_input(&mut hello, t0);
+        assert!(server.is_established(), "a valid HELLO is accepted");
+        drain(&mut server, &mut out, &mut written);
+    }
+    let mut now = t0;
+    let mut buf = BytesMut::new();
+    for piece in Splits::new(mode >> 3).cut(stream) {
+        buf.extend_from_slice(piece);
+        server.handle_input(&mut buf, now);
+        if !server.is_closed() {
+            let one_frame = PREFIX_LEN as u64 + 65535 + 8 + CONN_LIMITS.max_frame_bytes + 4;
+            assert!((buf.len() as u64) < one_frame, "{} bytes left", buf.len());
+        }
+        now += Duration::from_millis(50);
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        drain(&mut server, &mut out, &mut written);
+        if server.is_closed() {
+            buf.clear();
+        }
+    }
+    server.handle_eof();
+    drain(&mut server, &mut out, &mut written);
+    assert_eq!(
+        server.pending_reassembly_bytes(),
+        0,
+        "nothing kept after the end"
+    );
+}
+
+/// Takes everything the connection has to say: its frames must decode, its events keep the
+/// limits.
+fn drain(conn: &mut Connection, out: &mut FrameDecoder, written: &mut BytesMut) {
+    assert!(conn.pending_reassembly_bytes() <= CONN_LIMITS.max_message_bytes);
+    while let Some(f) = conn.poll_transmit() {
+        f.write_to(written);
+    }
+    while let Some(frame) = out
+        .decode(written)
+        .expect("the responder writes valid frames")
+    {
+        assert!(frame.payload.len() as u64 <= CONN_LIMITS.max_frame_bytes);
+    }
+    while let Some(ev) = conn.poll_event() {
+        if let Event::Message(m) = ev {
+            assert!(m.body.len() as u64 <= CONN_LIMITS.max_message_bytes);
+        }
+    }
+}
