@@ -86,6 +86,11 @@ pub(crate) enum Command {
     Close,
 }
 
+/// While more than this many bytes of the connection's own frames (PONGs, NACKs, ACKs) wait to
+/// be written, the socket is not read: the peer that provokes them without reading them is
+/// slowed, not buffered for.
+const PROTO_BACKLOG: usize = 4 << 20;
+
 /// The id under which the data of a DLPACK body that came by handle appears in
 /// [`Incoming::views`].
 pub const DLPACK_VIEW: &str = "dlpack";
@@ -339,6 +344,8 @@ struct Driver {
     /// Handle schemes both sides take (empty after the peer refused a handle).
     handle_schemes: Vec<Scheme>,
     inline_threshold: usize,
+    /// Bytes of the connection's own frames queued since the write queue was last empty.
+    proto_bytes: usize,
     /// Received messages whose views are still held, and the bound on them.
     live_leases: usize,
     max_leases: usize,
@@ -393,6 +400,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         leases: HashMap::new(),
         handle_schemes: Vec::new(),
         inline_threshold,
+        proto_bytes: 0,
         live_leases: 0,
         max_leases,
     };
@@ -493,7 +501,10 @@ impl Driver {
             }
             let closed = self.conn.is_closed();
             let paused = !self.backlog.is_empty();
-            let can_read = !self.eof && (closed || !paused);
+            // A peer that does not read the replies it provokes (a PING flood) stops being read
+            // until it does: its own writes then block, not our memory.
+            let provoked = self.proto_bytes > PROTO_BACKLOG;
+            let can_read = !self.eof && (closed || !paused) && !provoked;
             let take_cmds = self.cmd_open && !closed && self.out.bytes < OUT_HIGH_WATER;
             let deadline = if closed {
                 self.flush_deadline
@@ -532,7 +543,12 @@ impl Driver {
             drop((slices, out_fds));
             match step {
                 Step::Wrote(Ok(0)) => self.io_failed(std::io::ErrorKind::WriteZero.into(), "write"),
-                Step::Wrote(Ok(n)) => self.out.advance(n),
+                Step::Wrote(Ok(n)) => {
+                    self.out.advance(n);
+                    if self.out.is_empty() {
+                        self.proto_bytes = 0;
+                    }
+                }
                 Step::Wrote(Err(e)) => self.io_failed(e, "write"),
                 Step::Read(r) => {
                     self.timer_hold = None;
@@ -717,10 +733,13 @@ impl Driver {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Send { msg, done } => {
-                let _ = done.send(self.conn.send(msg));
+                let r = self.conn.send(msg);
+                self.pump_app_transmits();
+                let _ = done.send(r);
             }
             Command::Request { msg, done } => match self.conn.send(msg) {
                 Ok(id) => {
+                    self.pump_app_transmits();
                     self.requests.insert(id, done);
                     if self.requests.len() >= self.purge_at {
                         // Drop the requests whose caller stopped waiting (timed out).
@@ -996,7 +1015,18 @@ impl Driver {
         }
     }
 
+    /// Moves the connection's own frames (replies, NACKs, ACKs, handshake, keep-alive) to the
+    /// write queue, counting them: see [`PROTO_BACKLOG`].
     fn pump_transmits(&mut self) {
+        while let Some(f) = self.conn.poll_transmit() {
+            self.proto_bytes += f.len();
+            self.out.push(f);
+        }
+    }
+
+    /// Moves the frames of a message the application just sent to the write queue (bounded by
+    /// the command back-pressure, not counted as the connection's own).
+    fn pump_app_transmits(&mut self) {
         while let Some(f) = self.conn.poll_transmit() {
             self.out.push(f);
         }
