@@ -1126,6 +1126,22 @@ async fn memfd_index_without_descriptor() {
             None => drop(p.expect_echo(id).await),
         }
     }
+    // Descriptors passed with a message that names none do not serve a later message that
+    // names one but passed none: each message gets the descriptors of its own first frame.
+    let id = p.id();
+    let plain = data_frame(id, &ether_with_uri("", 0));
+    let n = t(
+        "write with fds",
+        p.wr.write_with_fds(&[IoSlice::new(&plain)], &[seg.fd().as_fd()]),
+    )
+    .await
+    .expect("sendmsg");
+    p.write(&plain[n..]).await;
+    drop(p.expect_echo(id).await);
+    let id = p.id();
+    p.write(&data_frame(id, &ether_with_uri("memfd://0#0,10", 10)))
+        .await;
+    p.expect_nack(ErrorCode::ERR_ATTACHMENT, id).await;
     p.expect_alive().await;
     srv.assert_serves().await;
     mem.check("memfd_index_without_descriptor");

@@ -189,6 +189,9 @@ pub struct Incoming {
     pub views: Vec<(String, crate::attach::View)>,
     /// How many frames carried it.
     pub frames: u32,
+    /// Where its first frame started in the peer's byte stream (descriptors passed with
+    /// `SCM_RIGHTS` are matched to the message by it).
+    pub stream_offset: u64,
 }
 
 impl Incoming {
@@ -375,6 +378,8 @@ pub struct Connection {
     events: VecDeque<Event>,
     pings: HashMap<u64, Instant>,
     keepalive: Option<(u64, Instant)>,
+    /// Bytes of the peer's stream consumed so far: where the next frame starts.
+    rx_offset: u64,
     started: Instant,
     last_rx: Instant,
     frame_started: Option<Instant>,
@@ -421,6 +426,7 @@ impl Connection {
             events: VecDeque::new(),
             pings: HashMap::new(),
             keepalive: None,
+            rx_offset: 0,
             started: now,
             last_rx: now,
             frame_started: None,
@@ -444,11 +450,14 @@ impl Connection {
         self.last_rx = now;
         let mut completed = false;
         while self.state != State::Closed {
-            match self.decoder.decode(buf) {
+            let (before, at) = (buf.len(), self.rx_offset);
+            let r = self.decoder.decode(buf);
+            self.rx_offset += (before - buf.len()) as u64;
+            match r {
                 Ok(None) => break,
                 Ok(Some(frame)) => {
                     completed = true;
-                    self.on_frame(frame);
+                    self.on_frame(frame, at);
                 }
                 Err(e) => {
                     completed = true;
@@ -813,7 +822,7 @@ impl Connection {
         }
     }
 
-    fn on_frame(&mut self, frame: crate::wire::Frame) {
+    fn on_frame(&mut self, frame: crate::wire::Frame, at: u64) {
         let t = frame.header.msg_type;
         match self.state {
             State::AwaitHello if t != MsgType::HELLO => {
@@ -841,7 +850,7 @@ impl Connection {
             }
             _ => {}
         }
-        match self.reassembler.push(frame) {
+        match self.reassembler.push_at(frame, at) {
             Ok(Some(msg)) => self.on_message(msg),
             Ok(None) => {}
             Err(e) => self.on_frame_error(e),
@@ -1094,6 +1103,7 @@ impl Connection {
                     flags: msg.flags,
                     views: Vec::new(),
                     frames: msg.frames,
+                    stream_offset: msg.stream_offset,
                 }));
             }
         }
@@ -1138,6 +1148,7 @@ impl Connection {
             flags: msg.flags,
             views: Vec::new(),
             frames: msg.frames,
+            stream_offset: msg.stream_offset,
         }));
     }
 

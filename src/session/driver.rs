@@ -95,6 +95,15 @@ const PROTO_BACKLOG: usize = 4 << 20;
 /// [`Incoming::views`].
 pub const DLPACK_VIEW: &str = "dlpack";
 
+/// Descriptors that came with one read. The kernel ends a read right after the data that
+/// carried descriptors, and a sender attaches them to the first byte of a message's first
+/// frame, so they belong to the message whose first frame starts in `start..end`.
+struct FdGroup {
+    start: u64,
+    end: u64,
+    fds: Vec<OwnedFd>,
+}
+
 /// Descriptors received but not yet claimed by a `memfd://` attachment, at most.
 const MAX_PENDING_FDS: usize = 64;
 
@@ -332,8 +341,11 @@ struct Driver {
     flush_deadline: Option<Instant>,
     fd_reads: bool,
     scratch: Vec<u8>,
-    /// Descriptors received, waiting for the `memfd://` attachments of their message.
-    fds: Vec<OwnedFd>,
+    /// Descriptors received, waiting for the `memfd://` attachments of their message, with
+    /// the stream range of the read that brought them.
+    fds: VecDeque<FdGroup>,
+    /// Bytes read from the peer so far.
+    rx_total: u64,
     /// Maps the peer's segments (set once handles are negotiated).
     mapper: Option<Mapper>,
     /// Leases of received messages report here when their last view is dropped.
@@ -393,7 +405,8 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         } else {
             Vec::new()
         },
-        fds: Vec::new(),
+        fds: VecDeque::new(),
+        rx_total: 0,
         mapper: None,
         release_tx,
         release_rx,
@@ -526,7 +539,7 @@ impl Driver {
             }
             let step = tokio::select! {
                 r = write_out(&mut self.wr, &slices, &out_fds), if has_out => Step::Wrote(r),
-                r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, fd_reads), if can_read => Step::Read(r),
+                r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads), if can_read => Step::Read(r),
                 id = self.release_rx.recv() => Step::Release(id),
                 p = self.recv_tx.reserve(), if paused && !closed => match p {
                     Ok(permit) => {
@@ -962,17 +975,22 @@ impl Driver {
             }
             uris.push((id, u));
         }
-        if fd_count > self.fds.len() {
-            let had = self.fds.len();
-            // They cannot belong to a later message either.
-            self.fds.clear();
+        // The descriptors that came with this message's first frame; taken now, so that a
+        // refusal below still consumes them.
+        let at = m.stream_offset;
+        let fds: Vec<OwnedFd> = match self.fds.iter().position(|g| g.start <= at && at < g.end) {
+            Some(i) => self.fds.remove(i).map(|g| g.fds).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if fd_count > fds.len() {
             return Err(Error::protocol(
                 ErrorCode::ERR_ATTACHMENT,
-                format!("memfd: the message names {fd_count} descriptors, {had} came with it"),
+                format!(
+                    "memfd: the message names {fd_count} descriptors, {} came with it",
+                    fds.len()
+                ),
             ));
         }
-        // Taken now, so that a refusal below still consumes this message's descriptors.
-        let fds: Vec<OwnedFd> = self.fds.drain(..fd_count).collect();
         if self.live_leases >= self.max_leases {
             return Err(Error::protocol(
                 ErrorCode::ERR_BUSY,
@@ -1009,9 +1027,12 @@ impl Driver {
         } else {
             0
         };
-        if self.fds.len() > take {
-            tracing::warn!(peer = %self.peer, "closing {} descriptors the peer passed unasked", self.fds.len() - take);
-            self.fds.truncate(take);
+        let mut held: usize = self.fds.iter().map(|g| g.fds.len()).sum();
+        while held > take {
+            // The oldest go first: their message, if any, is long done.
+            let Some(g) = self.fds.pop_front() else { break };
+            tracing::warn!(peer = %self.peer, "closing {} descriptors the peer passed unasked", g.fds.len());
+            held -= g.fds.len();
         }
     }
 
@@ -1104,14 +1125,27 @@ async fn read_in(
     rd: &mut ReadHalf,
     rbuf: &mut BytesMut,
     scratch: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
+    fds: &mut VecDeque<FdGroup>,
+    rx_total: &mut u64,
     fd_reads: bool,
 ) -> std::io::Result<usize> {
+    let start = *rx_total;
     if !fd_reads {
-        return rd.read_buf(rbuf).await;
+        let n = rd.read_buf(rbuf).await?;
+        *rx_total += n as u64;
+        return Ok(n);
     }
-    let n = rd.read_with_fds(scratch, fds).await?;
+    let mut got = Vec::new();
+    let n = rd.read_with_fds(scratch, &mut got).await?;
     rbuf.extend_from_slice(&scratch[..n]);
+    *rx_total += n as u64;
+    if !got.is_empty() {
+        fds.push_back(FdGroup {
+            start,
+            end: start + n as u64,
+            fds: got,
+        });
+    }
     Ok(n)
 }
 

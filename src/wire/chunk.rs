@@ -50,6 +50,9 @@ pub struct Message {
     pub body: Bytes,
     /// How many frames carried it.
     pub frames: u32,
+    /// Where its first frame started in the connection's byte stream (as given to
+    /// [`Reassembler::push_at`]; 0 with [`Reassembler::push`]).
+    pub stream_offset: u64,
 }
 
 /// A bound on the bytes pending reassembly shared by many connections (a server's budget).
@@ -110,6 +113,7 @@ fn own_small(b: Bytes) -> Bytes {
 pub const DEFAULT_MAX_PENDING_MESSAGES: usize = 4096;
 
 struct Partial {
+    stream_offset: u64,
     header: FrameHeader,
     flags: Flags,
     form: HeaderForm,
@@ -188,6 +192,16 @@ impl Reassembler {
     /// An error refuses the whole message (it is dropped, and its later chunks are ignored);
     /// other messages are unaffected.
     pub fn push(&mut self, frame: Frame) -> Result<Option<Message>, FrameError> {
+        self.push_at(frame, 0)
+    }
+
+    /// [`Reassembler::push`] for a frame that started at `stream_offset` in the byte stream;
+    /// the message reports its first frame's offset.
+    pub fn push_at(
+        &mut self,
+        frame: Frame,
+        stream_offset: u64,
+    ) -> Result<Option<Message>, FrameError> {
         let key = (frame.header.channel_id, frame.header.msg_id);
         let more = frame.flags.contains(Flags::MORE);
         let flags = frame
@@ -227,6 +241,7 @@ impl Reassembler {
                     header_form: frame.header_form,
                     body: frame.payload,
                     frames: 1,
+                    stream_offset,
                 }))
             }
             None => {
@@ -254,6 +269,7 @@ impl Reassembler {
                 self.pending.insert(
                     key,
                     Partial {
+                        stream_offset,
                         header: frame.header,
                         flags,
                         form: frame.header_form,
@@ -317,6 +333,7 @@ impl Reassembler {
                     header_form: p.form,
                     body: body.freeze(),
                     frames: p.frames,
+                    stream_offset: p.stream_offset,
                 }))
             }
         }
