@@ -7,20 +7,12 @@ use xcp::attach::uri::{AttachmentUri, Target};
 use xcp::codec::dlpack::{DlData, DlDataType, DlpackDescriptor, DEVICE_CPU, DEVICE_CUDA};
 use xcp::codec::{validate_body, CodecId};
 
-/// Parses a vector file: hex digits, whitespace, and `#` comments to the end of the line.
+#[path = "support/hex.rs"]
+mod hex;
+
+/// A vector file as `Bytes`.
 fn parse_hex(text: &str) -> Bytes {
-    let digits: Vec<u8> = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .flat_map(|l| l.bytes().filter(|b| !b.is_ascii_whitespace()))
-        .collect();
-    assert_eq!(digits.len() % 2, 0, "odd number of hex digits");
-    let nibble = |c: u8| (c as char).to_digit(16).expect("not a hex digit") as u8;
-    digits
-        .chunks_exact(2)
-        .map(|p| (nibble(p[0]) << 4) | nibble(p[1]))
-        .collect::<Vec<u8>>()
-        .into()
+    Bytes::from(hex::parse_hex(text))
 }
 
 #[test]

@@ -104,18 +104,9 @@ fn corpus_directories_match_targets() {
 
 // ----- the hand-made seeds -----------------------------------------------------------------
 
-/// Parses a golden vector: hex digits, whitespace, and `#` comments to the end of the line.
-fn parse_hex(text: &str) -> Vec<u8> {
-    let digits: Vec<u8> = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .flat_map(|l| l.bytes().filter(|b| !b.is_ascii_whitespace()))
-        .collect();
-    digits
-        .chunks_exact(2)
-        .map(|p| u8::from_str_radix(std::str::from_utf8(p).expect("ascii"), 16).expect("hex digit"))
-        .collect()
-}
+#[path = "support/hex.rs"]
+mod hex;
+use hex::parse_hex;
 
 fn vector(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
