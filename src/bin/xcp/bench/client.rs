@@ -162,13 +162,29 @@ impl Drop for ServerProc {
 /// Starts `xcp bench-server` (this same executable) with `args`, and waits for its
 /// `listening on URL` line.
 pub fn spawn_server(args: &[String], socket: Option<PathBuf>) -> Result<ServerProc, String> {
+    let mut full = vec!["bench-server".to_string()];
+    full.extend_from_slice(args);
+    spawn_listening(&full, socket, None)
+}
+
+/// Starts this same executable with `args` (a subcommand and its options) and waits up to
+/// 20 s for its first stdout line, `listening on URL`. `log` sets `RUST_LOG` for the child.
+pub fn spawn_listening(
+    args: &[String],
+    socket: Option<PathBuf>,
+    log: Option<&str>,
+) -> Result<ServerProc, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the xcp binary: {e}"))?;
-    let mut child = Command::new(&exe)
-        .arg("bench-server")
-        .args(args)
+    let what = format!("xcp {}", args.join(" "));
+    let mut cmd = Command::new(&exe);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if let Some(level) = log {
+        cmd.env("RUST_LOG", level);
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let stdout = child.stdout.take().expect("piped");
@@ -189,10 +205,10 @@ pub fn spawn_server(args: &[String], socket: Option<PathBuf>) -> Result<ServerPr
                 proc.url = url.to_string();
                 Ok(proc)
             }
-            None => Err(format!("bench-server {args:?} said {line:?}")),
+            None => Err(format!("{what} said {line:?}")),
         },
-        Ok(Err(e)) => Err(format!("bench-server {args:?}: {e}")),
-        Err(_) => Err(format!("bench-server {args:?}: no address within 20 s")),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no address within 20 s")),
     }
 }
 

@@ -3,9 +3,8 @@
 //! byte for byte against its request. Reports lost and mismatched replies (any is a failure),
 //! latency percentiles and the rates.
 
-use std::io::{BufRead as _, BufReader, IsTerminal as _};
+use std::io::IsTerminal as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,57 +133,19 @@ fn make_request(client: usize, index: u64) -> xcp::Result<(usize, Outgoing)> {
     Ok((slot, out))
 }
 
-/// `xcp serve` (this same executable) as a child; killed when dropped.
-struct ServeChild {
-    child: Child,
-    url: String,
-}
-
-impl Drop for ServeChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_serve() -> Result<ServeChild, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the xcp binary: {e}"))?;
-    let mut child = Command::new(&exe)
-        .args([
-            "serve",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--attach",
-            "inline",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {} serve: {e}", exe.display()))?;
-    let stdout = child.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-        let _ = tx.send(r);
-    });
-    let mut server = ServeChild {
-        child,
-        url: String::new(),
-    };
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Ok(line)) => match line.trim().strip_prefix("listening on ") {
-            Some(url) => {
-                server.url = url.to_string();
-                Ok(server)
-            }
-            None => Err(format!("xcp serve said {line:?}")),
-        },
-        Ok(Err(e)) => Err(format!("xcp serve: {e}")),
-        Err(_) => Err("xcp serve: no address within 20 s".into()),
-    }
+/// `xcp serve` (this same executable) as a child, offering no handles; killed when dropped.
+fn start_serve() -> Result<super::client::ServerProc, String> {
+    let args: Vec<String> = [
+        "serve",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--attach",
+        "inline",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    super::client::spawn_listening(&args, None, Some("warn"))
 }
 
 /// One client: a session, `window` tasks taking message numbers from a shared counter.
