@@ -74,6 +74,8 @@ pub struct SessionConfig {
     /// A server's limit on bytes pending reassembly across all its connections (each one is
     /// also bounded by its `max_message_bytes`). A chunk beyond it gets NACK `ERR_BUSY`.
     pub server_reassembly_bytes: u64,
+    /// How streams are opened: epoll or io_uring (and, across hosts, TLS).
+    pub transport: crate::transport::TransportConfig,
 }
 
 /// How attachments travel (SPEC §6 `shared_mem`/`attach`, §7).
@@ -130,6 +132,7 @@ impl Default for SessionConfig {
             attach: AttachConfig::default(),
             max_connections: 4096,
             server_reassembly_bytes: 1 << 30,
+            transport: crate::transport::TransportConfig::default(),
         }
     }
 }
@@ -171,7 +174,7 @@ impl Session {
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
     pub async fn connect(url: &str, config: SessionConfig) -> Result<Session> {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let stream = match tokio::time::timeout_at(deadline, Stream::connect(url)).await {
+        let stream = match tokio::time::timeout_at(deadline, Stream::connect_with(url, &config.transport)).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Error::Timeout(format!(
@@ -507,7 +510,7 @@ const ACCEPT_QUEUE: usize = 128;
 impl Server {
     /// Binds `url` (`tcp://host:port`, port 0 for any; or `unix:///path`) and starts accepting.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
-        let listener = Listener::bind(url).await?;
+        let listener = Listener::bind_with(url, &config.transport).await?;
         let local_url = listener.local_url();
         let socket_file = listener.socket_file();
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);

