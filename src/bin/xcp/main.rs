@@ -175,6 +175,13 @@ pub struct ConnArgs {
 
     #[command(flatten)]
     pub key: KeyArgs,
+
+    /// Which kernel interface moves the bytes: `epoll` (readiness, through tokio), `uring`
+    /// (completion-based io_uring; fails with the reason where the kernel refuses it) or
+    /// `auto` (io_uring where a probe at start-up shows it works, else epoll with one log
+    /// line).
+    #[arg(long, value_name = "epoll|uring|auto", default_value = "auto")]
+    pub io: xcp::transport::IoMode,
 }
 
 impl ConnArgs {
@@ -198,6 +205,7 @@ impl ConnArgs {
         SessionConfig {
             conn,
             request_timeout,
+            transport: xcp::transport::TransportConfig { io: self.io },
             ..SessionConfig::default()
         }
     }
