@@ -246,6 +246,24 @@ impl OutQueue {
         self.bytes == 0
     }
 
+    /// Freezes the coalescing tail into a segment, so every queued byte is in a `Bytes` that
+    /// an io_uring send can own while the kernel has it.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let tail = self.tail.split().freeze();
+            self.segs.push_back(tail);
+        }
+    }
+
+    /// The segments of the next write, as shared `Bytes` (after [`OutQueue::seal_tail`]).
+    fn owned(&self) -> Vec<Bytes> {
+        let limit = self
+            .later_fds
+            .front()
+            .map_or(MAX_IOVECS, |(at, _)| (*at).clamp(1, MAX_IOVECS));
+        self.segs.iter().take(limit).cloned().collect()
+    }
+
     /// The descriptors to send with the next write, if any.
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.front_fds.iter().map(|f| f.as_fd()).collect()
@@ -529,16 +547,26 @@ impl Driver {
                     .map(|t| self.timer_hold.map_or(t, |h| t.max(h)))
             };
             let has_out = !self.out.is_empty();
+            let uring_write = matches!(self.wr, WriteHalf::Uring(_));
+            if uring_write && has_out {
+                self.out.seal_tail();
+            }
+            let owned = if uring_write && has_out {
+                self.out.owned()
+            } else {
+                Vec::new()
+            };
             let slices = self.out.slices();
             let out_fds = self.out.fds();
             let fd_reads = self.fd_reads;
             let rbuf_spare = self.rbuf.capacity() - self.rbuf.len();
-            if can_read && rbuf_spare < READ_CHUNK / 4 {
+            let read_busy = matches!(&self.rd, ReadHalf::Uring(r) if r.busy());
+            if can_read && !read_busy && rbuf_spare < READ_CHUNK / 4 {
                 let want = self.conn.bytes_wanted(&self.rbuf).max(READ_CHUNK);
                 self.rbuf.reserve(want);
             }
             let step = tokio::select! {
-                r = write_out(&mut self.wr, &slices, &out_fds), if has_out => Step::Wrote(r),
+                r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out => Step::Wrote(r),
                 r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads), if can_read => Step::Read(r),
                 id = self.release_rx.recv() => Step::Release(id),
                 p = self.recv_tx.reserve(), if paused && !closed => match p {
@@ -553,7 +581,7 @@ impl Driver {
                 c = self.cmd_rx.recv(), if take_cmds => Step::Command(c),
                 _ = sleep_until(deadline), if deadline.is_some() => Step::Timer,
             };
-            drop((slices, out_fds));
+            drop((slices, out_fds, owned));
             match step {
                 Step::Wrote(Ok(0)) => self.io_failed(std::io::ErrorKind::WriteZero.into(), "write"),
                 Step::Wrote(Ok(n)) => {
@@ -1107,12 +1135,17 @@ impl Driver {
     }
 }
 
-/// One write: vectored, with descriptors attached when there are any.
+/// One write: vectored, with descriptors attached when there are any. io_uring sends `owned`
+/// (the same bytes as `slices`, as `Bytes` the kernel can hold while the send is in flight).
 async fn write_out(
     wr: &mut WriteHalf,
     slices: &[IoSlice<'_>],
+    owned: &[Bytes],
     fds: &[BorrowedFd<'_>],
 ) -> std::io::Result<usize> {
+    if let WriteHalf::Uring(w) = wr {
+        return w.send_owned(owned, fds).await;
+    }
     if fds.is_empty() {
         wr.write_vectored(slices).await
     } else {
@@ -1130,6 +1163,22 @@ async fn read_in(
     fd_reads: bool,
 ) -> std::io::Result<usize> {
     let start = *rx_total;
+    if let ReadHalf::Uring(r) = rd {
+        // Straight into the read buffer, descriptors included: no scratch copy.
+        let mut got = Vec::new();
+        let n = r
+            .read_owned(rbuf, if fd_reads { Some(&mut got) } else { None })
+            .await?;
+        *rx_total += n as u64;
+        if !got.is_empty() {
+            fds.push_back(FdGroup {
+                start,
+                end: start + n as u64,
+                fds: got,
+            });
+        }
+        return Ok(n);
+    }
     if !fd_reads {
         let n = rd.read_buf(rbuf).await?;
         *rx_total += n as u64;

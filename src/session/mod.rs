@@ -174,15 +174,18 @@ impl Session {
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
     pub async fn connect(url: &str, config: SessionConfig) -> Result<Session> {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let stream = match tokio::time::timeout_at(deadline, Stream::connect_with(url, &config.transport)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::Timeout(format!(
-                    "connect {url}: no connection within {:?}",
-                    config.connect_timeout
-                )))
-            }
-        };
+        let stream =
+            match tokio::time::timeout_at(deadline, Stream::connect_with(url, &config.transport))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::Timeout(format!(
+                        "connect {url}: no connection within {:?}",
+                        config.connect_timeout
+                    )))
+                }
+            };
         let peer = stream.peer_label();
         start(stream, peer, Role::Initiator, &config, deadline, None).await
     }
@@ -412,7 +415,7 @@ async fn start(
     let (connected_tx, connected_rx) = oneshot::channel();
     let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
-    let unix = matches!(stream, Stream::Unix(_));
+    let unix = stream.is_unix();
     let offered: Vec<Scheme> = config
         .attach
         .schemes
@@ -510,11 +513,16 @@ const ACCEPT_QUEUE: usize = 128;
 impl Server {
     /// Binds `url` (`tcp://host:port`, port 0 for any; or `unix:///path`) and starts accepting.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
+        let ring = match (&config.transport.ring, config.transport.io) {
+            (_, crate::transport::IoMode::Epoll) => None,
+            (Some(r), _) => Some(r.clone()),
+            (None, mode) => crate::transport::uring::resolve(mode)?,
+        };
         let listener = Listener::bind_with(url, &config.transport).await?;
         let local_url = listener.local_url();
         let socket_file = listener.socket_file();
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-        let accept_task = tokio::spawn(accept_loop(listener, config, tx));
+        let accept_task = tokio::spawn(accept_loop(listener, config, ring, tx));
         tracing::info!("listening on {local_url}");
         Ok(Server {
             local_url,
@@ -594,7 +602,14 @@ async fn refuse_busy(mut stream: Stream, peer: String, retry_after_ms: u32, live
     .await;
 }
 
-async fn accept_loop(listener: Listener, config: SessionConfig, tx: mpsc::Sender<Session>) {
+/// Accepts connections; with `ring`, each one is handed to io_uring once accepted (all of a
+/// server's connections share its ring).
+async fn accept_loop(
+    listener: Listener,
+    config: SessionConfig,
+    ring: Option<crate::transport::uring::Ring>,
+    tx: mpsc::Sender<Session>,
+) {
     let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut config = config;
     if config.conn.reassembly_budget.is_none() {
@@ -626,6 +641,13 @@ async fn accept_loop(listener: Listener, config: SessionConfig, tx: mpsc::Sender
             });
             continue;
         }
+        let stream = match stream.with_ring(ring.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("{peer}: could not hand the connection to io_uring: {e}");
+                continue;
+            }
+        };
         let config = config.clone();
         let tx = tx.clone();
         tokio::spawn(async move {

@@ -19,10 +19,15 @@
 //! let (server_side, peer) = listener.accept().await?;
 //! # drop((client, server_side, peer)); Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod tcp;
 mod unix;
+#[cfg(feature = "uring")]
+pub mod uring;
+#[cfg(not(feature = "uring"))]
+#[path = "uring_off.rs"]
+pub mod uring;
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -88,7 +93,7 @@ impl std::str::FromStr for Url {
 }
 
 /// Which kernel interface moves a stream's bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoMode {
     /// Readiness-based I/O through tokio's reactor (epoll).
     Epoll,
@@ -96,7 +101,6 @@ pub enum IoMode {
     /// refuses it.
     Uring,
     /// io_uring where a probe at start-up shows it works, else epoll with one log line.
-    #[default]
     Auto,
 }
 
@@ -125,20 +129,68 @@ impl std::str::FromStr for IoMode {
     }
 }
 
+/// The process-wide default I/O mode: 0 unset, else `1 + IoMode as u8`.
+static DEFAULT_IO: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the I/O mode that [`TransportConfig::default`] (and so `SessionConfig::default`)
+/// uses from now on in this process. Without it, the default is read once from the
+/// environment variable `XCP_IO` (`epoll`, `uring` or `auto`), else [`IoMode::Epoll`].
+pub fn set_default_io(mode: IoMode) {
+    let v = match mode {
+        IoMode::Epoll => 1,
+        IoMode::Uring => 2,
+        IoMode::Auto => 3,
+    };
+    DEFAULT_IO.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The I/O mode [`TransportConfig::default`] uses (see [`set_default_io`]).
+pub fn default_io() -> IoMode {
+    match DEFAULT_IO.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => IoMode::Epoll,
+        2 => IoMode::Uring,
+        3 => IoMode::Auto,
+        _ => {
+            static FROM_ENV: std::sync::OnceLock<IoMode> = std::sync::OnceLock::new();
+            *FROM_ENV.get_or_init(|| match std::env::var("XCP_IO") {
+                Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| {
+                    tracing::warn!("XCP_IO: {e}; using epoll");
+                    IoMode::Epoll
+                }),
+                _ => IoMode::Epoll,
+            })
+        }
+    }
+}
+
 /// How streams are opened: the I/O interface (and, across hosts, the TLS settings).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TransportConfig {
     /// epoll, io_uring, or io_uring where available.
     pub io: IoMode,
+    /// With io_uring: the ring a client's connections share (a new one per connection when
+    /// unset; a server always shares one among the connections it accepts).
+    pub ring: Option<uring::Ring>,
 }
 
-/// A connected byte stream: TCP or a Unix-domain socket.
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            io: default_io(),
+            ring: None,
+        }
+    }
+}
+
+/// A connected byte stream: TCP or a Unix-domain socket, through epoll or io_uring.
 #[derive(Debug)]
 pub enum Stream {
     /// A TCP connection.
     Tcp(TcpStream),
     /// A Unix-domain stream socket.
     Unix(UnixStream),
+    /// A TCP or Unix stream driven by io_uring.
+    Uring(uring::UringStream, String),
 }
 
 impl Stream {
@@ -150,10 +202,43 @@ impl Stream {
         }
     }
 
-    /// Connects to `url` as `config` says (see [`TransportConfig`]).
+    /// Connects to `url` as `config` says (see [`TransportConfig`]): through io_uring when
+    /// its `io` mode asks for it (on the configured shared ring, or on a ring of its own).
     pub async fn connect_with(url: &str, config: &TransportConfig) -> Result<Stream> {
-        let _ = config;
-        Stream::connect(url).await
+        let ring = match (&config.ring, config.io) {
+            (_, IoMode::Epoll) => None,
+            (Some(r), _) => Some(r.clone()),
+            (None, mode) => uring::resolve(mode)?,
+        };
+        let s = Stream::connect(url).await?;
+        s.with_ring(ring)
+    }
+
+    /// Hands the stream to `ring` (io_uring); `None` keeps it on epoll.
+    pub fn with_ring(self, ring: Option<uring::Ring>) -> Result<Stream> {
+        let Some(ring) = ring else { return Ok(self) };
+        let label = self.peer_label();
+        let (fd, unix): (std::os::fd::OwnedFd, bool) = match self {
+            Stream::Tcp(s) => (s.into_std()?.into(), false),
+            Stream::Unix(s) => (s.into_std()?.into(), true),
+            s @ Stream::Uring(..) => return Ok(s),
+        };
+        let u = uring::UringStream::new(fd, unix, ring)?;
+        Ok(Stream::Uring(u, label))
+    }
+
+    /// Whether this is a Unix-domain socket (descriptors can be passed).
+    pub fn is_unix(&self) -> bool {
+        match self {
+            Stream::Tcp(_) => false,
+            Stream::Unix(_) => true,
+            Stream::Uring(u, _) => u.is_unix(),
+        }
+    }
+
+    /// Whether io_uring moves this stream's bytes.
+    pub fn is_uring(&self) -> bool {
+        matches!(self, Stream::Uring(..))
     }
 
     /// A description of the peer for logs: `tcp://ip:port` or `unix://path`.
@@ -164,6 +249,7 @@ impl Stream {
                 Err(_) => "tcp://?".to_string(),
             },
             Stream::Unix(s) => unix::peer_label(s),
+            Stream::Uring(_, label) => label.clone(),
         }
     }
 
@@ -177,6 +263,10 @@ impl Stream {
             Stream::Unix(s) => {
                 let (r, w) = s.into_split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+            Stream::Uring(s, _) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Uring(r), WriteHalf::Uring(w))
             }
         }
     }
@@ -193,6 +283,7 @@ macro_rules! delegate_read {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Uring(s, ..) => Pin::new(s).poll_read(cx, buf),
                 }
             }
         }
@@ -210,6 +301,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Uring(s, ..) => Pin::new(s).poll_write(cx, buf),
                 }
             }
 
@@ -221,6 +313,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Uring(s, ..) => Pin::new(s).poll_write_vectored(cx, bufs),
                 }
             }
 
@@ -232,6 +325,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
                     $ty::Unix(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Uring(s, ..) => Pin::new(s).poll_flush(cx),
                 }
             }
 
@@ -239,6 +333,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Unix(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Uring(s, ..) => Pin::new(s).poll_shutdown(cx),
                 }
             }
         }
@@ -252,6 +347,8 @@ pub enum ReadHalf {
     Tcp(tokio_tcp::OwnedReadHalf),
     /// Unix-domain socket.
     Unix(tokio_unix::OwnedReadHalf),
+    /// io_uring.
+    Uring(uring::UringRead),
 }
 
 /// The owned write half of a [`Stream`]. Shutting it down (`AsyncWriteExt::shutdown`) sends
@@ -262,6 +359,8 @@ pub enum WriteHalf {
     Tcp(tokio_tcp::OwnedWriteHalf),
     /// Unix-domain socket.
     Unix(tokio_unix::OwnedWriteHalf),
+    /// io_uring.
+    Uring(uring::UringWrite),
 }
 
 delegate_read!(Stream);
@@ -342,7 +441,11 @@ pub const MAX_FDS_PER_READ: usize = 16;
 impl ReadHalf {
     /// Whether file descriptors can arrive on this stream (`SCM_RIGHTS`, Unix sockets only).
     pub fn passes_fds(&self) -> bool {
-        matches!(self, ReadHalf::Unix(_))
+        match self {
+            ReadHalf::Tcp(_) => false,
+            ReadHalf::Unix(_) => true,
+            ReadHalf::Uring(r) => r.is_unix(),
+        }
     }
 
     /// Receives into `scratch` with `recvmsg`, appending any descriptors that came with the
@@ -358,6 +461,7 @@ impl ReadHalf {
         let s: &UnixStream = match &mut *self {
             ReadHalf::Tcp(r) => return r.read(scratch).await,
             ReadHalf::Unix(r) => (*r).as_ref(),
+            ReadHalf::Uring(r) => return r.read_copy_with_fds(scratch, fds).await,
         };
         loop {
             s.readable().await?;
@@ -375,7 +479,11 @@ impl ReadHalf {
 impl WriteHalf {
     /// Whether file descriptors can be sent on this stream.
     pub fn passes_fds(&self) -> bool {
-        matches!(self, WriteHalf::Unix(_))
+        match self {
+            WriteHalf::Tcp(_) => false,
+            WriteHalf::Unix(_) => true,
+            WriteHalf::Uring(w) => w.is_unix(),
+        }
     }
 
     /// Writes `slices` with `fds` attached to their first byte (`SCM_RIGHTS`). Returns the
@@ -385,6 +493,13 @@ impl WriteHalf {
         slices: &[IoSlice<'_>],
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> io::Result<usize> {
+        if let WriteHalf::Uring(w) = self {
+            let owned: Vec<bytes::Bytes> = slices
+                .iter()
+                .map(|s| bytes::Bytes::copy_from_slice(s))
+                .collect();
+            return w.send_owned(&owned, fds).await;
+        }
         let WriteHalf::Unix(w) = self else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,

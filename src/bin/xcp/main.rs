@@ -205,7 +205,10 @@ impl ConnArgs {
         SessionConfig {
             conn,
             request_timeout,
-            transport: xcp::transport::TransportConfig { io: self.io },
+            transport: xcp::transport::TransportConfig {
+                io: self.io,
+                ..Default::default()
+            },
             ..SessionConfig::default()
         }
     }

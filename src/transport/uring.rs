@@ -1,0 +1,987 @@
+//! The io_uring transport: completion-based socket I/O under the same framing.
+//!
+//! Built on the raw `io-uring` crate behind this small driver of our own (tokio-uring has had
+//! no maintainer since 2025). It is a byte-stream transport like the others: the session
+//! driver, and so the peer, cannot tell it from epoll.
+//!
+//! # How it works
+//! - A [`Ring`] is one `io_uring` instance shared by many connections (a server uses one for
+//!   every connection it accepts). Its completion queue signals an `eventfd` registered with
+//!   the ring; one small tokio task per ring (the *reaper*) waits on that eventfd through
+//!   tokio's reactor, drains every completion of every connection in one pass and wakes the
+//!   tasks whose operations finished. The operations themselves are submitted directly by the
+//!   task that wants them (one `io_uring_enter`), with no hop through another thread.
+//! - Every operation **owns its buffers** while the kernel has it: a receive owns the
+//!   connection's `BytesMut` read buffer and fills its spare capacity in place (no scratch
+//!   copy, descriptors included: `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the same
+//!   buffer); a send owns clones of the frames' `Bytes` (prefix+header, payload, CRC) in one
+//!   `IORING_OP_SENDMSG` with an iovec each, so payloads are never copied or concatenated.
+//! - Operations are cancel-safe in the sense the session driver needs: a future that is
+//!   dropped leaves its operation in flight, and the next call on the same half returns that
+//!   operation's result. A half dropped with an operation in flight submits a cancel; the
+//!   buffers stay with the ring until the kernel gives them back.
+//! - Sends use `MSG_WAITALL`, so a large frame is pushed by the kernel until it is all out
+//!   instead of costing a round trip through user space per partial write.
+//! - Connecting and accepting stay on tokio (they happen once per connection); the stream is
+//!   then handed to the ring.
+//! - `SEND_ZC` is not used: every peer this transport serves today is local, where the kernel
+//!   copies anyway and zero-copy sends measured ~2x slower (ARCHITECTURE.md).
+//!
+//! # Selection
+//! [`IoMode`](super::IoMode): `epoll`, `uring` or `auto`. [`probe`] builds a ring and runs a
+//! NOP through it once per process; `auto` falls back to epoll with one log line where that
+//! fails (old kernels, `kernel.io_uring_disabled`, seccomp profiles of containers), and an
+//! explicit `uring` fails with the reason and how to proceed. Setting the environment variable
+//! `XCP_URING_DISABLE=1` makes the probe fail, to try that path.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use io_uring::{opcode, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::MAX_FDS_PER_READ;
+use crate::error::{Error, Result};
+
+/// Submission queue entries per ring.
+const SQ_ENTRIES: u32 = 1024;
+/// Completion queue entries per ring: room for a few operations per connection of thousands.
+const CQ_ENTRIES: u32 = 16384;
+/// The most buffers in one send.
+const MAX_IOVECS: usize = 64;
+/// Read at least this much per receive.
+const READ_CHUNK: usize = 64 * 1024;
+/// The user data of cancel requests, whose completions are ignored.
+const CANCEL_UD: u64 = u64::MAX;
+/// Largest copy made by the `AsyncWrite` path (used outside the session driver's hot path).
+const COPY_WRITE_MAX: usize = 256 * 1024;
+
+/// Why io_uring cannot be used here, or `Ok` when it can (probed once per process).
+pub fn probe() -> std::result::Result<(), String> {
+    static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(run_probe).clone()
+}
+
+fn run_probe() -> std::result::Result<(), String> {
+    if std::env::var_os("XCP_URING_DISABLE").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Err("disabled by the environment variable XCP_URING_DISABLE".to_string());
+    }
+    let ring = IoUring::new(8).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS; it needs Linux 5.6 or later)".to_string(),
+        Some(libc::EPERM) => "the kernel refused io_uring_setup (EPERM): the sysctl kernel.io_uring_disabled or a seccomp profile (common in containers) forbids it".to_string(),
+        _ => format!("io_uring_setup failed: {e}"),
+    })?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe registration failed: {e}"))?;
+    for (code, name) in [
+        (opcode::Recv::CODE, "RECV"),
+        (opcode::RecvMsg::CODE, "RECVMSG"),
+        (opcode::SendMsg::CODE, "SENDMSG"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "this kernel's io_uring lacks IORING_OP_{name} (it needs Linux 5.6 or later)"
+            ));
+        }
+    }
+    // A ring that can be set up may still be refused at enter (seccomp): run one NOP.
+    let nop = opcode::Nop::new().build().user_data(7);
+    let mut ring = ring;
+    // SAFETY: a NOP references no memory.
+    unsafe { ring.submission().push(&nop) }.map_err(|_| "io_uring queue full".to_string())?;
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring_enter failed: {e}"))?;
+    let done = ring
+        .completion()
+        .next()
+        .map(|c| (c.user_data(), c.result()));
+    match done {
+        Some((7, r)) if r >= 0 => Ok(()),
+        Some((_, r)) => Err(format!("an io_uring NOP failed with {r}")),
+        None => Err("an io_uring NOP did not complete".to_string()),
+    }
+}
+
+/// io_uring cannot serve here: an I/O error of kind `Unsupported` with the reason.
+fn unavailable(why: impl Into<String>) -> Error {
+    Error::Io(io::Error::new(io::ErrorKind::Unsupported, why.into()))
+}
+
+/// The ring to use for `mode`: `None` means epoll. An explicit `uring` that cannot work is an
+/// error that says why and what to do; `auto` logs once and falls back to epoll.
+pub fn resolve(mode: super::IoMode) -> Result<Option<Ring>> {
+    match mode {
+        super::IoMode::Epoll => Ok(None),
+        super::IoMode::Uring => match probe() {
+            Ok(()) => Ring::new().map(Some),
+            Err(why) => Err(unavailable(format!(
+                "io_uring is not available: {why}; use --io epoll (or auto), or allow io_uring \
+                 (sysctl kernel.io_uring_disabled=0; a seccomp profile that permits \
+                 io_uring_setup and io_uring_enter)"
+            ))),
+        },
+        super::IoMode::Auto => match probe().map_err(unavailable).and_then(|()| Ring::new()) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| tracing::info!("io_uring unavailable ({e}); using epoll"));
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// One io_uring instance and its reaper task, shared by many connections. Cloning shares it.
+/// The reaper ends (and the ring closes) once every handle is dropped and every operation has
+/// come back from the kernel.
+pub struct Ring {
+    inner: Arc<RingInner>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.inner.lock();
+        f.debug_struct("Ring")
+            .field("in_flight", &st.in_flight)
+            .field("handles", &self.inner.handles.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Clone for Ring {
+    fn clone(&self) -> Ring {
+        self.inner.handles.fetch_add(1, Ordering::AcqRel);
+        Ring {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last handle: let the reaper see it and end once the kernel is done.
+            self.inner.kick();
+        }
+    }
+}
+
+struct RingInner {
+    uring: IoUring,
+    state: Mutex<State>,
+    /// The eventfd the kernel signals on completions (the reaper owns the async side).
+    efd: OwnedFd,
+    handles: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+}
+
+struct Slot {
+    generation: u32,
+    phase: Phase,
+    res: Res,
+}
+
+enum Phase {
+    Free,
+    Pending(Option<Waker>),
+    Done(i32),
+    /// Its owner went away; the buffers are freed when the kernel gives them back.
+    Orphan,
+}
+
+/// What an operation owns while the kernel has it. Every pointer the kernel holds points into
+/// heap memory owned here, so moving a `Res` (or the slot table growing) moves no target.
+enum Res {
+    None,
+    Recv {
+        buf: BytesMut,
+        start: usize,
+    },
+    RecvMsg {
+        buf: BytesMut,
+        start: usize,
+        msg: Box<Msg>,
+    },
+    Send {
+        _bufs: Vec<Bytes>,
+        _msg: Box<Msg>,
+        _fds: Vec<OwnedFd>,
+    },
+}
+
+/// A `msghdr` with the iovecs and control buffer it points to.
+struct Msg {
+    hdr: libc::msghdr,
+    iov: Vec<libc::iovec>,
+    /// `u64` words keep the control buffer aligned for `cmsghdr`.
+    control: Vec<u64>,
+}
+
+// SAFETY: the raw pointers in `Msg` point only into memory that the same `Res` owns (its
+// iovecs, its control buffer, its `Bytes`/`BytesMut`); nothing in them is thread-bound.
+unsafe impl Send for Msg {}
+
+impl RingInner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the reaper (it re-checks whether it is still needed).
+    fn kick(&self) {
+        let _ = rustix::io::write(&self.efd, &1u64.to_ne_bytes());
+    }
+
+    /// Moves every completion to its slot; returns the wakers to call (after unlocking).
+    fn reap_locked(&self, st: &mut State, wake: &mut Vec<Waker>) {
+        // SAFETY: the completion queue is only touched with the state lock held.
+        let cq = unsafe { self.uring.completion_shared() };
+        for cqe in cq {
+            let ud = cqe.user_data();
+            if ud == CANCEL_UD {
+                continue;
+            }
+            let idx = (ud & 0xffff_ffff) as usize;
+            let generation = (ud >> 32) as u32;
+            let Some(slot) = st.slots.get_mut(idx) else {
+                continue;
+            };
+            if slot.generation != generation {
+                continue;
+            }
+            match std::mem::replace(&mut slot.phase, Phase::Done(cqe.result())) {
+                Phase::Pending(w) => {
+                    if let Some(w) = w {
+                        wake.push(w);
+                    }
+                }
+                Phase::Orphan => {
+                    slot.phase = Phase::Free;
+                    slot.res = Res::None;
+                    st.free.push(idx as u32);
+                    st.in_flight -= 1;
+                }
+                other => slot.phase = other,
+            }
+        }
+    }
+
+    fn reap(&self) {
+        let mut wake = Vec::new();
+        let flush = {
+            let mut st = self.lock();
+            self.reap_locked(&mut st, &mut wake);
+            // SAFETY: the submission queue is only touched with the state lock held: dropping
+            // the handle stores its cached tail, which must never race a push.
+            let sq = unsafe { self.uring.submission_shared() };
+            // Entries that did not go in (a busy kernel) go now; completions the kernel could
+            // not post (a full completion queue) are flushed by an enter.
+            !sq.is_empty() || sq.cq_overflow()
+        };
+        for w in wake {
+            w.wake();
+        }
+        if flush {
+            let _ = self.uring.submitter().submit();
+        }
+    }
+
+    /// Queues one operation and submits it. `entry` points into heap memory that `res` owns
+    /// (so moving `res` into its slot moves nothing the kernel sees).
+    fn submit(&self, res: Res, entry: io_uring::squeue::Entry) -> io::Result<u64> {
+        let ud;
+        {
+            let mut st = self.lock();
+            let idx = match st.free.pop() {
+                Some(i) => i as usize,
+                None => {
+                    st.slots.push(Slot {
+                        generation: 0,
+                        phase: Phase::Free,
+                        res: Res::None,
+                    });
+                    st.slots.len() - 1
+                }
+            };
+            let slot = &mut st.slots[idx];
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.phase = Phase::Pending(None);
+            // The buffers' heap addresses do not change when `res` moves into the slot.
+            slot.res = res;
+            ud = (u64::from(slot.generation) << 32) | idx as u64;
+            let entry = entry.user_data(ud);
+            st.in_flight += 1;
+            if let Err(e) = self.push(&entry) {
+                let slot = &mut st.slots[idx];
+                slot.phase = Phase::Free;
+                slot.res = Res::None;
+                st.free.push(idx as u32);
+                st.in_flight -= 1;
+                return Err(e);
+            }
+        }
+        match self.uring.submitter().submit() {
+            Ok(_) => {}
+            // The entry stays queued; the reaper submits it with the next completion.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(ud)
+    }
+
+    /// Pushes an entry (the state lock is held by the caller).
+    fn push(&self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        for _ in 0..2 {
+            // SAFETY: the submission queue is only touched with the state lock held, and the
+            // entry points into memory its slot owns until the completion comes back.
+            let pushed = unsafe { self.uring.submission_shared().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Full: hand what is queued to the kernel, then try once more.
+            self.uring.submitter().submit()?;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "the io_uring submission queue is full",
+        ))
+    }
+
+    /// Polls operation `ud`: its result and resources once the kernel is done.
+    fn poll_op(&self, ud: u64, cx: &mut Context<'_>) -> Poll<(i32, Res)> {
+        let mut wake = Vec::new();
+        let out = {
+            let mut st = self.lock();
+            self.reap_locked(&mut st, &mut wake);
+            let idx = (ud & 0xffff_ffff) as usize;
+            let slot = &mut st.slots[idx];
+            debug_assert_eq!(slot.generation, (ud >> 32) as u32);
+            match &mut slot.phase {
+                Phase::Done(r) => {
+                    let r = *r;
+                    slot.phase = Phase::Free;
+                    let res = std::mem::replace(&mut slot.res, Res::None);
+                    st.free.push(idx as u32);
+                    st.in_flight -= 1;
+                    Poll::Ready((r, res))
+                }
+                Phase::Pending(w) => {
+                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *w = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                Phase::Free | Phase::Orphan => Poll::Ready((-libc::ECANCELED, Res::None)),
+            }
+        };
+        for w in wake {
+            w.wake();
+        }
+        out
+    }
+
+    /// Gives up on operation `ud`: cancels it in the kernel (when `cancel`) and frees its
+    /// buffers once it comes back.
+    fn orphan(&self, ud: u64, cancel: bool) {
+        let mut st = self.lock();
+        let idx = (ud & 0xffff_ffff) as usize;
+        let Some(slot) = st.slots.get_mut(idx) else {
+            return;
+        };
+        if slot.generation != (ud >> 32) as u32 {
+            return;
+        }
+        match slot.phase {
+            Phase::Done(_) => {
+                slot.phase = Phase::Free;
+                slot.res = Res::None;
+                st.free.push(idx as u32);
+                st.in_flight -= 1;
+            }
+            Phase::Pending(_) => {
+                slot.phase = Phase::Orphan;
+                if cancel {
+                    let entry = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
+                    if self.push(&entry).is_ok() {
+                        drop(st);
+                        let _ = self.uring.submitter().submit();
+                    }
+                }
+            }
+            Phase::Free | Phase::Orphan => {}
+        }
+    }
+}
+
+impl Drop for RingInner {
+    fn drop(&mut self) {
+        // Only reached with nothing in flight (the reaper holds the ring until then), except
+        // when the runtime is torn down under it: then the buffers the kernel may still write
+        // are leaked, never freed under it.
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.in_flight > 0 {
+            for slot in st.slots.drain(..) {
+                if matches!(slot.phase, Phase::Pending(_) | Phase::Orphan) {
+                    std::mem::forget(slot.res);
+                }
+            }
+        }
+    }
+}
+
+impl Ring {
+    /// A new ring with its reaper task on the current tokio runtime.
+    pub fn new() -> Result<Ring> {
+        let uring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)
+            .map_err(|e| unavailable(format!("io_uring_setup: {e}")))?;
+        let efd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| Error::Io(io::Error::other(format!("eventfd: {e}"))))?;
+        uring
+            .submitter()
+            .register_eventfd(efd.as_raw_fd())
+            .map_err(|e| unavailable(format!("io_uring eventfd registration: {e}")))?;
+        let efd2 = efd.try_clone().map_err(Error::Io)?;
+        // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which keeps it open (and the same
+        // descriptor) until it is dropped.
+        let async_efd =
+            unsafe { AsyncFd::register_with_interest(efd2, tokio::io::Interest::READABLE) }
+                .map_err(|e| Error::Io(io::Error::other(format!("eventfd registration: {e}"))))?;
+        let inner = Arc::new(RingInner {
+            uring,
+            state: Mutex::new(State::default()),
+            efd,
+            handles: AtomicUsize::new(1),
+        });
+        tokio::spawn(reaper(inner.clone(), async_efd));
+        Ok(Ring { inner })
+    }
+
+    /// Operations the kernel has not given back yet.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().in_flight
+    }
+}
+
+/// Waits for completions and hands them out, until the ring is unused and idle.
+async fn reaper(inner: Arc<RingInner>, efd: AsyncFd<OwnedFd>) {
+    loop {
+        let r = efd.readable().await;
+        let mut guard = match r {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("io_uring reaper: eventfd: {e}");
+                return;
+            }
+        };
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(efd.get_ref(), &mut counter);
+        guard.clear_ready();
+        inner.reap();
+        if inner.handles.load(Ordering::Acquire) == 0 && inner.lock().in_flight == 0 {
+            return;
+        }
+    }
+}
+
+/// A connected socket driven by a [`Ring`].
+#[derive(Debug)]
+pub struct UringStream {
+    read: UringRead,
+    write: UringWrite,
+}
+
+#[derive(Debug)]
+struct Sock {
+    fd: OwnedFd,
+    ring: Ring,
+    unix: bool,
+}
+
+impl UringStream {
+    /// Takes over a connected TCP or Unix stream (blocking mode: the ring, not the socket,
+    /// decides when to wait).
+    pub(crate) fn new(fd: OwnedFd, unix: bool, ring: Ring) -> io::Result<UringStream> {
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags - rustix::fs::OFlags::NONBLOCK)?;
+        let sock = Arc::new(Sock { fd, ring, unix });
+        Ok(UringStream {
+            read: UringRead {
+                sock: sock.clone(),
+                pending: None,
+                leftover: BytesMut::new(),
+            },
+            write: UringWrite {
+                sock,
+                pending: None,
+                shut: false,
+            },
+        })
+    }
+
+    /// Whether this is a Unix-domain socket (descriptors can be passed).
+    pub fn is_unix(&self) -> bool {
+        self.read.sock.unix
+    }
+
+    /// Splits into halves that can be used at once from one task.
+    pub fn into_split(self) -> (UringRead, UringWrite) {
+        (self.read, self.write)
+    }
+
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.sock.fd.as_fd()
+    }
+}
+
+/// The read half of a [`UringStream`].
+#[derive(Debug)]
+pub struct UringRead {
+    sock: Arc<Sock>,
+    pending: Option<u64>,
+    /// Bytes received for the `AsyncRead` path but not yet read out.
+    leftover: BytesMut,
+}
+
+/// The write half of a [`UringStream`]. Dropping it (or shutting it down) sends end-of-stream.
+#[derive(Debug)]
+pub struct UringWrite {
+    sock: Arc<Sock>,
+    pending: Option<u64>,
+    shut: bool,
+}
+
+impl UringRead {
+    /// Receives into the spare capacity of `buf` without copying (reserving
+    /// [`READ_CHUNK`] when it has none). With `fds`, descriptors passed with the bytes
+    /// (`SCM_RIGHTS`, close-on-exec) are appended to it.
+    ///
+    /// Cancel-safe: while the receive is in flight the kernel owns the buffer and `buf` is
+    /// left empty; if this future is dropped, the next call waits for the same receive and
+    /// puts the buffer back into its (empty) `buf`.
+    pub async fn read_owned(
+        &mut self,
+        buf: &mut BytesMut,
+        mut fds: Option<&mut Vec<OwnedFd>>,
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_owned(cx, buf, fds.as_deref_mut())).await
+    }
+
+    /// Whether a receive is in flight (its buffer is with the kernel).
+    pub fn busy(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Whether this is a Unix-domain socket (descriptors can be passed).
+    pub fn is_unix(&self) -> bool {
+        self.sock.unix
+    }
+
+    /// Receives into `scratch` (a copy), with descriptors appended to `fds`. The session
+    /// driver uses [`UringRead::read_owned`] instead, which copies nothing. Cancel-safe.
+    pub async fn read_copy_with_fds(
+        &mut self,
+        scratch: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+    ) -> io::Result<usize> {
+        if self.leftover.is_empty() {
+            let mut b = std::mem::take(&mut self.leftover);
+            b.clear();
+            let pass = if self.sock.unix {
+                Some(&mut *fds)
+            } else {
+                None
+            };
+            let mut pass = pass;
+            std::future::poll_fn(|cx| self.poll_read_owned(cx, &mut b, pass.as_deref_mut()))
+                .await?;
+            self.leftover = b;
+        }
+        let n = self.leftover.len().min(scratch.len());
+        scratch[..n].copy_from_slice(&self.leftover.split_to(n));
+        Ok(n)
+    }
+
+    fn poll_read_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        fds: Option<&mut Vec<OwnedFd>>,
+    ) -> Poll<io::Result<usize>> {
+        let ring = &self.sock.ring.inner;
+        let ud = match self.pending {
+            Some(ud) => ud,
+            None => {
+                let mut b = std::mem::take(buf);
+                if b.capacity() - b.len() < READ_CHUNK / 4 {
+                    b.reserve(READ_CHUNK);
+                }
+                let ud = if fds.is_some() {
+                    submit_recvmsg(ring, self.sock.fd.as_raw_fd(), b)
+                } else {
+                    submit_recv(ring, self.sock.fd.as_raw_fd(), b)
+                };
+                match ud {
+                    Ok(ud) => ud,
+                    Err((e, b)) => {
+                        *buf = b;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+        };
+        self.pending = Some(ud);
+        let (r, res) = match ring.poll_op(ud, cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(x) => x,
+        };
+        self.pending = None;
+        debug_assert!(buf.is_empty(), "the read buffer is with the kernel");
+        let (mut b, start, msg) = match res {
+            Res::Recv { buf, start } => (buf, start, None),
+            Res::RecvMsg { buf, start, msg } => (buf, start, Some(msg)),
+            _ => return Poll::Ready(Err(io::Error::other("io_uring receive lost"))),
+        };
+        if r < 0 {
+            *buf = b;
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+        }
+        let n = r as usize;
+        debug_assert!(start + n <= b.capacity());
+        // SAFETY: the kernel wrote `n` bytes into the spare capacity that began at `start`.
+        unsafe { b.set_len(start + n) };
+        *buf = b;
+        if let Some(msg) = msg {
+            let got = take_fds(&msg);
+            match fds {
+                Some(out) => out.extend(got),
+                None => drop(got),
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+fn submit_recv(
+    ring: &RingInner,
+    fd: RawFd,
+    mut buf: BytesMut,
+) -> std::result::Result<u64, (io::Error, BytesMut)> {
+    let start = buf.len();
+    let spare = buf.spare_capacity_mut();
+    let len = u32::try_from(spare.len()).unwrap_or(u32::MAX);
+    // The buffer's heap storage does not move when the `BytesMut` moves into its slot.
+    let entry = opcode::Recv::new(types::Fd(fd), spare.as_mut_ptr().cast::<u8>(), len).build();
+    ring.submit(Res::Recv { buf, start }, entry)
+        .map_err(|e| (e, BytesMut::new()))
+}
+
+fn submit_recvmsg(
+    ring: &RingInner,
+    fd: RawFd,
+    mut buf: BytesMut,
+) -> std::result::Result<u64, (io::Error, BytesMut)> {
+    let start = buf.len();
+    let words = cmsg_space(MAX_FDS_PER_READ * 4).div_ceil(8);
+    let mut msg = Box::new(Msg {
+        // SAFETY: an all-zero msghdr is a valid empty one.
+        hdr: unsafe { std::mem::zeroed() },
+        iov: Vec::with_capacity(1),
+        control: vec![0u64; words],
+    });
+    let spare = buf.spare_capacity_mut();
+    msg.iov.push(libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    });
+    msg.hdr.msg_iov = msg.iov.as_mut_ptr();
+    msg.hdr.msg_iovlen = 1;
+    msg.hdr.msg_control = msg.control.as_mut_ptr().cast();
+    msg.hdr.msg_controllen = words * 8;
+    let hdr: *mut libc::msghdr = &mut msg.hdr;
+    let entry = opcode::RecvMsg::new(types::Fd(fd), hdr)
+        .flags(libc::MSG_CMSG_CLOEXEC as u32)
+        .build();
+    ring.submit(Res::RecvMsg { buf, start, msg }, entry)
+        .map_err(|e| (e, BytesMut::new()))
+}
+
+/// `CMSG_SPACE(len)` on Linux: header and data, each rounded up to 8 bytes.
+fn cmsg_space(len: usize) -> usize {
+    CMSG_HDR + len.div_ceil(8) * 8
+}
+
+/// `sizeof(struct cmsghdr)` on 64-bit Linux.
+const CMSG_HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+
+/// The descriptors of the `SCM_RIGHTS` messages in a completed `recvmsg`.
+fn take_fds(msg: &Msg) -> Vec<OwnedFd> {
+    let len = msg.hdr.msg_controllen.min(msg.control.len() * 8);
+    let bytes: Vec<u8> = msg.control.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let bytes = &bytes[..len];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + CMSG_HDR <= bytes.len() {
+        let word = |at: usize| usize::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
+        let int = |at: usize| i32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
+        let clen = word(off);
+        if clen < CMSG_HDR || off + clen > bytes.len() {
+            break;
+        }
+        let (level, kind) = (int(off + 8), int(off + 12));
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            let mut at = off + CMSG_HDR;
+            while at + 4 <= off + clen {
+                let raw = int(at);
+                if raw >= 0 {
+                    // SAFETY: the kernel just installed this descriptor in our table for us;
+                    // nothing else owns it.
+                    out.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+                at += 4;
+            }
+        }
+        off += clen.div_ceil(8) * 8;
+    }
+    out
+}
+
+impl UringWrite {
+    /// Sends `bufs` (up to 64 of them, in one `sendmsg`), with `fds` attached to the first
+    /// byte when there are any. Returns the bytes sent; the buffers are cloned (`Bytes`
+    /// reference counts), never copied.
+    ///
+    /// Cancel-safe in the driver's sense: if this future is dropped, the send stays in flight
+    /// and the next call returns its result instead of sending what it is given, so callers
+    /// must pass the same leading bytes again (the session's write queue does: it only
+    /// advances on a result).
+    pub async fn send_owned(
+        &mut self,
+        bufs: &[Bytes],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_send_owned(cx, bufs, fds)).await
+    }
+
+    fn poll_send_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[Bytes],
+        fds: &[BorrowedFd<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let ring = &self.sock.ring.inner;
+        let ud = match self.pending {
+            Some(ud) => ud,
+            None => {
+                let ud = submit_send(ring, self.sock.fd.as_raw_fd(), bufs, fds)?;
+                self.pending = Some(ud);
+                ud
+            }
+        };
+        let (r, _res) = match ring.poll_op(ud, cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(x) => x,
+        };
+        self.pending = None;
+        if r < 0 {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-r)));
+        }
+        Poll::Ready(Ok(r as usize))
+    }
+
+    /// Whether this is a Unix-domain socket (descriptors can be passed).
+    pub fn is_unix(&self) -> bool {
+        self.sock.unix
+    }
+
+    fn shutdown_now(&mut self) -> io::Result<()> {
+        if self.shut {
+            return Ok(());
+        }
+        self.shut = true;
+        match rustix::net::shutdown(&self.sock.fd, rustix::net::Shutdown::Write) {
+            Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn submit_send(
+    ring: &RingInner,
+    fd: RawFd,
+    bufs: &[Bytes],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<u64> {
+    let owned: Vec<Bytes> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .take(MAX_IOVECS)
+        .cloned()
+        .collect();
+    let dup: Vec<OwnedFd> = fds
+        .iter()
+        .map(|f| f.try_clone_to_owned())
+        .collect::<io::Result<_>>()?;
+    let words = if dup.is_empty() {
+        0
+    } else {
+        cmsg_space(dup.len() * 4).div_ceil(8)
+    };
+    let mut msg = Box::new(Msg {
+        // SAFETY: an all-zero msghdr is a valid empty one.
+        hdr: unsafe { std::mem::zeroed() },
+        iov: owned
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect(),
+        control: vec![0u64; words],
+    });
+    msg.hdr.msg_iov = msg.iov.as_mut_ptr();
+    msg.hdr.msg_iovlen = msg.iov.len();
+    if !dup.is_empty() {
+        let clen = CMSG_HDR + dup.len() * 4;
+        let mut bytes = vec![0u8; words * 8];
+        bytes[..8].copy_from_slice(&clen.to_ne_bytes());
+        bytes[8..12].copy_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
+        bytes[12..16].copy_from_slice(&libc::SCM_RIGHTS.to_ne_bytes());
+        for (i, f) in dup.iter().enumerate() {
+            let at = CMSG_HDR + i * 4;
+            bytes[at..at + 4].copy_from_slice(&f.as_raw_fd().to_ne_bytes());
+        }
+        for (w, chunk) in msg.control.iter_mut().zip(bytes.chunks_exact(8)) {
+            *w = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+        }
+        msg.hdr.msg_control = msg.control.as_mut_ptr().cast();
+        msg.hdr.msg_controllen = words * 8;
+    }
+    let hdr: *const libc::msghdr = &msg.hdr;
+    let entry = opcode::SendMsg::new(types::Fd(fd), hdr)
+        .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+        .build();
+    ring.submit(
+        Res::Send {
+            _bufs: owned,
+            _msg: msg,
+            _fds: dup,
+        },
+        entry,
+    )
+}
+
+impl Drop for UringRead {
+    fn drop(&mut self) {
+        if let Some(ud) = self.pending.take() {
+            self.sock.ring.inner.orphan(ud, true);
+        }
+    }
+}
+
+impl Drop for UringWrite {
+    fn drop(&mut self) {
+        if let Some(ud) = self.pending.take() {
+            self.sock.ring.inner.orphan(ud, true);
+        }
+        let _ = self.shutdown_now();
+    }
+}
+
+impl AsyncRead for UringRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.leftover.is_empty() {
+            let mut b = std::mem::take(&mut this.leftover);
+            b.clear();
+            match this.poll_read_owned(cx, &mut b, None) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(_)) => this.leftover = b,
+            }
+        }
+        let n = this.leftover.len().min(out.remaining());
+        out.put_slice(&this.leftover.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for UringWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // A copy: this path serves small control exchanges, not the session's frames.
+        let this = self.get_mut();
+        let chunk = Bytes::copy_from_slice(&buf[..buf.len().min(COPY_WRITE_MAX)]);
+        this.poll_send_owned(cx, &[chunk], &[])
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Every send completes only once the kernel took its bytes.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(ud) = this.pending {
+            // Let the last send finish first.
+            match this.sock.ring.inner.poll_op(ud, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => this.pending = None,
+            }
+        }
+        Poll::Ready(this.shutdown_now())
+    }
+}
+
+impl AsyncRead for UringStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().read).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for UringStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
+    }
+}
