@@ -134,7 +134,7 @@ pub fn resolve(mode: super::IoMode) -> Result<Option<Ring>> {
             Ok(r) => Ok(Some(r)),
             Err(e) => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| tracing::info!("io_uring unavailable ({e}); using epoll"));
+                ONCE.call_once(|| tracing::warn!("io_uring unavailable ({e}); using epoll"));
                 Ok(None)
             }
         },

@@ -2,6 +2,7 @@
 //! server in its own process (the same binary, `xcp bench-server`).
 
 pub mod client;
+mod io;
 mod load;
 mod report;
 pub mod server;
@@ -36,13 +37,14 @@ What is measured (every row, every path):
   alone. Payload bytes are pseudo-random (incompressible) and produced before timing; a handle
   row's client allocates a pooled region per request but does not write it while timed (a
   producer writes into the region instead of its own buffer).
-  The io_uring path is not built yet: no row.
+  --io-compare runs other workloads: epoll against io_uring (see its help line).
 
 Examples:
   xcp bench --quick
   xcp bench --paths tcp,raw-tcp,shm --sizes 64,16KiB,1MiB --json bench.json --svg bench.svg
   xcp bench --duration 5
-  xcp bench --load --clients 16 --messages 2000 --json load.json";
+  xcp bench --load --clients 16 --messages 2000 --json load.json
+  xcp bench --io-compare --duration 3 --json io.json";
 
 /// Arguments of `xcp bench`.
 #[derive(Args, Debug)]
@@ -102,6 +104,15 @@ pub struct BenchArgs {
     /// --load: an XCP echo server to use (`xcp serve`) instead of starting one.
     #[arg(long, value_name = "URL", requires = "load")]
     pub url: Option<String>,
+
+    /// Instead of the matrix: the same workloads over epoll and over io_uring in one run
+    /// (an `xcp serve --io MODE` child and client sessions of the same mode): 64-byte round
+    /// trip p50/p99; streaming 16 KiB and 1 MiB echoes (MB/s, CPU seconds of both processes
+    /// per GB moved); 64 connections x 4 requests in flight (msg/s, CPU us per message).
+    /// Prints uring/epoll ratios. `--duration` sets each phase (default 2 s, 0.5 with
+    /// --quick); `--json` writes the figures.
+    #[arg(long, conflicts_with = "load")]
+    pub io_compare: bool,
 }
 
 /// What one run covers.
@@ -183,6 +194,14 @@ fn window(size: usize) -> usize {
 
 /// Runs the benchmark; returns the exit code.
 pub async fn run(args: BenchArgs) -> u8 {
+    if args.io_compare {
+        let secs = args.duration.unwrap_or(if args.quick { 0.5 } else { 2.0 });
+        if !(0.01..=600.0).contains(&secs) {
+            eprintln!("error: --duration: 0.01 to 600 seconds");
+            return EXIT_USAGE;
+        }
+        return io::run(Duration::from_secs_f64(secs), args.json.as_deref()).await;
+    }
     if args.load {
         let plan = load::LoadPlan {
             clients: args.clients,

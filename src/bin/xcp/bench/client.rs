@@ -149,6 +149,13 @@ pub struct ServerProc {
     socket: Option<PathBuf>,
 }
 
+impl ServerProc {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for ServerProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
