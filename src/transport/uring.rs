@@ -334,14 +334,39 @@ impl RingInner {
                 st.in_flight -= 1;
                 return Err(e);
             }
+            // Operations that complete inline, during the enter below, are reaped right after
+            // it by this thread: they need no eventfd wake-up of the reaper (which would cost
+            // a reactor wake and a task poll per send). Re-enabled under the lock after the
+            // enter, followed by a reap, so nothing posted meanwhile is missed.
+            // SAFETY: the completion queue is only touched with the state lock held.
+            unsafe { self.uring.completion_shared() }.disable_eventfd();
         }
-        match self.uring.submitter().submit() {
+        let entered = self.uring.submitter().submit();
+        self.enable_and_reap();
+        match entered {
             Ok(_) => {}
             // The entry stays queued; the reaper submits it with the next completion.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.orphan(ud, true);
+                return Err(e);
+            }
         }
         Ok(ud)
+    }
+
+    /// Turns eventfd notifications back on, then hands out whatever completed meanwhile.
+    fn enable_and_reap(&self) {
+        let mut wake = Vec::new();
+        {
+            let mut st = self.lock();
+            // SAFETY: the completion queue is only touched with the state lock held.
+            unsafe { self.uring.completion_shared() }.enable_eventfd();
+            self.reap_locked(&mut st, &mut wake);
+        }
+        for w in wake {
+            w.wake();
+        }
     }
 
     /// Pushes an entry (the state lock is held by the caller).
