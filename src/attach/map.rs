@@ -133,6 +133,8 @@ pub struct Mapper {
     schemes: Vec<Scheme>,
     /// The peer's `shm_prefix`; shm names outside it are refused.
     peer_prefix: String,
+    /// The peer process's user, where known: shm objects of another owner are refused.
+    peer_uid: Option<u32>,
     cache: HashMap<MapKey, Arc<Mapping>>,
     order: VecDeque<MapKey>,
     max: usize,
@@ -150,10 +152,21 @@ impl Mapper {
         Mapper {
             schemes,
             peer_prefix: peer_prefix.to_string(),
+            peer_uid: Some(rustix::process::getuid().as_raw()),
             cache: HashMap::new(),
             order: VecDeque::new(),
             max: DEFAULT_MAX_MAPPINGS,
         }
+    }
+
+    /// Sets the user id of the peer process (`None`: unknown). An `shm://` object is mapped
+    /// only when its owner is that user, so a peer of another user cannot have us map
+    /// objects it does not own (ours, or another process's); with an unknown peer user every
+    /// `shm://` is refused (`memfd://` descriptors are the peer's own by construction). The
+    /// default, for a mapper built with [`Mapper::new`], is this process's own user.
+    pub fn with_peer_uid(mut self, uid: Option<u32>) -> Mapper {
+        self.peer_uid = uid;
+        self
     }
 
     /// How many segments are mapped.
@@ -183,7 +196,15 @@ impl Mapper {
                 let key = MapKey::Shm(name.clone());
                 match self.cache.get(&key) {
                     Some(m) => (key, m.clone()),
-                    None => (key, Arc::new(Mapping::open_shm(name)?)),
+                    None => {
+                        let Some(uid) = self.peer_uid else {
+                            return Err(attach_err(
+                                "shm: the peer's user is unknown (not a local socket of this \
+                                 network namespace), so no shm object can be trusted as its own",
+                            ));
+                        };
+                        (key, Arc::new(Mapping::open_shm_of(name, uid)?))
+                    }
                 }
             }
             Target::Memfd { index } => {
@@ -349,5 +370,38 @@ mod tests {
             .unwrap();
         assert_eq!(&v[..], b"0");
         assert_eq!(m.mapped(), 1, "the same memfd maps once");
+    }
+
+    /// A peer may only name shm objects its own user owns: a peer of another user that
+    /// announces our prefix cannot have us map our own segments; an unknown peer user maps
+    /// no shm object at all.
+    #[test]
+    fn shm_objects_of_another_user_are_refused() {
+        let pool = Pool::new(PoolConfig::new(Scheme::Shm, 1 << 20));
+        let mut r = pool.try_alloc(64).unwrap().unwrap();
+        r.copy_from_slice(&[5u8; 64]);
+        let name = r.segment().name().to_string();
+        let uri = AttachmentUri::shm(&name, 0, 64).unwrap();
+        let acks = Arc::new(AtomicUsize::new(0));
+        let l = lease(&acks);
+        let me = rustix::process::getuid().as_raw();
+        let other = me.wrapping_add(4242);
+        let mut stranger =
+            Mapper::new(vec![Scheme::Shm], &pool.config().prefix).with_peer_uid(Some(other));
+        let e = stranger.resolve(&uri, &[], &l).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+        assert!(
+            e.to_string().contains(&format!(
+                "belongs to uid {me}, not to the peer (uid {other})"
+            )),
+            "{e}"
+        );
+        let mut unknown = Mapper::new(vec![Scheme::Shm], &pool.config().prefix).with_peer_uid(None);
+        let e = unknown.resolve(&uri, &[], &l).unwrap_err();
+        assert!(e.to_string().contains("user is unknown"), "{e}");
+        assert_eq!(stranger.mapped() + unknown.mapped(), 0);
+        let mut same =
+            Mapper::new(vec![Scheme::Shm], &pool.config().prefix).with_peer_uid(Some(me));
+        assert!(same.resolve(&uri, &[], &l).unwrap().iter().all(|&b| b == 5));
     }
 }

@@ -159,6 +159,25 @@ impl Mapping {
         Self::map_fd(&fd, &format!("shm object /{name}"))
     }
 
+    /// Maps the shm object `name` read-only if user `uid` owns it (the peer that named it).
+    pub fn open_shm_of(name: &str, uid: u32) -> Result<Mapping> {
+        let what = format!("shm object /{name}");
+        let fd = rustix::shm::open(
+            format!("/{name}").as_str(),
+            rustix::shm::OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .map_err(|e| attach_err(format!("{what}: {e}")))?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
+        if st.st_uid != uid {
+            return Err(attach_err(format!(
+                "{what} belongs to uid {}, not to the peer (uid {uid})",
+                st.st_uid
+            )));
+        }
+        Self::map_fd(&fd, &what)
+    }
+
     /// Maps all of a received descriptor read-only.
     pub fn map_fd(fd: impl AsFd, what: &str) -> Result<Mapping> {
         let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;

@@ -676,10 +676,15 @@ impl Driver {
                         })
                         .collect();
                     if !self.handle_schemes.is_empty() {
-                        self.mapper = Some(Mapper::new(
-                            self.handle_schemes.clone(),
-                            &neg.peer.shm_prefix,
-                        ));
+                        let uid = if self.handle_schemes.contains(&Scheme::Shm) {
+                            self.rd.peer_uid()
+                        } else {
+                            None
+                        };
+                        self.mapper = Some(
+                            Mapper::new(self.handle_schemes.clone(), &neg.peer.shm_prefix)
+                                .with_peer_uid(uid),
+                        );
                     }
                 }
                 if let Some(tx) = self.connected.take() {

@@ -21,6 +21,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+pub mod peer;
 mod tcp;
 mod unix;
 #[cfg(feature = "uring")]
@@ -236,6 +237,16 @@ impl Stream {
         }
     }
 
+    /// The user id of the peer process where it can be known (local sockets; see
+    /// [`peer::peer_uid`]).
+    pub fn peer_uid(&self) -> Option<u32> {
+        match self {
+            Stream::Tcp(s) => peer::peer_uid(s, false),
+            Stream::Unix(s) => peer::peer_uid(s, true),
+            Stream::Uring(u, _) => peer::peer_uid(u.fd(), u.is_unix()),
+        }
+    }
+
     /// Whether io_uring moves this stream's bytes.
     pub fn is_uring(&self) -> bool {
         matches!(self, Stream::Uring(..))
@@ -439,6 +450,15 @@ impl Listener {
 pub const MAX_FDS_PER_READ: usize = 16;
 
 impl ReadHalf {
+    /// The user id of the peer process where it can be known (see [`peer::peer_uid`]).
+    pub fn peer_uid(&self) -> Option<u32> {
+        match self {
+            ReadHalf::Tcp(r) => peer::peer_uid(AsRef::<TcpStream>::as_ref(r), false),
+            ReadHalf::Unix(r) => peer::peer_uid(AsRef::<UnixStream>::as_ref(r), true),
+            ReadHalf::Uring(r) => peer::peer_uid(r.fd(), r.is_unix()),
+        }
+    }
+
     /// Whether file descriptors can arrive on this stream (`SCM_RIGHTS`, Unix sockets only).
     pub fn passes_fds(&self) -> bool {
         match self {

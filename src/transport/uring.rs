@@ -622,6 +622,11 @@ impl UringRead {
         self.sock.unix
     }
 
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.fd.as_fd()
+    }
+
     /// Receives into `scratch` (a copy), with descriptors appended to `fds`. The session
     /// driver uses [`UringRead::read_owned`] instead, which copies nothing. Cancel-safe.
     pub async fn read_copy_with_fds(

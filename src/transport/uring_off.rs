@@ -68,11 +68,19 @@ impl UringStream {
     pub fn into_split(self) -> (UringRead, UringWrite) {
         match self.0 {}
     }
+    /// Never called.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match self.0 {}
+    }
 }
 
 impl UringRead {
     /// Never called.
     pub fn is_unix(&self) -> bool {
+        match self.0 {}
+    }
+    /// Never called.
+    pub fn fd(&self) -> BorrowedFd<'_> {
         match self.0 {}
     }
     /// Never called.
