@@ -58,6 +58,9 @@ const CQ_ENTRIES: u32 = 16384;
 const MAX_IOVECS: usize = 64;
 /// Read at least this much per receive.
 const READ_CHUNK: usize = 64 * 1024;
+/// Sends up to this many bytes mute the eventfd while they are submitted (they complete
+/// inline in microseconds; a larger copy would hold other connections' wake-ups back).
+const MUTE_MAX: usize = 64 * 1024;
 /// The user data of cancel requests, whose completions are ignored.
 const CANCEL_UD: u64 = u64::MAX;
 /// Largest copy made by the `AsyncWrite` path (used outside the session driver's hot path).
@@ -303,7 +306,11 @@ impl RingInner {
 
     /// Queues one operation and submits it. `entry` points into heap memory that `res` owns
     /// (so moving `res` into its slot moves nothing the kernel sees).
-    fn submit(&self, res: Res, entry: io_uring::squeue::Entry) -> io::Result<u64> {
+    ///
+    /// With `mute`, the eventfd is muted for the enter (see below): only for operations that
+    /// complete inline quickly (small sends), since completions of other connections posted
+    /// meanwhile wait for this thread's reap.
+    fn submit(&self, res: Res, entry: io_uring::squeue::Entry, mute: bool) -> io::Result<u64> {
         let ud;
         {
             let mut st = self.lock();
@@ -338,11 +345,15 @@ impl RingInner {
             // it by this thread: they need no eventfd wake-up of the reaper (which would cost
             // a reactor wake and a task poll per send). Re-enabled under the lock after the
             // enter, followed by a reap, so nothing posted meanwhile is missed.
-            // SAFETY: the completion queue is only touched with the state lock held.
-            unsafe { self.uring.completion_shared() }.disable_eventfd();
+            if mute {
+                // SAFETY: the completion queue is only touched with the state lock held.
+                unsafe { self.uring.completion_shared() }.disable_eventfd();
+            }
         }
         let entered = self.uring.submitter().submit();
-        self.enable_and_reap();
+        if mute {
+            self.enable_and_reap();
+        }
         match entered {
             Ok(_) => {}
             // The entry stays queued; the reaper submits it with the next completion.
@@ -722,7 +733,7 @@ fn submit_recv(
     let len = u32::try_from(spare.len()).unwrap_or(u32::MAX);
     // The buffer's heap storage does not move when the `BytesMut` moves into its slot.
     let entry = opcode::Recv::new(types::Fd(fd), spare.as_mut_ptr().cast::<u8>(), len).build();
-    ring.submit(Res::Recv { buf, start }, entry)
+    ring.submit(Res::Recv { buf, start }, entry, false)
         .map_err(|e| (e, BytesMut::new()))
 }
 
@@ -752,7 +763,7 @@ fn submit_recvmsg(
     let entry = opcode::RecvMsg::new(types::Fd(fd), hdr)
         .flags(libc::MSG_CMSG_CLOEXEC as u32)
         .build();
-    ring.submit(Res::RecvMsg { buf, start, msg }, entry)
+    ring.submit(Res::RecvMsg { buf, start, msg }, entry, false)
         .map_err(|e| (e, BytesMut::new()))
 }
 
@@ -911,6 +922,7 @@ fn submit_send(
     let entry = opcode::SendMsg::new(types::Fd(fd), hdr)
         .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
         .build();
+    let total: usize = owned.iter().map(|b| b.len()).sum();
     ring.submit(
         Res::Send {
             _bufs: owned,
@@ -918,6 +930,7 @@ fn submit_send(
             _fds: dup,
         },
         entry,
+        total <= MUTE_MAX,
     )
 }
 
