@@ -61,8 +61,8 @@ fn bench_quick_tcp_and_raw_tcp_writes_json() {
     );
     assert!(stdout.contains("x raw"), "{stdout}");
     assert!(
-        stdout.contains("io_uring"),
-        "the missing path is named: {stdout}"
+        stdout.contains("XCP rows over epoll"),
+        "the I/O interface is named: {stdout}"
     );
 
     let doc: serde_json::Value =
@@ -86,6 +86,55 @@ fn bench_quick_tcp_and_raw_tcp_writes_json() {
     }
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.contains("<polyline"));
+}
+
+/// `--io-compare` measures every row for epoll and, where the kernel allows it, io_uring,
+/// and writes them as JSON.
+#[test]
+fn bench_io_compare_writes_both_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("io.json");
+    let out = xcp(
+        &[
+            "bench",
+            "--io-compare",
+            "--duration",
+            "0.2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("uring/epoll"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).expect("valid JSON");
+    let mut modes = vec!["epoll"];
+    match xcp::transport::uring::probe() {
+        Ok(()) => modes.push("uring"),
+        Err(why) => eprintln!("io_uring rows skipped: {why}"),
+    }
+    for mode in modes {
+        let m = &doc["modes"][mode];
+        for key in [
+            "rtt-64B p50 (us)",
+            "stream-16KiB (MB/s)",
+            "stream-1MiB (MB/s)",
+            "conns-64 (msg/s)",
+            "stream-1MiB cpu (s/GB)",
+        ] {
+            let v = m[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{mode} {key}: {doc:#}"));
+            assert!(v > 0.0, "{mode} {key} = {v}");
+        }
+    }
 }
 
 #[test]

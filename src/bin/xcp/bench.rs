@@ -113,10 +113,16 @@ pub struct BenchArgs {
     /// --quick); `--json` writes the figures.
     #[arg(long, conflicts_with = "load")]
     pub io_compare: bool,
+
+    /// The I/O interface of the matrix's XCP paths, client and server: epoll, uring or auto
+    /// (the baselines always use tokio's epoll).
+    #[arg(long, value_name = "epoll|uring|auto", default_value = "epoll")]
+    pub io: xcp::transport::IoMode,
 }
 
 /// What one run covers.
 struct Plan {
+    io: xcp::transport::IoMode,
     cells: Vec<(PathId, Vec<usize>)>,
     phase: Duration,
     iterations: u64,
@@ -178,6 +184,7 @@ fn plan(args: &BenchArgs) -> Result<Plan, String> {
         return Err("--duration: 0.01 to 600 seconds".into());
     }
     Ok(Plan {
+        io: args.io,
         cells,
         phase: Duration::from_secs_f64(secs),
         iterations: args
@@ -219,7 +226,10 @@ pub async fn run(args: BenchArgs) -> u8 {
         }
     };
     let env = match Env::new() {
-        Ok(e) => e,
+        Ok(mut e) => {
+            e.io = args.io;
+            e
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_USAGE;
@@ -318,7 +328,8 @@ pub async fn run(args: BenchArgs) -> u8 {
 
 fn plan_label(plan: &Plan) -> String {
     format!(
-        "{:.2} s per phase, latency phase at most {} round trips",
+        "XCP rows over {}; {:.2} s per phase, latency phase at most {} round trips",
+        plan.io.name(),
         plan.phase.as_secs_f64(),
         plan.iterations
     )

@@ -227,6 +227,8 @@ pub struct Env {
     pub sealer: Sealer,
     /// A directory for Unix sockets.
     pub dir: PathBuf,
+    /// The I/O interface of the XCP paths, both sides (`--io`).
+    pub io: xcp::transport::IoMode,
 }
 
 impl Env {
@@ -249,6 +251,7 @@ impl Env {
             key_file,
             sealer: Sealer::new(&key),
             dir,
+            io: xcp::transport::IoMode::Epoll,
         })
     }
 }
@@ -277,6 +280,7 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
             AttachMode::Memfd => "memfd",
         };
         args.extend(["--attach".into(), attach.into()]);
+        args.extend(["--io".into(), env.io.name().into()]);
         if path.by_handle() && path.touched() {
             args.push("--touch".into());
         }
@@ -415,6 +419,7 @@ impl Client {
                     attach: path.attach().config(),
                     ..SessionConfig::default()
                 };
+                cfg.transport.io = env.io;
                 if path == PathId::Sealed {
                     cfg.conn.sealer = Some(env.sealer.clone());
                     cfg.conn.compress = CompressPolicy::Auto;
