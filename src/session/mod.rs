@@ -147,6 +147,7 @@ struct Inner {
     recv: Mutex<mpsc::Receiver<Incoming>>,
     done: watch::Receiver<bool>,
     shared: Arc<Shared>,
+    io: &'static str,
 }
 
 /// One XCP connection. Cloning gives another handle to the same connection; any number of
@@ -198,6 +199,12 @@ impl Session {
     /// The peer's address, for logs.
     pub fn peer(&self) -> &str {
         &self.inner.peer
+    }
+
+    /// The kernel interface that moves this connection's bytes: `"epoll"` or `"io_uring"`
+    /// (what `auto` settled on).
+    pub fn io(&self) -> &'static str {
+        self.inner.io
     }
 
     /// Sends a message; returns its msgId once it is queued (the body is chunked to the
@@ -416,6 +423,11 @@ async fn start(
     let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
     let unix = stream.is_unix();
+    let io = if stream.is_uring() {
+        "io_uring"
+    } else {
+        "epoll"
+    };
     let offered: Vec<Scheme> = config
         .attach
         .schemes
@@ -485,6 +497,7 @@ async fn start(
             recv: Mutex::new(recv_rx),
             done: done_rx,
             shared,
+            io,
         }),
     })
 }

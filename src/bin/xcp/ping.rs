@@ -64,8 +64,12 @@ pub async fn run(args: PingArgs) -> u8 {
     {
         let n = session.negotiated();
         println!(
-            "PING {} ({:?} header, codecs {:?}, max_frame_bytes {})",
-            args.url, n.header_form, n.codecs, n.max_frame_bytes
+            "PING {} ({:?} header, codecs {:?}, max_frame_bytes {}, {})",
+            args.url,
+            n.header_form,
+            n.codecs,
+            n.max_frame_bytes,
+            session.io()
         );
     }
 

@@ -194,6 +194,7 @@ async fn serve_session(
             max_frame_bytes = n.max_frame_bytes,
             header_form = ?n.header_form,
             attach = ?n.attach,
+            io = session.io(),
             "connection open"
         );
     }
