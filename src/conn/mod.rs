@@ -515,7 +515,9 @@ impl Connection {
         if self.state == State::Closed {
             return;
         }
-        if self.decoder.is_mid_frame() {
+        // `frame_started` is also set while the start of a frame shorter than its prefix
+        // waits in the caller's buffer.
+        if self.decoder.is_mid_frame() || self.frame_started.is_some() {
             self.fail(Error::Closed("peer closed the stream mid-frame".into()));
         } else if self.state != State::Established {
             self.fail(Error::Closed(

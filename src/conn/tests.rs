@@ -728,3 +728,28 @@ fn corrupt_middle_chunk_drops_the_whole_message() {
         "{ev:?}"
     );
 }
+
+/// The end of the stream with the start of a frame shorter than its 8-byte prefix left over
+/// is a truncated frame, not a clean close; a close between frames is clean.
+#[test]
+fn eof_after_a_partial_prefix_is_not_clean() {
+    for (leftover, clean) in [(&b""[..], true), (&crate::wire::MAGIC_BYTES[..3], false)] {
+        let mut p = Pair::new(Config::default(), Config::default());
+        Pair::events(&mut p.server);
+        let mut buf = BytesMut::from(leftover);
+        p.server.handle_input(&mut buf, p.now);
+        p.server.handle_eof();
+        let closed = Pair::events(&mut p.server)
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Closed(err) => Some(err),
+                _ => None,
+            })
+            .expect("closed");
+        match (clean, closed) {
+            (true, None) => {}
+            (false, Some(Error::Closed(why))) => assert!(why.contains("mid-frame"), "{why}"),
+            (c, other) => panic!("leftover {leftover:?}: clean={c}, got {other:?}"),
+        }
+    }
+}
