@@ -2,7 +2,8 @@
 //!
 //! Every object xcp creates is named `xcp-<pid>-<random>-<n>`. An object whose `<pid>` is no
 //! longer a live process is garbage: [`collect`] unlinks it. The next `xcp` process to start
-//! does this, and so does `xcp shm gc`.
+//! does this, and so does `xcp shm gc`. A pid that lives again in a process started after the
+//! object last changed (its owner died and the pid was reused) counts as dead too.
 
 use std::path::Path;
 
@@ -36,8 +37,45 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// See [`owner_lives`].
+const CLOCK_SLACK_SECS: u64 = 3600;
+
+/// When process `pid` started, in seconds since the epoch (from `/proc`), if it can be read.
+fn started_at(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, starttime in clock ticks after boot; fields after the `(comm)` start at 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // /proc reports ticks of USER_HZ, 100 on every architecture xcp builds for.
+    Some(boot + ticks / 100)
+}
+
+/// Whether the process that made an object last changed at `changed` (seconds since the
+/// epoch) may still be alive: pid `pid` lives and did not start after the object changed.
+/// An hour of slack keeps a wall-clock step (a VM resumed, a first NTP sync) from passing a
+/// live owner for dead: a pid reused within the hour keeps the object until the next run.
+fn owner_lives(pid: i32, changed: Option<i64>) -> bool {
+    if !alive(pid) {
+        return false;
+    }
+    match (started_at(pid), changed) {
+        (Some(start), Some(changed)) => {
+            start <= u64::try_from(changed).unwrap_or(0) + CLOCK_SLACK_SECS
+        }
+        _ => true,
+    }
+}
+
 /// Unlinks xcp shm objects in `dir` (normally `/dev/shm`) whose owner process is dead.
 pub fn collect_in(dir: &Path) -> std::io::Result<Collected> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut out = Collected::default();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -45,7 +83,8 @@ pub fn collect_in(dir: &Path) -> std::io::Result<Collected> {
         let Some(pid) = owner_pid(&name) else {
             continue;
         };
-        if alive(pid) {
+        let changed = entry.metadata().ok().map(|m| m.ctime());
+        if owner_lives(pid, changed) {
             out.kept.push(name);
         } else if std::fs::remove_file(entry.path()).is_ok() {
             // Removing the file in the shm directory is what shm_unlink does there.
@@ -70,6 +109,28 @@ pub fn collect() -> std::io::Result<Collected> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_pid_does_not_keep_old_objects() {
+        let me = std::process::id() as i32;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let start = started_at(me).expect("our own start time");
+        assert!(start <= now as u64 + 1, "started {start}, now {now}");
+        // Changed now: this process made it (or may have).
+        assert!(owner_lives(me, Some(now)));
+        // Changed long before this process started: its owner was an earlier process with
+        // the same pid.
+        assert!(!owner_lives(
+            me,
+            Some(start as i64 - 2 * CLOCK_SLACK_SECS as i64)
+        ));
+        assert!(owner_lives(me, Some(start as i64 - 60)), "within the slack");
+        // Unknown times: the pid alone decides.
+        assert!(owner_lives(me, None));
+    }
 
     #[test]
     fn parses_owner() {
