@@ -24,8 +24,10 @@
 //!   instead of costing a round trip through user space per partial write.
 //! - Connecting and accepting stay on tokio (they happen once per connection); the stream is
 //!   then handed to the ring.
-//! - `SEND_ZC` is not used: every peer this transport serves today is local, where the kernel
-//!   copies anyway and zero-copy sends measured ~2x slower (ARCHITECTURE.md).
+//! - Zero-copy sends (`IORING_OP_SENDMSG_ZC`) only toward TCP peers on other hosts and from
+//!   [`ZC_MIN`] bytes up ([`ZeroCopy`]): on loopback the kernel copies anyway and they
+//!   measured ~2x slower (ARCHITECTURE.md). Their buffers stay held until the kernel's
+//!   notification completion.
 //!
 //! # Selection
 //! [`IoMode`](super::IoMode): `epoll`, `uring` or `auto`. [`probe`] builds a ring and runs a
@@ -185,7 +187,31 @@ struct RingInner {
     /// The eventfd the kernel signals on completions (the reaper owns the async side).
     efd: OwnedFd,
     handles: AtomicUsize,
+    /// Whether the kernel has `IORING_OP_SENDMSG_ZC`.
+    zc_supported: bool,
+    /// [`ZeroCopy`] as a number (see [`Ring::set_zero_copy`]).
+    zc_mode: std::sync::atomic::AtomicU8,
+    /// Sends that went zero-copy so far.
+    zc_sends: std::sync::atomic::AtomicU64,
 }
+
+/// When sends use `IORING_OP_SENDMSG_ZC` (the kernel sends from our pages instead of copying
+/// them; it pays toward other hosts, while on loopback the kernel copies anyway and it
+/// measured ~2x slower). Only sends of at least [`ZC_MIN`] bytes, and only where the kernel
+/// has the operation (Linux 6.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Toward peers that are not on this host (TCP to an address that is neither loopback nor
+    /// our own end's): the default.
+    Remote,
+    /// Every TCP and Unix peer (for tests and measurements).
+    Always,
+    /// Never.
+    Never,
+}
+
+/// The smallest send that goes zero-copy.
+pub const ZC_MIN: usize = 10 * 1024;
 
 #[derive(Default)]
 struct State {
@@ -204,6 +230,11 @@ enum Phase {
     Free,
     Pending(Option<Waker>),
     Done(i32),
+    /// A zero-copy send's result is in, but the kernel still reads its buffers until the
+    /// notification completion (`IORING_CQE_F_NOTIF`) comes.
+    DoneHeld(i32),
+    /// The result was taken; the buffers wait for the notification.
+    Held,
     /// Its owner went away; the buffers are freed when the kernel gives them back.
     Orphan,
 }
@@ -267,19 +298,32 @@ impl RingInner {
             if slot.generation != generation {
                 continue;
             }
-            match std::mem::replace(&mut slot.phase, Phase::Done(cqe.result())) {
+            // A zero-copy send completes twice: its result with F_MORE, then a notification
+            // once the kernel is done with the buffers. Everything else completes once.
+            let more = io_uring::cqueue::more(cqe.flags());
+            let mut release = false;
+            slot.phase = match std::mem::replace(&mut slot.phase, Phase::Free) {
                 Phase::Pending(w) => {
                     if let Some(w) = w {
                         wake.push(w);
                     }
+                    if more {
+                        Phase::DoneHeld(cqe.result())
+                    } else {
+                        Phase::Done(cqe.result())
+                    }
                 }
-                Phase::Orphan => {
-                    slot.phase = Phase::Free;
-                    slot.res = Res::None;
-                    st.free.push(idx as u32);
-                    st.in_flight -= 1;
+                Phase::DoneHeld(r) if !more => Phase::Done(r),
+                Phase::Held | Phase::Orphan if !more => {
+                    release = true;
+                    Phase::Free
                 }
-                other => slot.phase = other,
+                other => other,
+            };
+            if release {
+                slot.res = Res::None;
+                st.free.push(idx as u32);
+                st.in_flight -= 1;
             }
         }
     }
@@ -416,13 +460,21 @@ impl RingInner {
                     st.in_flight -= 1;
                     Poll::Ready((r, res))
                 }
+                Phase::DoneHeld(r) => {
+                    // The result goes out now; the buffers stay until the notification.
+                    let r = *r;
+                    slot.phase = Phase::Held;
+                    Poll::Ready((r, Res::None))
+                }
                 Phase::Pending(w) => {
                     if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *w = Some(cx.waker().clone());
                     }
                     Poll::Pending
                 }
-                Phase::Free | Phase::Orphan => Poll::Ready((-libc::ECANCELED, Res::None)),
+                Phase::Free | Phase::Orphan | Phase::Held => {
+                    Poll::Ready((-libc::ECANCELED, Res::None))
+                }
             }
         };
         for w in wake {
@@ -459,6 +511,7 @@ impl RingInner {
                     }
                 }
             }
+            Phase::DoneHeld(_) | Phase::Held => slot.phase = Phase::Orphan,
             Phase::Free | Phase::Orphan => {}
         }
     }
@@ -472,7 +525,7 @@ impl Drop for RingInner {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if st.in_flight > 0 {
             for slot in st.slots.drain(..) {
-                if matches!(slot.phase, Phase::Pending(_) | Phase::Orphan) {
+                if !matches!(slot.phase, Phase::Free | Phase::Done(_)) {
                     std::mem::forget(slot.res);
                 }
             }
@@ -502,11 +555,17 @@ impl Ring {
         let async_efd =
             unsafe { AsyncFd::register_with_interest(efd2, tokio::io::Interest::READABLE) }
                 .map_err(|e| Error::Io(io::Error::other(format!("eventfd registration: {e}"))))?;
+        let mut probe = io_uring::Probe::new();
+        let zc_supported = uring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::SendMsgZc::CODE);
         let inner = Arc::new(RingInner {
             uring,
             state: Mutex::new(State::default()),
             efd,
             handles: AtomicUsize::new(1),
+            zc_supported,
+            zc_mode: std::sync::atomic::AtomicU8::new(0),
+            zc_sends: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(reaper(inner.clone(), async_efd));
         Ok(Ring { inner })
@@ -515,6 +574,34 @@ impl Ring {
     /// Operations the kernel has not given back yet.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight
+    }
+
+    /// Sets when the sends of streams handed to this ring from now on go zero-copy.
+    pub fn set_zero_copy(&self, mode: ZeroCopy) {
+        let v = match mode {
+            ZeroCopy::Remote => 0,
+            ZeroCopy::Always => 1,
+            ZeroCopy::Never => 2,
+        };
+        self.inner.zc_mode.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether this kernel has zero-copy sends (`IORING_OP_SENDMSG_ZC`).
+    pub fn zero_copy_supported(&self) -> bool {
+        self.inner.zc_supported
+    }
+
+    /// How many sends went zero-copy so far.
+    pub fn zero_copy_sends(&self) -> u64 {
+        self.inner.zc_sends.load(Ordering::Relaxed)
+    }
+
+    fn zero_copy(&self) -> ZeroCopy {
+        match self.inner.zc_mode.load(Ordering::Relaxed) {
+            1 => ZeroCopy::Always,
+            2 => ZeroCopy::Never,
+            _ => ZeroCopy::Remote,
+        }
     }
 }
 
@@ -551,6 +638,22 @@ struct Sock {
     fd: OwnedFd,
     ring: Ring,
     unix: bool,
+    /// Sends of at least [`ZC_MIN`] bytes go zero-copy.
+    zero_copy: bool,
+}
+
+/// Whether the TCP peer of `fd` is on another host: not loopback, not our own address.
+fn remote_peer(fd: &OwnedFd) -> bool {
+    let addr = |a: Option<rustix::net::SocketAddrAny>| {
+        a.and_then(|a| std::net::SocketAddr::try_from(a).ok())
+            .map(|a| a.ip())
+    };
+    let peer = addr(rustix::net::getpeername(fd).ok().flatten());
+    let local = addr(rustix::net::getsockname(fd).ok());
+    match (peer, local) {
+        (Some(p), Some(l)) => !p.is_loopback() && p != l,
+        _ => false,
+    }
 }
 
 impl UringStream {
@@ -559,7 +662,18 @@ impl UringStream {
     pub(crate) fn new(fd: OwnedFd, unix: bool, ring: Ring) -> io::Result<UringStream> {
         let flags = rustix::fs::fcntl_getfl(&fd)?;
         rustix::fs::fcntl_setfl(&fd, flags - rustix::fs::OFlags::NONBLOCK)?;
-        let sock = Arc::new(Sock { fd, ring, unix });
+        let zero_copy = ring.inner.zc_supported
+            && match ring.zero_copy() {
+                ZeroCopy::Always => true,
+                ZeroCopy::Never => false,
+                ZeroCopy::Remote => !unix && remote_peer(&fd),
+            };
+        let sock = Arc::new(Sock {
+            fd,
+            ring,
+            unix,
+            zero_copy,
+        });
         Ok(UringStream {
             read: UringRead {
                 sock: sock.clone(),
@@ -834,7 +948,13 @@ impl UringWrite {
         let ud = match self.pending {
             Some(ud) => ud,
             None => {
-                let ud = submit_send(ring, self.sock.fd.as_raw_fd(), bufs, fds)?;
+                let ud = submit_send(
+                    ring,
+                    self.sock.fd.as_raw_fd(),
+                    bufs,
+                    fds,
+                    self.sock.zero_copy,
+                )?;
                 self.pending = Some(ud);
                 ud
             }
@@ -872,6 +992,7 @@ fn submit_send(
     fd: RawFd,
     bufs: &[Bytes],
     fds: &[BorrowedFd<'_>],
+    zero_copy: bool,
 ) -> io::Result<u64> {
     let owned: Vec<Bytes> = bufs
         .iter()
@@ -919,10 +1040,18 @@ fn submit_send(
         msg.hdr.msg_controllen = words * 8;
     }
     let hdr: *const libc::msghdr = &msg.hdr;
-    let entry = opcode::SendMsg::new(types::Fd(fd), hdr)
-        .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
-        .build();
     let total: usize = owned.iter().map(|b| b.len()).sum();
+    let flags = (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32;
+    let entry = if zero_copy && total >= ZC_MIN && dup.is_empty() {
+        ring.zc_sends.fetch_add(1, Ordering::Relaxed);
+        opcode::SendMsgZc::new(types::Fd(fd), hdr)
+            .flags(flags)
+            .build()
+    } else {
+        opcode::SendMsg::new(types::Fd(fd), hdr)
+            .flags(flags)
+            .build()
+    };
     ring.submit(
         Res::Send {
             _bufs: owned,

@@ -44,6 +44,29 @@ impl Ring {
     pub fn in_flight(&self) -> usize {
         match self.0 {}
     }
+    /// Never called.
+    pub fn set_zero_copy(&self, _mode: ZeroCopy) {
+        match self.0 {}
+    }
+    /// Never called.
+    pub fn zero_copy_supported(&self) -> bool {
+        match self.0 {}
+    }
+    /// Never called.
+    pub fn zero_copy_sends(&self) -> u64 {
+        match self.0 {}
+    }
+}
+
+/// When sends go zero-copy (no effect in this build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Toward peers on other hosts.
+    Remote,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// An io_uring stream (none can exist in this build).
