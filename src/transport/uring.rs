@@ -10,7 +10,9 @@
 //!   the ring; one small tokio task per ring (the *reaper*) waits on that eventfd through
 //!   tokio's reactor, drains every completion of every connection in one pass and wakes the
 //!   tasks whose operations finished. The operations themselves are submitted directly by the
-//!   task that wants them (one `io_uring_enter`), with no hop through another thread.
+//!   task that wants them (one `io_uring_enter`), with no hop through another thread, except
+//!   right after the reaper woke several connections: their next operations are queued and
+//!   the reaper submits them in one enter once they ran (batching across connections).
 //! - Every operation **owns its buffers** while the kernel has it: a receive owns the
 //!   connection's `BytesMut` read buffer and fills its spare capacity in place (no scratch
 //!   copy, descriptors included: `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the same
@@ -218,6 +220,10 @@ struct State {
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_flight: usize,
+    /// Set by the reaper while the tasks it just woke run: their submissions are queued
+    /// without an enter each, and the reaper submits them all in one (batching across
+    /// connections).
+    batching: bool,
 }
 
 struct Slot {
@@ -328,7 +334,8 @@ impl RingInner {
         }
     }
 
-    fn reap(&self) {
+    /// Reaps and wakes; returns how many tasks it woke.
+    fn reap(&self) -> usize {
         let mut wake = Vec::new();
         let flush = {
             let mut st = self.lock();
@@ -340,12 +347,14 @@ impl RingInner {
             // not post (a full completion queue) are flushed by an enter.
             !sq.is_empty() || sq.cq_overflow()
         };
+        let woken = wake.len();
         for w in wake {
             w.wake();
         }
         if flush {
             let _ = self.uring.submitter().submit();
         }
+        woken
     }
 
     /// Queues one operation and submits it. `entry` points into heap memory that `res` owns
@@ -384,6 +393,10 @@ impl RingInner {
                 st.free.push(idx as u32);
                 st.in_flight -= 1;
                 return Err(e);
+            }
+            if st.batching {
+                // The reaper submits it with the others of this round.
+                return Ok(ud);
             }
             // Operations that complete inline, during the enter below, are reaped right after
             // it by this thread: they need no eventfd wake-up of the reaper (which would cost
@@ -619,7 +632,24 @@ async fn reaper(inner: Arc<RingInner>, efd: AsyncFd<OwnedFd>) {
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(efd.get_ref(), &mut counter);
         guard.clear_ready();
-        inner.reap();
+        let woken = inner.reap();
+        if woken >= 2 {
+            // Several connections have work: let the tasks just woken run first (a yield
+            // resumes after the runnable tasks and a reactor poll), queueing their next
+            // operations, then submit them in one enter.
+            inner.lock().batching = true;
+            tokio::task::yield_now().await;
+            let queued = {
+                let mut st = inner.lock();
+                st.batching = false;
+                // SAFETY: the submission queue is only touched with the state lock held.
+                !unsafe { inner.uring.submission_shared() }.is_empty()
+            };
+            if queued {
+                let _ = inner.uring.submitter().submit();
+                inner.reap();
+            }
+        }
         if inner.handles.load(Ordering::Acquire) == 0 && inner.lock().in_flight == 0 {
             return;
         }
