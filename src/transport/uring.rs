@@ -31,6 +31,9 @@
 //!   measured ~2x slower (ARCHITECTURE.md). Their buffers stay held until the kernel's
 //!   notification completion.
 //!
+//! Dependencies beyond ARCHITECTURE.md's table: `libc`, because the `io-uring` crate's
+//! operations take libc's `msghdr` and `iovec` (only with the `uring` feature).
+//!
 //! # Selection
 //! [`IoMode`](super::IoMode): `epoll`, `uring` or `auto`. [`probe`] builds a ring and runs a
 //! NOP through it once per process; `auto` falls back to epoll with one log line where that
