@@ -174,15 +174,18 @@ impl Session {
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
     pub async fn connect(url: &str, config: SessionConfig) -> Result<Session> {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let stream = match tokio::time::timeout_at(deadline, Stream::connect_with(url, &config.transport)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::Timeout(format!(
-                    "connect {url}: no connection within {:?}",
-                    config.connect_timeout
-                )))
-            }
-        };
+        let stream =
+            match tokio::time::timeout_at(deadline, Stream::connect_with(url, &config.transport))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::Timeout(format!(
+                        "connect {url}: no connection within {:?}",
+                        config.connect_timeout
+                    )))
+                }
+            };
         let peer = stream.peer_label();
         start(stream, peer, Role::Initiator, &config, deadline, None).await
     }
@@ -413,12 +416,14 @@ async fn start(
     let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
     let unix = matches!(stream, Stream::Unix(_));
+    // Across hosts (TLS, QUIC) no handle can work: everything goes inline, chunked.
+    let remote = stream.is_remote();
     let offered: Vec<Scheme> = config
         .attach
         .schemes
         .iter()
         .copied()
-        .filter(|s| unix || *s != Scheme::Memfd)
+        .filter(|s| !remote && (unix || *s != Scheme::Memfd))
         .collect();
     let mut conn_config = config.conn.clone();
     if !offered.is_empty() {

@@ -4,6 +4,10 @@
 //! |---|---|
 //! | `tcp://host:port` | TCP, `TCP_NODELAY` on, buffers left to the kernel's autotuning |
 //! | `unix:///absolute/path` | a Unix stream socket with 4 MiB send and receive buffers |
+//! | `tls://host:port` | TCP inside TLS 1.3 with mutual authentication ([`tls`]) |
+//! | `quic://host:port` | QUIC with mutual authentication, one stream per XCP channel ([`quic`]) |
+//!
+//! `tls://` and `quic://` need certificates: [`TransportConfig::tls`] (see [`TlsConfig`]).
 //!
 //! [`Stream`] is either kind behind one type that implements `AsyncRead` and `AsyncWrite`;
 //! [`Stream::into_split`] gives owned halves so one task can read and write at once.
@@ -21,7 +25,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod quic;
 mod tcp;
+pub mod tls;
 mod unix;
 
 use std::fmt;
@@ -35,12 +41,14 @@ use tokio::net::{tcp as tokio_tcp, unix as tokio_unix, TcpStream, UnixStream};
 
 use crate::error::{Error, Result};
 
+pub use tls::TlsConfig;
 pub use unix::SocketFile;
 
 /// The socket buffer size set on Unix-domain sockets (`SO_SNDBUF` and `SO_RCVBUF`).
 pub const UNIX_SOCKET_BUFFER: usize = 4 << 20;
 
-const SUPPORTED: &str = "supported are tcp://host:port and unix:///absolute/path";
+const SUPPORTED: &str =
+    "supported are tcp://host:port, unix:///absolute/path, tls://host:port and quic://host:port";
 
 /// A parsed transport address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +58,10 @@ pub enum Url {
     Tcp(String),
     /// `unix:///absolute/path`.
     Unix(PathBuf),
+    /// `tls://host:port`: TCP inside TLS 1.3, mutual authentication.
+    Tls(String),
+    /// `quic://host:port`: QUIC (UDP), mutual authentication.
+    Quic(String),
 }
 
 impl Url {
@@ -64,6 +76,8 @@ impl Url {
         match scheme.to_ascii_lowercase().as_str() {
             "tcp" => tcp::parse_authority(url, rest).map(Url::Tcp),
             "unix" => unix::parse_path(url, rest).map(Url::Unix),
+            "tls" => tls::parse_authority(url, rest).map(Url::Tls),
+            "quic" => tls::parse_authority(url, rest).map(Url::Quic),
             other => Err(Error::invalid(format!(
                 "URL {url:?}: unsupported scheme {other:?}; {SUPPORTED}"
             ))),
@@ -76,6 +90,8 @@ impl fmt::Display for Url {
         match self {
             Url::Tcp(addr) => write!(f, "tcp://{addr}"),
             Url::Unix(path) => write!(f, "unix://{}", path.display()),
+            Url::Tls(addr) => write!(f, "tls://{addr}"),
+            Url::Quic(addr) => write!(f, "quic://{addr}"),
         }
     }
 }
@@ -130,6 +146,8 @@ impl std::str::FromStr for IoMode {
 pub struct TransportConfig {
     /// epoll, io_uring, or io_uring where available.
     pub io: IoMode,
+    /// Certificates for `tls://` and `quic://` (required there, unused elsewhere).
+    pub tls: Option<TlsConfig>,
 }
 
 /// A connected byte stream: TCP or a Unix-domain socket.
@@ -139,6 +157,10 @@ pub enum Stream {
     Tcp(TcpStream),
     /// A Unix-domain stream socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(Box<tls::TlsStream>),
+    /// QUIC: XCP channels on QUIC streams, seen as one byte stream of whole frames.
+    Quic(Box<quic::QuicStream>),
 }
 
 impl Stream {
@@ -147,13 +169,33 @@ impl Stream {
         match Url::parse(url)? {
             Url::Tcp(addr) => tcp::connect(&addr).await.map(Stream::Tcp),
             Url::Unix(path) => unix::connect(&path).await.map(Stream::Unix),
+            Url::Tls(_) | Url::Quic(_) => Err(tls::require(None, url).unwrap_err()),
         }
     }
 
-    /// Connects to `url` as `config` says (see [`TransportConfig`]).
+    /// Connects to `url` as `config` says (see [`TransportConfig`]). `tls://` and `quic://`
+    /// need `config.tls`; their handshakes are part of the connect.
     pub async fn connect_with(url: &str, config: &TransportConfig) -> Result<Stream> {
-        let _ = config;
-        Stream::connect(url).await
+        match Url::parse(url)? {
+            Url::Tls(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                tls::connect(&addr, &c)
+                    .await
+                    .map(|s| Stream::Tls(Box::new(s)))
+            }
+            Url::Quic(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                quic::connect(&addr, &c)
+                    .await
+                    .map(|s| Stream::Quic(Box::new(s)))
+            }
+            _ => Stream::connect(url).await,
+        }
+    }
+
+    /// Whether the bytes leave the host (TLS, QUIC): no attachment handle is offered there.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Stream::Tls(_) | Stream::Quic(_))
     }
 
     /// A description of the peer for logs: `tcp://ip:port` or `unix://path`.
@@ -164,6 +206,8 @@ impl Stream {
                 Err(_) => "tcp://?".to_string(),
             },
             Stream::Unix(s) => unix::peer_label(s),
+            Stream::Tls(s) => s.peer_label(),
+            Stream::Quic(s) => s.peer_label(),
         }
     }
 
@@ -177,6 +221,14 @@ impl Stream {
             Stream::Unix(s) => {
                 let (r, w) = s.into_split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+            Stream::Quic(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Quic(r), WriteHalf::Quic(w))
             }
         }
     }
@@ -193,6 +245,8 @@ macro_rules! delegate_read {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Quic(s) => Pin::new(s).poll_read(cx, buf),
                 }
             }
         }
@@ -210,6 +264,8 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Quic(s) => Pin::new(s).poll_write(cx, buf),
                 }
             }
 
@@ -221,6 +277,8 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Quic(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                 }
             }
 
@@ -232,6 +290,8 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
                     $ty::Unix(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Quic(s) => Pin::new(s).poll_flush(cx),
                 }
             }
 
@@ -239,6 +299,8 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Unix(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Quic(s) => Pin::new(s).poll_shutdown(cx),
                 }
             }
         }
@@ -252,6 +314,10 @@ pub enum ReadHalf {
     Tcp(tokio_tcp::OwnedReadHalf),
     /// Unix-domain socket.
     Unix(tokio_unix::OwnedReadHalf),
+    /// TLS.
+    Tls(tls::TlsRead),
+    /// QUIC.
+    Quic(quic::QuicRead),
 }
 
 /// The owned write half of a [`Stream`]. Shutting it down (`AsyncWriteExt::shutdown`) sends
@@ -262,6 +328,10 @@ pub enum WriteHalf {
     Tcp(tokio_tcp::OwnedWriteHalf),
     /// Unix-domain socket.
     Unix(tokio_unix::OwnedWriteHalf),
+    /// TLS.
+    Tls(tls::TlsWrite),
+    /// QUIC.
+    Quic(quic::QuicWrite),
 }
 
 delegate_read!(Stream);
@@ -276,6 +346,10 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// A Unix-domain listener and the socket file it owns.
     Unix(tokio::net::UnixListener, std::sync::Arc<SocketFile>),
+    /// A TLS listener (handshakes run in tasks of their own).
+    Tls(tls::TlsListener),
+    /// A QUIC endpoint.
+    Quic(quic::QuicListener),
 }
 
 impl Listener {
@@ -289,13 +363,26 @@ impl Listener {
                 let (l, file) = unix::bind(&path)?;
                 Ok(Listener::Unix(l, file))
             }
+            Url::Tls(_) | Url::Quic(_) => Err(tls::require(None, url).unwrap_err()),
         }
     }
 
-    /// Binds `url` as `config` says (see [`TransportConfig`]).
+    /// Binds `url` as `config` says (see [`TransportConfig`]). `tls://` and `quic://` need
+    /// `config.tls` with a certificate and key.
     pub async fn bind_with(url: &str, config: &TransportConfig) -> Result<Listener> {
-        let _ = config;
-        Listener::bind(url).await
+        match Url::parse(url)? {
+            Url::Tls(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                tls::TlsListener::bind(&addr, &c).await.map(Listener::Tls)
+            }
+            Url::Quic(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                quic::QuicListener::bind(&addr, &c)
+                    .await
+                    .map(Listener::Quic)
+            }
+            _ => Listener::bind(url).await,
+        }
     }
 
     /// The URL really bound, such as `tcp://127.0.0.1:41234` or `unix:///tmp/x.sock`.
@@ -306,13 +393,15 @@ impl Listener {
                 Err(_) => "tcp://?".to_string(),
             },
             Listener::Unix(_, file) => format!("unix://{}", file.path().display()),
+            Listener::Tls(l) => l.local_url(),
+            Listener::Quic(l) => l.local_url(),
         }
     }
 
     /// The socket file of a Unix listener (removed when the last owner of it drops).
     pub fn socket_file(&self) -> Option<std::sync::Arc<SocketFile>> {
         match self {
-            Listener::Tcp(_) => None,
+            Listener::Tcp(_) | Listener::Tls(_) | Listener::Quic(_) => None,
             Listener::Unix(_, f) => Some(f.clone()),
         }
     }
@@ -331,6 +420,14 @@ impl Listener {
                 unix::configure(&s);
                 let label = format!("unix://{} (accepted)", file.path().display());
                 Ok((Stream::Unix(s), label))
+            }
+            Listener::Tls(l) => {
+                let (s, label) = l.accept().await?;
+                Ok((Stream::Tls(Box::new(s)), label))
+            }
+            Listener::Quic(l) => {
+                let (s, label) = l.accept().await?;
+                Ok((Stream::Quic(Box::new(s)), label))
             }
         }
     }
@@ -357,6 +454,8 @@ impl ReadHalf {
         use tokio::io::AsyncReadExt;
         let s: &UnixStream = match &mut *self {
             ReadHalf::Tcp(r) => return r.read(scratch).await,
+            ReadHalf::Tls(r) => return r.read(scratch).await,
+            ReadHalf::Quic(r) => return r.read(scratch).await,
             ReadHalf::Unix(r) => (*r).as_ref(),
         };
         loop {
@@ -431,6 +530,14 @@ mod tests {
             Url::parse("unix:///tmp/x.sock").unwrap().to_string(),
             "unix:///tmp/x.sock"
         );
+        assert_eq!(
+            Url::parse("tls://localhost:7443").unwrap(),
+            Url::Tls("localhost:7443".into())
+        );
+        assert_eq!(
+            Url::parse("QUIC://[::1]:7443").unwrap().to_string(),
+            "quic://[::1]:7443"
+        );
     }
 
     #[test]
@@ -451,6 +558,7 @@ mod tests {
             let s = e.to_string();
             assert!(s.contains(needle), "{url}: {s}");
             assert!(s.contains("tcp://host:port"), "{url}: {s}");
+            assert!(s.contains("quic://host:port"), "{url}: {s}");
         }
     }
 }
