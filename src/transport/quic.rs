@@ -94,7 +94,7 @@ pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     };
     match e {
         C::TransportError(te) => match alert(u64::from(te.code)) {
-            Some(_) => format!("TLS: our check of the peer failed: {}", te.reason),
+            Some(_) => format!("TLS: {}", explain_local(&te.reason)),
             None => format!("QUIC transport error: {te}"),
         },
         C::ConnectionClosed(cc) => match alert(u64::from(cc.error_code)) {
@@ -112,6 +112,23 @@ pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
         C::TimedOut => "no answer from the peer (no QUIC server there, or UDP blocked)".into(),
         other => other.to_string(),
     }
+}
+
+/// Words for a TLS failure of our own side, which quinn reports as text only.
+fn explain_local(reason: &str) -> String {
+    let words = if reason.contains("UnknownIssuer") {
+        "the peer's certificate is not signed by our CA (--ca)"
+    } else if reason.contains("not valid for name") || reason.contains("NotValidForName") {
+        "the server's certificate is not valid for the name we connect to (use a name it \
+         lists, or set the server name)"
+    } else if reason.contains("xpired") {
+        "the peer's certificate has expired"
+    } else if reason.contains("no certificates") {
+        "the peer sent no certificate (a client needs --cert and --key)"
+    } else {
+        "our check of the peer failed"
+    };
+    format!("{words} ({reason})")
 }
 
 fn conn_io_error(e: &quinn::ConnectionError, peer: &str) -> io::Error {

@@ -36,6 +36,9 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 
+/// The rustls version these types come from, for [`TlsConfig::from_rustls`].
+pub use rustls;
+
 /// The ALPN protocol id both ends require, on TLS and on QUIC.
 pub const ALPN: &[u8] = b"xcp/0.2";
 
@@ -153,6 +156,34 @@ impl TlsConfig {
                 describe: format!("no certificate, ca {}", ca.display()),
             }),
         })
+    }
+
+    /// Wraps rustls configurations built by the caller (a custom verifier, a key held
+    /// elsewhere). The ALPN protocol [`ALPN`] is set where a configuration has none; for
+    /// `quic://` both must allow TLS 1.3. No file checks happen here: what the configurations
+    /// hold is what is presented.
+    pub fn from_rustls(
+        client: Arc<rustls::ClientConfig>,
+        server: Option<Arc<rustls::ServerConfig>>,
+    ) -> TlsConfig {
+        let mut client = client;
+        if client.alpn_protocols.is_empty() {
+            Arc::make_mut(&mut client).alpn_protocols = vec![ALPN.to_vec()];
+        }
+        let server = server.map(|mut s| {
+            if s.alpn_protocols.is_empty() {
+                Arc::make_mut(&mut s).alpn_protocols = vec![ALPN.to_vec()];
+            }
+            s
+        });
+        TlsConfig {
+            inner: Arc::new(Material {
+                client,
+                server,
+                server_name: None,
+                describe: "rustls configurations given by the application".into(),
+            }),
+        }
     }
 
     /// Checks the server's certificate against `name` instead of the URL's host (a DNS name
