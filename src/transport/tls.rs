@@ -205,6 +205,17 @@ impl TlsConfig {
         &self.inner.describe
     }
 
+    /// The rustls client configuration (this side's certificate, the CA, ALPN [`ALPN`]), to
+    /// reuse the same material for another protocol.
+    pub fn rustls_client(&self) -> Arc<rustls::ClientConfig> {
+        self.inner.client.clone()
+    }
+
+    /// The rustls server configuration (client certificates required), when there is one.
+    pub fn rustls_server(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.inner.server.clone()
+    }
+
     pub(crate) fn client(&self) -> Arc<rustls::ClientConfig> {
         self.inner.client.clone()
     }
