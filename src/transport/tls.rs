@@ -251,8 +251,28 @@ pub(crate) fn require(tls: Option<&TlsConfig>, url: &str) -> Result<TlsConfig> {
     })
 }
 
+/// The ring provider, AES-128-GCM first: with AES instructions it is the fastest TLS 1.3 suite
+/// (fewer rounds than AES-256), which matters for bulk tensors; the others stay available.
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+/// The socket under TLS: reads go through a buffer of [`READ_BUFFER`] bytes, because rustls
+/// asks for at most 4 KiB per read, which would cost a system call per 4 KiB of a tensor.
+type Io = tokio::io::BufReader<TcpStream>;
+
+/// The read buffer under TLS (see [`Io`]).
+const READ_BUFFER: usize = 256 << 10;
+
+fn buffered(tcp: TcpStream) -> Io {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
 fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
@@ -429,7 +449,7 @@ pub(super) async fn connect(addr: &str, tls: &TlsConfig) -> Result<TlsStream> {
         Err(_) => url.clone(),
     };
     let connector = tokio_rustls::TlsConnector::from(tls.client());
-    match connector.connect(name, tcp).await {
+    match connector.connect(name, buffered(tcp)).await {
         Ok(s) => Ok(TlsStream {
             inner: Box::new(tokio_rustls::TlsStream::Client(s)),
             peer,
@@ -451,7 +471,7 @@ fn io_to_tls(e: io::Error, url: &str) -> Error {
 
 /// A TLS connection, client or server side.
 pub struct TlsStream {
-    inner: Box<tokio_rustls::TlsStream<TcpStream>>,
+    inner: Box<tokio_rustls::TlsStream<Io>>,
     peer: String,
 }
 
@@ -487,13 +507,13 @@ impl TlsStream {
 
 /// The read half of a [`TlsStream`].
 pub struct TlsRead {
-    inner: tokio::io::ReadHalf<tokio_rustls::TlsStream<TcpStream>>,
+    inner: tokio::io::ReadHalf<tokio_rustls::TlsStream<Io>>,
     peer: String,
 }
 
 /// The write half of a [`TlsStream`].
 pub struct TlsWrite {
-    inner: tokio::io::WriteHalf<tokio_rustls::TlsStream<TcpStream>>,
+    inner: tokio::io::WriteHalf<tokio_rustls::TlsStream<Io>>,
     peer: String,
 }
 
@@ -706,7 +726,7 @@ async fn handshake(
             return None;
         }
     }
-    match acceptor.accept(tcp).await {
+    match acceptor.accept(buffered(tcp)).await {
         Ok(s) => Some(TlsStream {
             inner: Box::new(tokio_rustls::TlsStream::Server(s)),
             peer: peer.to_string(),
