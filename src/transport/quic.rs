@@ -619,13 +619,25 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> io::Result<Option<(Bytes, u
         Some(t) if t <= MAX_FRAME => t as usize,
         _ => return Ok(Some((head.freeze(), channel, true))),
     };
-    let have = head.len();
-    head.resize(total, 0);
-    if !read_full(recv, &mut head[have..]).await? {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "a QUIC stream ended inside a frame",
-        ));
+    // The body: appended chunk by chunk as quinn holds it (one copy, no zeroing first).
+    head.reserve(total - head.len());
+    while head.len() < total {
+        match recv.read_chunk(total - head.len(), true).await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "a QUIC stream ended inside a frame",
+                ))
+            }
+            Err(e) => {
+                let msg = match &e {
+                    quinn::ReadError::ConnectionLost(c) => explain(c),
+                    other => other.to_string(),
+                };
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, msg));
+            }
+        }
     }
     Ok(Some((head.freeze(), channel, false)))
 }
