@@ -160,3 +160,32 @@ fn cert_dev_then_serve_and_ping() {
         assert!(err.contains("client certificate"), "{err}");
     }
 }
+
+/// Clients that connect and never speak TLS, or send garbage, hold no one up: a good client
+/// is served meanwhile, and the silent ones are dropped after the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_garbage_clients_do_not_block_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let srv = echo_server("tls://127.0.0.1:0", config(pki.server_tls())).await;
+    let addr = srv.url.trim_start_matches("tls://").to_string();
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            t("tcp connect", tokio::net::TcpStream::connect(&addr))
+                .await
+                .expect("tcp connect"),
+        );
+    }
+    let mut garbage = t("tcp connect", tokio::net::TcpStream::connect(&addr))
+        .await
+        .expect("tcp connect");
+    t(
+        "write",
+        garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await
+    .expect("write");
+    assert_serves(&srv.url, &pki).await;
+    drop(silent);
+}

@@ -19,6 +19,9 @@
 //!   close reason and a log line), a task per stream reads whole frames from it (at most
 //!   [`MAX_FRAME`] bytes each), and the reader hands them to the driver one whole frame at a
 //!   time: bytes of two frames never interleave, and frames of one channel keep their order.
+//!   Frames read but not yet handed over hold at most [`MAX_FRAME`] bytes per connection
+//!   together (a stream waits for room before it reads a frame's body), so a peer cannot make
+//!   this side buffer more by spreading frames over many streams.
 //! - **End of stream**: shutting down the write side finishes every stream once its frames are
 //!   written and acknowledged, then sends a one-off unidirectional stream holding the number
 //!   of streams this side opened. The reader reports end-of-stream once that count arrived and
@@ -281,8 +284,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<QuicStream>) {
 
 /// What the stream tasks tell the reader.
 enum Event {
-    /// One whole frame.
-    Frame(Bytes),
+    /// One whole frame, and its share of the read budget (returned once handed over).
+    Frame(Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
     /// The peer opened a stream (counted against its goodbye).
     Accepted,
     /// We opened a stream; its receive side is read too.
@@ -315,6 +318,8 @@ struct Shared {
     queued: AtomicUsize,
     room: AtomicWaker,
     events: mpsc::Sender<Event>,
+    /// Bytes of frames read from streams and not yet handed to the driver ([`MAX_FRAME`]).
+    read_budget: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -444,12 +449,12 @@ impl Shared {
     ) {
         let mut adopt = adopt;
         loop {
-            match read_frame(&mut recv).await {
-                Ok(Some((frame, channel, last))) => {
+            match read_frame(&mut recv, &self.read_budget).await {
+                Ok(Some((frame, permit, channel, last))) => {
                     if let Some(send) = adopt.take() {
                         self.adopt(channel, send);
                     }
-                    if self.events.send(Event::Frame(frame)).await.is_err() {
+                    if self.events.send(Event::Frame(frame, permit)).await.is_err() {
                         return;
                     }
                     if last {
@@ -583,16 +588,23 @@ async fn read_full(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> io::Result<b
     Ok(true)
 }
 
-/// Reads one whole frame: `(bytes, channel, last)`. `last` is set when the frame is malformed
+/// A frame read from a stream: its bytes, its share of the read budget, its channel, and
+/// whether the stream is read no further.
+type ReadFrame = (Bytes, Option<tokio::sync::OwnedSemaphorePermit>, u32, bool);
+
+/// Reads one whole frame: `(bytes, permit, channel, last)`. `last` is set when the frame is malformed
 /// or too long to read whole: the bytes so far are passed on for the session to refuse, and
 /// the stream is read no further. `None`: the stream ended at a frame boundary.
-async fn read_frame(recv: &mut quinn::RecvStream) -> io::Result<Option<(Bytes, u32, bool)>> {
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    budget: &Arc<Semaphore>,
+) -> io::Result<Option<ReadFrame>> {
     let mut prefix = [0u8; PREFIX_LEN];
     if !read_full(recv, &mut prefix).await? {
         return Ok(None);
     }
     if prefix[..4] != MAGIC_BYTES {
-        return Ok(Some((Bytes::copy_from_slice(&prefix), 0, true)));
+        return Ok(Some((Bytes::copy_from_slice(&prefix), None, 0, true)));
     }
     let large = Flags(prefix[5]).contains(Flags::LARGE);
     let hlen = usize::from(u16::from_le_bytes([prefix[6], prefix[7]]));
@@ -617,8 +629,14 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> io::Result<Option<(Bytes, u
         .and_then(|t| t.checked_add(TRAILER_LEN as u64));
     let total = match total {
         Some(t) if t <= MAX_FRAME => t as usize,
-        _ => return Ok(Some((head.freeze(), channel, true))),
+        _ => return Ok(Some((head.freeze(), None, channel, true))),
     };
+    // Room for the whole frame first (`total` is at most MAX_FRAME, which fits a u32).
+    let permit = budget
+        .clone()
+        .acquire_many_owned(total as u32)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::ConnectionAborted, "connection over"))?;
     // The body: appended chunk by chunk as quinn holds it (one copy, no zeroing first).
     head.reserve(total - head.len());
     while head.len() < total {
@@ -639,7 +657,7 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> io::Result<Option<(Bytes, u
             }
         }
     }
-    Ok(Some((head.freeze(), channel, false)))
+    Ok(Some((head.freeze(), Some(permit), channel, false)))
 }
 
 /// The channel of a frame header; 0 when the header does not decode (the session refuses
@@ -744,6 +762,7 @@ impl QuicStream {
             queued: AtomicUsize::new(0),
             room: AtomicWaker::new(),
             events: tx,
+            read_budget: Arc::new(Semaphore::new(MAX_FRAME as usize)),
         });
         let accept = tokio::spawn(shared.clone().accept_streams());
         let closer = Arc::new(Closer {
@@ -756,6 +775,7 @@ impl QuicStream {
                 shared: shared.clone(),
                 events: rx,
                 current: Bytes::new(),
+                held: None,
                 accepted: 0,
                 live: 0,
                 goodbye: None,
@@ -787,6 +807,8 @@ pub struct QuicRead {
     shared: Arc<Shared>,
     events: mpsc::Receiver<Event>,
     current: Bytes,
+    /// The read budget `current` holds, returned when it is all handed over.
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
     accepted: u64,
     live: u64,
     goodbye: Option<u64>,
@@ -818,6 +840,9 @@ impl AsyncRead for QuicRead {
                 let n = this.current.len().min(buf.remaining());
                 buf.put_slice(&this.current[..n]);
                 this.current.advance(n);
+                if this.current.is_empty() {
+                    this.held = None;
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.at_end() {
@@ -833,7 +858,10 @@ impl AsyncRead for QuicRead {
                     )))
                 }
                 Poll::Ready(Some(ev)) => match ev {
-                    Event::Frame(b) => this.current = b,
+                    Event::Frame(b, permit) => {
+                        this.current = b;
+                        this.held = permit;
+                    }
                     Event::Accepted => {
                         this.accepted += 1;
                         this.live += 1;
