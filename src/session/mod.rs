@@ -168,7 +168,8 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    /// Connects to `url` (`tcp://host:port` or `unix:///path`) and returns once the handshake
+    /// Connects to `url` (`tcp://host:port`, `unix:///path`, or across hosts `tls://host:port`
+    /// and `quic://host:port` with `config.transport.tls`) and returns once the handshake
     /// finished. Fails with [`Error::Timeout`] after `connect_timeout`, with
     /// [`Error::Incompatible`] when the peer shares no codec (it NACKs
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
@@ -513,7 +514,8 @@ impl fmt::Debug for Server {
 const ACCEPT_QUEUE: usize = 128;
 
 impl Server {
-    /// Binds `url` (`tcp://host:port`, port 0 for any; or `unix:///path`) and starts accepting.
+    /// Binds `url` (`tcp://host:port`, port 0 for any; `unix:///path`; `tls://host:port` or
+    /// `quic://host:port` with `config.transport.tls`) and starts accepting.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
         let listener = Listener::bind_with(url, &config.transport).await?;
         let local_url = listener.local_url();
