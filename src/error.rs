@@ -114,6 +114,11 @@ pub enum Error {
     /// The connection is closed; the string says why.
     #[error("connection closed: {0}")]
     Closed(String),
+    /// TLS or QUIC security failed: a certificate, key or CA file that is missing, unreadable,
+    /// expired or mismatched, or a peer whose certificate the handshake refused (or that
+    /// refused ours). The string names the file or the peer and what to do.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// An operating-system error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -126,9 +131,11 @@ impl Error {
             Error::Protocol { code, .. }
             | Error::Nack { code, .. }
             | Error::Incompatible { code, .. } => *code,
-            Error::Invalid(_) | Error::Timeout(_) | Error::Closed(_) | Error::Io(_) => {
-                ErrorCode::ERR_INTERNAL
-            }
+            Error::Invalid(_)
+            | Error::Timeout(_)
+            | Error::Closed(_)
+            | Error::Tls(_)
+            | Error::Io(_) => ErrorCode::ERR_INTERNAL,
         }
     }
 
@@ -143,6 +150,11 @@ impl Error {
     /// A peer error `ERR_MALFORMED` naming what was malformed.
     pub fn malformed(detail: impl Into<String>) -> Self {
         Self::protocol(ErrorCode::ERR_MALFORMED, detail)
+    }
+
+    /// A TLS/QUIC security error naming the file or the peer.
+    pub fn tls(detail: impl Into<String>) -> Self {
+        Error::Tls(detail.into())
     }
 
     /// An API misuse error.

@@ -38,7 +38,11 @@ fn skip() -> bool {
 
 fn config(io: IoMode, ring: Option<uring::Ring>) -> SessionConfig {
     SessionConfig {
-        transport: TransportConfig { io, ring },
+        transport: TransportConfig {
+            io,
+            ring,
+            tls: None,
+        },
         ..SessionConfig::default()
     }
 }

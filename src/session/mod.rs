@@ -169,7 +169,8 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    /// Connects to `url` (`tcp://host:port` or `unix:///path`) and returns once the handshake
+    /// Connects to `url` (`tcp://host:port`, `unix:///path`, or across hosts `tls://host:port`
+    /// and `quic://host:port` with `config.transport.tls`) and returns once the handshake
     /// finished. Fails with [`Error::Timeout`] after `connect_timeout`, with
     /// [`Error::Incompatible`] when the peer shares no codec (it NACKs
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
@@ -428,12 +429,14 @@ async fn start(
     } else {
         "epoll"
     };
+    // Across hosts (TLS, QUIC) no handle can work: everything goes inline, chunked.
+    let remote = stream.is_remote();
     let offered: Vec<Scheme> = config
         .attach
         .schemes
         .iter()
         .copied()
-        .filter(|s| unix || *s != Scheme::Memfd)
+        .filter(|s| !remote && (unix || *s != Scheme::Memfd))
         .collect();
     let mut conn_config = config.conn.clone();
     if !offered.is_empty() {
@@ -524,7 +527,8 @@ impl fmt::Debug for Server {
 const ACCEPT_QUEUE: usize = 128;
 
 impl Server {
-    /// Binds `url` (`tcp://host:port`, port 0 for any; or `unix:///path`) and starts accepting.
+    /// Binds `url` (`tcp://host:port`, port 0 for any; `unix:///path`; `tls://host:port` or
+    /// `quic://host:port` with `config.transport.tls`) and starts accepting.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
         let ring = match (&config.transport.ring, config.transport.io) {
             (_, crate::transport::IoMode::Epoll) => None,

@@ -4,6 +4,10 @@
 //! |---|---|
 //! | `tcp://host:port` | TCP, `TCP_NODELAY` on, buffers left to the kernel's autotuning |
 //! | `unix:///absolute/path` | a Unix stream socket with 4 MiB send and receive buffers |
+//! | `tls://host:port` | TCP inside TLS 1.3 with mutual authentication ([`tls`]) |
+//! | `quic://host:port` | QUIC with mutual authentication, one stream per XCP channel ([`quic`]) |
+//!
+//! `tls://` and `quic://` need certificates: [`TransportConfig::tls`] (see [`TlsConfig`]).
 //!
 //! [`Stream`] is either kind behind one type that implements `AsyncRead` and `AsyncWrite`;
 //! [`Stream::into_split`] gives owned halves so one task can read and write at once.
@@ -22,7 +26,9 @@
 #![deny(unsafe_code)]
 
 pub mod peer;
+pub mod quic;
 mod tcp;
+pub mod tls;
 mod unix;
 #[cfg(feature = "uring")]
 pub mod uring;
@@ -41,12 +47,14 @@ use tokio::net::{tcp as tokio_tcp, unix as tokio_unix, TcpStream, UnixStream};
 
 use crate::error::{Error, Result};
 
+pub use tls::TlsConfig;
 pub use unix::SocketFile;
 
 /// The socket buffer size set on Unix-domain sockets (`SO_SNDBUF` and `SO_RCVBUF`).
 pub const UNIX_SOCKET_BUFFER: usize = 4 << 20;
 
-const SUPPORTED: &str = "supported are tcp://host:port and unix:///absolute/path";
+const SUPPORTED: &str =
+    "supported are tcp://host:port, unix:///absolute/path, tls://host:port and quic://host:port";
 
 /// A parsed transport address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +64,10 @@ pub enum Url {
     Tcp(String),
     /// `unix:///absolute/path`.
     Unix(PathBuf),
+    /// `tls://host:port`: TCP inside TLS 1.3, mutual authentication.
+    Tls(String),
+    /// `quic://host:port`: QUIC (UDP), mutual authentication.
+    Quic(String),
 }
 
 impl Url {
@@ -70,6 +82,8 @@ impl Url {
         match scheme.to_ascii_lowercase().as_str() {
             "tcp" => tcp::parse_authority(url, rest).map(Url::Tcp),
             "unix" => unix::parse_path(url, rest).map(Url::Unix),
+            "tls" => tls::parse_authority(url, rest).map(Url::Tls),
+            "quic" => tls::parse_authority(url, rest).map(Url::Quic),
             other => Err(Error::invalid(format!(
                 "URL {url:?}: unsupported scheme {other:?}; {SUPPORTED}"
             ))),
@@ -82,6 +96,8 @@ impl fmt::Display for Url {
         match self {
             Url::Tcp(addr) => write!(f, "tcp://{addr}"),
             Url::Unix(path) => write!(f, "unix://{}", path.display()),
+            Url::Tls(addr) => write!(f, "tls://{addr}"),
+            Url::Quic(addr) => write!(f, "quic://{addr}"),
         }
     }
 }
@@ -172,6 +188,8 @@ pub struct TransportConfig {
     /// With io_uring: the ring a client's connections share (a new one per connection when
     /// unset; a server always shares one among the connections it accepts).
     pub ring: Option<uring::Ring>,
+    /// Certificates for `tls://` and `quic://` (required there, unused elsewhere).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for TransportConfig {
@@ -179,6 +197,7 @@ impl Default for TransportConfig {
         TransportConfig {
             io: default_io(),
             ring: None,
+            tls: None,
         }
     }
 }
@@ -192,6 +211,10 @@ pub enum Stream {
     Unix(UnixStream),
     /// A TCP or Unix stream driven by io_uring.
     Uring(uring::UringStream, String),
+    /// TLS over TCP.
+    Tls(Box<tls::TlsStream>),
+    /// QUIC: XCP channels on QUIC streams, seen as one byte stream of whole frames.
+    Quic(Box<quic::QuicStream>),
 }
 
 impl Stream {
@@ -200,29 +223,53 @@ impl Stream {
         match Url::parse(url)? {
             Url::Tcp(addr) => tcp::connect(&addr).await.map(Stream::Tcp),
             Url::Unix(path) => unix::connect(&path).await.map(Stream::Unix),
+            Url::Tls(_) | Url::Quic(_) => Err(tls::require(None, url).unwrap_err()),
         }
     }
 
-    /// Connects to `url` as `config` says (see [`TransportConfig`]): through io_uring when
-    /// its `io` mode asks for it (on the configured shared ring, or on a ring of its own).
+    /// Connects to `url` as `config` says (see [`TransportConfig`]). `tls://` and `quic://`
+    /// need `config.tls`; their handshakes are part of the connect. TCP and Unix streams go
+    /// through io_uring when the `io` mode asks for it (on the configured shared ring, or on
+    /// a ring of their own).
     pub async fn connect_with(url: &str, config: &TransportConfig) -> Result<Stream> {
-        let ring = match (&config.ring, config.io) {
-            (_, IoMode::Epoll) => None,
-            (Some(r), _) => Some(r.clone()),
-            (None, mode) => uring::resolve(mode)?,
-        };
-        let s = Stream::connect(url).await?;
-        s.with_ring(ring)
+        match Url::parse(url)? {
+            Url::Tls(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                tls::connect(&addr, &c)
+                    .await
+                    .map(|s| Stream::Tls(Box::new(s)))
+            }
+            Url::Quic(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                quic::connect(&addr, &c)
+                    .await
+                    .map(|s| Stream::Quic(Box::new(s)))
+            }
+            _ => {
+                let ring = match (&config.ring, config.io) {
+                    (_, IoMode::Epoll) => None,
+                    (Some(r), _) => Some(r.clone()),
+                    (None, mode) => uring::resolve(mode)?,
+                };
+                Stream::connect(url).await?.with_ring(ring)
+            }
+        }
     }
 
-    /// Hands the stream to `ring` (io_uring); `None` keeps it on epoll.
+    /// Whether the bytes leave the host (TLS, QUIC): no attachment handle is offered there.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Stream::Tls(_) | Stream::Quic(_))
+    }
+
+    /// Hands a TCP or Unix stream to `ring` (io_uring); `None` keeps it on epoll. TLS and
+    /// QUIC streams stay as they are.
     pub fn with_ring(self, ring: Option<uring::Ring>) -> Result<Stream> {
         let Some(ring) = ring else { return Ok(self) };
         let label = self.peer_label();
         let (fd, unix): (std::os::fd::OwnedFd, bool) = match self {
             Stream::Tcp(s) => (s.into_std()?.into(), false),
             Stream::Unix(s) => (s.into_std()?.into(), true),
-            s @ Stream::Uring(..) => return Ok(s),
+            s @ (Stream::Uring(..) | Stream::Tls(_) | Stream::Quic(_)) => return Ok(s),
         };
         let u = uring::UringStream::new(fd, unix, ring)?;
         Ok(Stream::Uring(u, label))
@@ -231,7 +278,7 @@ impl Stream {
     /// Whether this is a Unix-domain socket (descriptors can be passed).
     pub fn is_unix(&self) -> bool {
         match self {
-            Stream::Tcp(_) => false,
+            Stream::Tcp(_) | Stream::Tls(_) | Stream::Quic(_) => false,
             Stream::Unix(_) => true,
             Stream::Uring(u, _) => u.is_unix(),
         }
@@ -244,6 +291,7 @@ impl Stream {
             Stream::Tcp(s) => peer::peer_uid(s, false),
             Stream::Unix(s) => peer::peer_uid(s, true),
             Stream::Uring(u, _) => peer::peer_uid(u.fd(), u.is_unix()),
+            Stream::Tls(_) | Stream::Quic(_) => None,
         }
     }
 
@@ -261,6 +309,8 @@ impl Stream {
             },
             Stream::Unix(s) => unix::peer_label(s),
             Stream::Uring(_, label) => label.clone(),
+            Stream::Tls(s) => s.peer_label(),
+            Stream::Quic(s) => s.peer_label(),
         }
     }
 
@@ -279,6 +329,14 @@ impl Stream {
                 let (r, w) = s.into_split();
                 (ReadHalf::Uring(r), WriteHalf::Uring(w))
             }
+            Stream::Tls(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+            Stream::Quic(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Quic(r), WriteHalf::Quic(w))
+            }
         }
     }
 }
@@ -295,6 +353,8 @@ macro_rules! delegate_read {
                     $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Uring(s, ..) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Quic(s) => Pin::new(s).poll_read(cx, buf),
                 }
             }
         }
@@ -313,6 +373,8 @@ macro_rules! delegate_write {
                     $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Uring(s, ..) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Quic(s) => Pin::new(s).poll_write(cx, buf),
                 }
             }
 
@@ -325,6 +387,8 @@ macro_rules! delegate_write {
                     $ty::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Uring(s, ..) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Quic(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                 }
             }
 
@@ -337,6 +401,8 @@ macro_rules! delegate_write {
                     $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
                     $ty::Unix(s) => Pin::new(s).poll_flush(cx),
                     $ty::Uring(s, ..) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Quic(s) => Pin::new(s).poll_flush(cx),
                 }
             }
 
@@ -345,6 +411,8 @@ macro_rules! delegate_write {
                     $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Unix(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Uring(s, ..) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Quic(s) => Pin::new(s).poll_shutdown(cx),
                 }
             }
         }
@@ -360,6 +428,10 @@ pub enum ReadHalf {
     Unix(tokio_unix::OwnedReadHalf),
     /// io_uring.
     Uring(uring::UringRead),
+    /// TLS.
+    Tls(tls::TlsRead),
+    /// QUIC.
+    Quic(quic::QuicRead),
 }
 
 /// The owned write half of a [`Stream`]. Shutting it down (`AsyncWriteExt::shutdown`) sends
@@ -372,6 +444,10 @@ pub enum WriteHalf {
     Unix(tokio_unix::OwnedWriteHalf),
     /// io_uring.
     Uring(uring::UringWrite),
+    /// TLS.
+    Tls(tls::TlsWrite),
+    /// QUIC.
+    Quic(quic::QuicWrite),
 }
 
 delegate_read!(Stream);
@@ -386,6 +462,10 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// A Unix-domain listener and the socket file it owns.
     Unix(tokio::net::UnixListener, std::sync::Arc<SocketFile>),
+    /// A TLS listener (handshakes run in tasks of their own).
+    Tls(tls::TlsListener),
+    /// A QUIC endpoint.
+    Quic(quic::QuicListener),
 }
 
 impl Listener {
@@ -399,13 +479,26 @@ impl Listener {
                 let (l, file) = unix::bind(&path)?;
                 Ok(Listener::Unix(l, file))
             }
+            Url::Tls(_) | Url::Quic(_) => Err(tls::require(None, url).unwrap_err()),
         }
     }
 
-    /// Binds `url` as `config` says (see [`TransportConfig`]).
+    /// Binds `url` as `config` says (see [`TransportConfig`]). `tls://` and `quic://` need
+    /// `config.tls` with a certificate and key.
     pub async fn bind_with(url: &str, config: &TransportConfig) -> Result<Listener> {
-        let _ = config;
-        Listener::bind(url).await
+        match Url::parse(url)? {
+            Url::Tls(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                tls::TlsListener::bind(&addr, &c).await.map(Listener::Tls)
+            }
+            Url::Quic(addr) => {
+                let c = tls::require(config.tls.as_ref(), url)?;
+                quic::QuicListener::bind(&addr, &c)
+                    .await
+                    .map(Listener::Quic)
+            }
+            _ => Listener::bind(url).await,
+        }
     }
 
     /// The URL really bound, such as `tcp://127.0.0.1:41234` or `unix:///tmp/x.sock`.
@@ -416,13 +509,15 @@ impl Listener {
                 Err(_) => "tcp://?".to_string(),
             },
             Listener::Unix(_, file) => format!("unix://{}", file.path().display()),
+            Listener::Tls(l) => l.local_url(),
+            Listener::Quic(l) => l.local_url(),
         }
     }
 
     /// The socket file of a Unix listener (removed when the last owner of it drops).
     pub fn socket_file(&self) -> Option<std::sync::Arc<SocketFile>> {
         match self {
-            Listener::Tcp(_) => None,
+            Listener::Tcp(_) | Listener::Tls(_) | Listener::Quic(_) => None,
             Listener::Unix(_, f) => Some(f.clone()),
         }
     }
@@ -442,6 +537,14 @@ impl Listener {
                 let label = format!("unix://{} (accepted)", file.path().display());
                 Ok((Stream::Unix(s), label))
             }
+            Listener::Tls(l) => {
+                let (s, label) = l.accept().await?;
+                Ok((Stream::Tls(Box::new(s)), label))
+            }
+            Listener::Quic(l) => {
+                let (s, label) = l.accept().await?;
+                Ok((Stream::Quic(Box::new(s)), label))
+            }
         }
     }
 }
@@ -456,13 +559,14 @@ impl ReadHalf {
             ReadHalf::Tcp(r) => peer::peer_uid(AsRef::<TcpStream>::as_ref(r), false),
             ReadHalf::Unix(r) => peer::peer_uid(AsRef::<UnixStream>::as_ref(r), true),
             ReadHalf::Uring(r) => peer::peer_uid(r.fd(), r.is_unix()),
+            ReadHalf::Tls(_) | ReadHalf::Quic(_) => None,
         }
     }
 
     /// Whether file descriptors can arrive on this stream (`SCM_RIGHTS`, Unix sockets only).
     pub fn passes_fds(&self) -> bool {
         match self {
-            ReadHalf::Tcp(_) => false,
+            ReadHalf::Tcp(_) | ReadHalf::Tls(_) | ReadHalf::Quic(_) => false,
             ReadHalf::Unix(_) => true,
             ReadHalf::Uring(r) => r.is_unix(),
         }
@@ -480,6 +584,8 @@ impl ReadHalf {
         use tokio::io::AsyncReadExt;
         let s: &UnixStream = match &mut *self {
             ReadHalf::Tcp(r) => return r.read(scratch).await,
+            ReadHalf::Tls(r) => return r.read(scratch).await,
+            ReadHalf::Quic(r) => return r.read(scratch).await,
             ReadHalf::Unix(r) => (*r).as_ref(),
             ReadHalf::Uring(r) => return r.read_copy_with_fds(scratch, fds).await,
         };
@@ -500,7 +606,7 @@ impl WriteHalf {
     /// Whether file descriptors can be sent on this stream.
     pub fn passes_fds(&self) -> bool {
         match self {
-            WriteHalf::Tcp(_) => false,
+            WriteHalf::Tcp(_) | WriteHalf::Tls(_) | WriteHalf::Quic(_) => false,
             WriteHalf::Unix(_) => true,
             WriteHalf::Uring(w) => w.is_unix(),
         }
@@ -566,6 +672,14 @@ mod tests {
             Url::parse("unix:///tmp/x.sock").unwrap().to_string(),
             "unix:///tmp/x.sock"
         );
+        assert_eq!(
+            Url::parse("tls://localhost:7443").unwrap(),
+            Url::Tls("localhost:7443".into())
+        );
+        assert_eq!(
+            Url::parse("QUIC://[::1]:7443").unwrap().to_string(),
+            "quic://[::1]:7443"
+        );
     }
 
     #[test]
@@ -586,6 +700,7 @@ mod tests {
             let s = e.to_string();
             assert!(s.contains(needle), "{url}: {s}");
             assert!(s.contains("tcp://host:port"), "{url}: {s}");
+            assert!(s.contains("quic://host:port"), "{url}: {s}");
         }
     }
 }

@@ -37,12 +37,18 @@ What is measured (every row, every path):
   alone. Payload bytes are pseudo-random (incompressible) and produced before timing; a handle
   row's client allocates a pooled region per request but does not write it while timed (a
   producer writes into the region instead of its own buffer).
+  Across hosts (on loopback here): `tls` (XCP over TLS 1.3, mutual auth), `quic` (XCP over
+  QUIC, a stream per channel) and the baseline users would pick there, `grpc-tls` (gRPC over
+  TLS 1.3, mutual auth). They run only with --tls or when named in --paths (so --quick stays
+  short); certificates are made for the run (`xcp cert dev`). Compare tls with tcp at 1 MiB.
   --io-compare runs other workloads: epoll against io_uring (see its help line).
 
 Examples:
   xcp bench --quick
   xcp bench --paths tcp,raw-tcp,shm --sizes 64,16KiB,1MiB --json bench.json --svg bench.svg
   xcp bench --duration 5
+  xcp bench --quick --tls
+  xcp bench --paths raw-tcp,tcp,tls,quic,grpc,grpc-tls --sizes 64,1MiB
   xcp bench --load --clients 16 --messages 2000 --json load.json
   xcp bench --io-compare --duration 3 --json io.json";
 
@@ -55,10 +61,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
 
-    /// Paths to run, comma-separated: raw-tcp, http2, grpc, tcp, unix, tcp-comp-crypt, shm,
-    /// shm-touch, memfd, memfd-touch (default: all).
+    /// Paths to run, comma-separated: raw-tcp, http2, grpc, grpc-tls, tcp, tls, quic, unix,
+    /// tcp-comp-crypt, shm, shm-touch, memfd, memfd-touch (default: all but the across-hosts
+    /// rows tls, quic and grpc-tls, which --tls adds).
     #[arg(long, value_name = "LIST")]
     pub paths: Option<String>,
+
+    /// Add the across-hosts rows to the default paths: XCP over TLS and over QUIC, and gRPC
+    /// over TLS (all with mutual authentication, certificates made for the run).
+    #[arg(long)]
+    pub tls: bool,
 
     /// Payload sizes, comma-separated, at least 33 bytes each (suffixes K, M; default
     /// 64,16KiB,1MiB,64MiB).
@@ -143,7 +155,10 @@ fn plan(args: &BenchArgs) -> Result<Plan, String> {
                 format!("unknown path {n:?} (one of {})", all.join(", "))
             })
         })?,
-        None => PathId::ALL.to_vec(),
+        None => PathId::ALL
+            .into_iter()
+            .filter(|p| args.tls || !p.across_hosts())
+            .collect(),
     };
     let explicit = match &args.sizes {
         Some(s) => Some(parse_list(s, |x| {

@@ -6,6 +6,7 @@
 //! key, logging, the runtime, and the exit codes.
 
 mod bench;
+mod cert;
 mod demo;
 mod frame;
 mod ping;
@@ -44,7 +45,10 @@ Exit codes:
 Logging goes to stderr. `serve` logs at info level, the clients at warn; each -v raises it one
 step (info, debug, trace). RUST_LOG, when set, takes precedence (e.g. RUST_LOG=xcp=debug).
 
-URLs: tcp://HOST:PORT or unix:///absolute/path/to/socket.
+URLs: tcp://HOST:PORT, unix:///absolute/path/to/socket, tls://HOST:PORT (TLS 1.3) or
+quic://HOST:PORT (QUIC). tls:// and quic:// authenticate both ends: give every side
+`--cert FILE --key FILE --ca FILE` (or XCP_TLS_CERT, XCP_TLS_KEY, XCP_TLS_CA); `xcp cert dev DIR`
+writes a development CA with a server and a client certificate.
 
 Encryption (SPEC §3): `--key-file FILE` (or XCP_KEY_FILE) on any subcommand gives it a 32-byte
 pre-shared static key. A side with a key seals every DATA message it sends (ChaCha20-Poly1305,
@@ -99,6 +103,8 @@ enum Command {
     BenchServer(bench::server::BenchServerArgs),
     /// Shared-memory housekeeping: `xcp shm gc` removes the segments of killed processes.
     Shm(shm::ShmArgs),
+    /// Certificates for tls:// and quic://: `xcp cert dev DIR` writes a development set.
+    Cert(cert::CertArgs),
 }
 
 impl Command {
@@ -106,13 +112,13 @@ impl Command {
     /// a usage error.
     fn prepare(&mut self) -> Result<(), String> {
         match self {
-            Command::Serve(a) => a.conn.key.load(),
-            Command::Ping(a) => a.conn.key.load(),
-            Command::Send(a) => a.conn.key.load(),
+            Command::Serve(a) => a.conn.load(),
+            Command::Ping(a) => a.conn.load(),
+            Command::Send(a) => a.conn.load(),
             Command::Frame(a) => a.key_args().load(),
             Command::Bench(_) | Command::Demo(_) => Ok(()),
-            Command::BenchServer(a) => a.conn.key.load(),
-            Command::Shm(_) => Ok(()),
+            Command::BenchServer(a) => a.conn.load(),
+            Command::Shm(_) | Command::Cert(_) => Ok(()),
         }
     }
 }
@@ -148,6 +154,56 @@ impl KeyArgs {
     }
 }
 
+/// Certificates for `tls://` and `quic://`, shared by every connecting subcommand.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This side's certificate chain (PEM) for tls:// and quic:// (mutual authentication:
+    /// servers and clients both need one). `xcp cert dev DIR` writes a development set.
+    #[arg(long, value_name = "FILE", env = "XCP_TLS_CERT")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", env = "XCP_TLS_KEY")]
+    pub key: Option<PathBuf>,
+
+    /// The CA (PEM) that the peer's certificate must be signed by. Alone, without --cert, a
+    /// client connects with no certificate of its own (servers refuse it; useful to tell a CA
+    /// problem from a client-certificate problem).
+    #[arg(long, value_name = "FILE", env = "XCP_TLS_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// The name the server's certificate must be valid for, when it is not the URL's host.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// The material loaded by [`TlsArgs::load`].
+    #[arg(skip)]
+    pub loaded: Option<xcp::transport::TlsConfig>,
+}
+
+impl TlsArgs {
+    /// Loads the files, if any were given. The error names the file and what is wrong with it
+    /// (missing, no PEM, expired, key not matching the certificate).
+    pub fn load(&mut self) -> Result<(), String> {
+        let tls = match (&self.cert, &self.key, &self.ca) {
+            (None, None, None) => return Ok(()),
+            (Some(c), Some(k), Some(ca)) => xcp::transport::TlsConfig::from_files(c, k, ca),
+            (None, None, Some(ca)) => xcp::transport::TlsConfig::trust_only(ca),
+            (Some(_), Some(_), None) => {
+                return Err("--cert and --key need --ca too: the CA that signs the peer's                             certificate (`xcp cert dev DIR` writes ca.pem)"
+                    .into())
+            }
+            _ => return Err("--cert and --key go together (a certificate and its key)".into()),
+        };
+        let tls = tls.map_err(|e| e.to_string())?;
+        self.loaded = Some(match &self.server_name {
+            Some(n) => tls.with_server_name(n.clone()),
+            None => tls,
+        });
+        Ok(())
+    }
+}
+
 /// Options that shape a connection, shared by every subcommand.
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
@@ -176,6 +232,9 @@ pub struct ConnArgs {
     #[command(flatten)]
     pub key: KeyArgs,
 
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Which kernel interface moves the bytes: `epoll` (readiness, through tokio), `uring`
     /// (completion-based io_uring; fails with the reason where the kernel refuses it) or
     /// `auto` (io_uring where a probe at start-up shows it works, else epoll with one log
@@ -186,6 +245,12 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
+    /// Loads the files the options name (static key, certificates); the error is a usage error.
+    pub fn load(&mut self) -> Result<(), String> {
+        self.key.load()?;
+        self.tls.load()
+    }
+
     /// The session configuration these options describe, with `request_timeout` for every
     /// request and PING.
     pub fn session_config(&self, request_timeout: Duration) -> SessionConfig {
@@ -208,6 +273,7 @@ impl ConnArgs {
             request_timeout,
             transport: xcp::transport::TransportConfig {
                 io: self.io,
+                tls: self.tls.loaded.clone(),
                 ..Default::default()
             },
             ..SessionConfig::default()
@@ -288,9 +354,11 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => LevelFilter::INFO,
         Command::Bench(_) | Command::Demo(_) | Command::BenchServer(_) => LevelFilter::WARN,
-        Command::Ping(_) | Command::Send(_) | Command::Frame(_) | Command::Shm(_) => {
-            LevelFilter::WARN
-        }
+        Command::Ping(_)
+        | Command::Send(_)
+        | Command::Frame(_)
+        | Command::Shm(_)
+        | Command::Cert(_) => LevelFilter::WARN,
     };
     init_logging(default_level, cli.verbose);
     // Segments left by killed xcp processes go first (`xcp shm gc` reports its own collection).
@@ -305,6 +373,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Frame(args) => return ExitCode::from(frame::run(args)),
         Command::Shm(args) => return ExitCode::from(shm::run(args)),
+        Command::Cert(args) => return ExitCode::from(cert::run(args)),
         command => command,
     };
 
@@ -328,6 +397,7 @@ fn main() -> ExitCode {
             Command::BenchServer(args) => bench::server::run(args).await,
             Command::Frame(_) => unreachable!("`frame` runs without the runtime"),
             Command::Shm(_) => unreachable!("`shm` runs without the runtime"),
+            Command::Cert(_) => unreachable!("`cert` runs without the runtime"),
         }
     });
     // Sessions still draining in the background must not keep the process alive.

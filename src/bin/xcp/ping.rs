@@ -29,7 +29,8 @@ Examples:
 #[derive(Args, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct PingArgs {
-    /// The server: tcp://HOST:PORT or unix:///path/to/socket.
+    /// The server: tcp://HOST:PORT, unix:///path/to/socket, tls://HOST:PORT or
+    /// quic://HOST:PORT (the last two with --cert, --key and --ca).
     #[arg(value_name = "URL")]
     pub url: String,
 

@@ -76,7 +76,8 @@ impl Codec {
 #[command(after_help = AFTER_HELP)]
 #[command(group(ArgGroup::new("input").required(true).args(["text", "ether", "random_bytes"])))]
 pub struct SendArgs {
-    /// The server: tcp://HOST:PORT or unix:///path/to/socket.
+    /// The server: tcp://HOST:PORT, unix:///path/to/socket, tls://HOST:PORT or
+    /// quic://HOST:PORT (the last two with --cert, --key and --ca).
     #[arg(value_name = "URL")]
     pub url: String,
 
@@ -134,7 +135,17 @@ impl AttachMode {
             schemes: vec![scheme],
             ..AttachConfig::default()
         };
+        let remote = url.starts_with("tls://") || url.starts_with("quic://");
         match self {
+            AttachMode::Shm | AttachMode::Memfd if remote => Err(format!(
+                "--attach {}: handles never cross hosts, and {url} goes across hosts (TLS or \
+                 QUIC): attachments travel inline there (leave --attach at auto or inline)",
+                if self == AttachMode::Shm {
+                    "shm"
+                } else {
+                    "memfd"
+                }
+            )),
             AttachMode::Auto => Ok(AttachConfig::default()),
             AttachMode::Shm => Ok(only(Scheme::Shm)),
             AttachMode::Memfd if url.starts_with("unix://") => Ok(only(Scheme::Memfd)),

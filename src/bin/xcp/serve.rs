@@ -61,7 +61,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Args, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct ServeArgs {
-    /// Where to listen: tcp://HOST:PORT (port 0: any free port) or unix:///path/to/socket.
+    /// Where to listen: tcp://HOST:PORT (port 0: any free port), unix:///path/to/socket, or
+    /// tls://HOST:PORT and quic://HOST:PORT (with --cert, --key and --ca).
     #[arg(long, short = 'l', value_name = "URL")]
     pub listen: String,
 

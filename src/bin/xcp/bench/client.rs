@@ -48,15 +48,24 @@ pub enum PathId {
     MemfdTouch,
     /// XCP over TCP with COMP (auto) and CRYPT.
     Sealed,
+    /// XCP over TLS 1.3 (mutual authentication), bytes inline.
+    Tls,
+    /// XCP over QUIC (mutual authentication), bytes inline.
+    Quic,
+    /// Baseline: gRPC unary over TLS 1.3 (mutual authentication).
+    GrpcTls,
 }
 
 impl PathId {
     /// Every path, in the order they run and print.
-    pub const ALL: [PathId; 10] = [
+    pub const ALL: [PathId; 13] = [
         PathId::RawTcp,
         PathId::Http2,
         PathId::Grpc,
+        PathId::GrpcTls,
         PathId::Tcp,
+        PathId::Tls,
+        PathId::Quic,
         PathId::Unix,
         PathId::Sealed,
         PathId::Shm,
@@ -78,6 +87,9 @@ impl PathId {
             PathId::Memfd => "memfd",
             PathId::MemfdTouch => "memfd-touch",
             PathId::Sealed => "tcp-comp-crypt",
+            PathId::Tls => "tls",
+            PathId::Quic => "quic",
+            PathId::GrpcTls => "grpc-tls",
         }
     }
 
@@ -94,6 +106,9 @@ impl PathId {
             PathId::ShmTouch => "XCP over TCP, bytes by shm handle; receiver reads every byte (CRC32C of the view)",
             PathId::Memfd => "XCP over a Unix socket, bytes by memfd handle (SCM_RIGHTS); receiver does NOT touch them",
             PathId::MemfdTouch => "XCP over a Unix socket, bytes by memfd handle; receiver reads every byte (CRC32C)",
+            PathId::Tls => "XCP over TLS 1.3 (rustls, ring, mutual auth), bytes inline, 48-byte reply",
+            PathId::Quic => "XCP over QUIC (quinn, mutual auth), a stream per channel, bytes inline",
+            PathId::GrpcTls => "baseline: gRPC unary over TLS 1.3 (tonic + rustls, mutual auth), 8-byte reply",
         }
     }
 
@@ -131,11 +146,18 @@ impl PathId {
         }
     }
 
+    /// Whether the row goes across hosts (TLS or QUIC): run only when asked (`--tls`, or
+    /// named in `--paths`).
+    pub fn across_hosts(self) -> bool {
+        matches!(self, PathId::Tls | PathId::Quic | PathId::GrpcTls)
+    }
+
     fn mode(self) -> &'static str {
         match self {
             PathId::RawTcp => "raw-tcp",
             PathId::Http2 => "http2",
             PathId::Grpc => "grpc",
+            PathId::GrpcTls => "grpc-tls",
             _ => "xcp",
         }
     }
@@ -229,6 +251,8 @@ pub struct Env {
     pub dir: PathBuf,
     /// The I/O interface of the XCP paths, both sides (`--io`).
     pub io: xcp::transport::IoMode,
+    /// Development certificates for the TLS and QUIC rows.
+    pub certs: xcp::transport::tls::DevSet,
 }
 
 impl Env {
@@ -247,12 +271,39 @@ impl Env {
             .open(&key_file)
             .map_err(|e| format!("{}: {e}", key_file.display()))?;
         std::io::Write::write_all(&mut f, &key).map_err(|e| e.to_string())?;
+        let certs = xcp::transport::tls::write_dev_set(&dir.join("certs"), &[], 1)
+            .map_err(|e| e.to_string())?;
         Ok(Env {
             key_file,
             sealer: Sealer::new(&key),
             dir,
             io: xcp::transport::IoMode::Epoll,
+            certs,
         })
+    }
+}
+
+impl Env {
+    /// The `--cert --key --ca` options of the server of a TLS or QUIC row.
+    fn server_cert_args(&self) -> Vec<String> {
+        vec![
+            "--cert".into(),
+            self.certs.server.0.display().to_string(),
+            "--key".into(),
+            self.certs.server.1.display().to_string(),
+            "--ca".into(),
+            self.certs.ca.display().to_string(),
+        ]
+    }
+
+    /// The client's certificate material.
+    fn client_tls(&self) -> Result<xcp::transport::TlsConfig, BoxError> {
+        let (cert, key) = &self.certs.client;
+        Ok(xcp::transport::TlsConfig::from_files(
+            cert,
+            key,
+            &self.certs.ca,
+        )?)
     }
 }
 
@@ -268,11 +319,16 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
     let socket = path
         .unix()
         .then(|| env.dir.join(format!("{}.sock", path.name())));
-    let listen = match &socket {
-        Some(p) => format!("unix://{}", p.display()),
-        None => "tcp://127.0.0.1:0".to_string(),
+    let listen = match (&socket, path) {
+        (Some(p), _) => format!("unix://{}", p.display()),
+        (None, PathId::Tls) => "tls://127.0.0.1:0".to_string(),
+        (None, PathId::Quic) => "quic://127.0.0.1:0".to_string(),
+        (None, _) => "tcp://127.0.0.1:0".to_string(),
     };
     args.extend(["--listen".into(), listen]);
+    if path.across_hosts() {
+        args.extend(env.server_cert_args());
+    }
     if path.mode() == "xcp" {
         let attach = match path.attach() {
             AttachMode::None => "none",
@@ -400,14 +456,30 @@ impl Client {
                 tokio::spawn(conn);
                 Ok(Client::Http2(sr))
             }
-            PathId::Grpc => {
-                let http = format!("http://{}", url.trim_start_matches("tcp://"));
-                let channel = tonic::transport::Endpoint::from_shared(http)?
+            PathId::Grpc | PathId::GrpcTls => {
+                let tls = path == PathId::GrpcTls;
+                let scheme = if tls { "https" } else { "http" };
+                let http = format!("{scheme}://{}", url.trim_start_matches("tcp://"));
+                let mut endpoint = tonic::transport::Endpoint::from_shared(http)?
                     .initial_stream_window_size(H2_STREAM_WINDOW)
                     .initial_connection_window_size(H2_CONN_WINDOW)
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?;
+                    .tcp_nodelay(true);
+                if tls {
+                    let read =
+                        |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+                    let (cert, key) = &env.certs.client;
+                    let config = tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                            &env.certs.ca,
+                        )?))
+                        .identity(tonic::transport::Identity::from_pem(
+                            read(cert)?,
+                            read(key)?,
+                        ))
+                        .domain_name("localhost");
+                    endpoint = endpoint.tls_config(config)?;
+                }
+                let channel = endpoint.connect().await?;
                 let c = pb::echo_client::EchoClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE);
@@ -423,6 +495,9 @@ impl Client {
                 if path == PathId::Sealed {
                     cfg.conn.sealer = Some(env.sealer.clone());
                     cfg.conn.compress = CompressPolicy::Auto;
+                }
+                if path.across_hosts() {
+                    cfg.transport.tls = Some(env.client_tls()?);
                 }
                 let session = Session::connect(url, cfg).await?;
                 if path.by_handle() && session.negotiated().attach.is_empty() {

@@ -130,7 +130,11 @@ impl Cpu {
 fn config(mode: IoMode, ring: Option<xcp::transport::uring::Ring>) -> SessionConfig {
     SessionConfig {
         attach: xcp::AttachConfig::inline_only(),
-        transport: TransportConfig { io: mode, ring },
+        transport: TransportConfig {
+            io: mode,
+            ring,
+            tls: None,
+        },
         request_timeout: Duration::from_secs(60),
         ..SessionConfig::default()
     }

@@ -61,6 +61,9 @@ pub enum Mode {
     Http2,
     /// gRPC with tonic, no TLS.
     Grpc,
+    /// gRPC with tonic over TLS 1.3 (rustls; the certificates of `--cert --key --ca`, client
+    /// certificates required).
+    GrpcTls,
 }
 
 /// Which attachment schemes the XCP server offers.
@@ -173,7 +176,22 @@ pub async fn run(args: BenchServerArgs) -> u8 {
         Mode::Xcp => run_xcp(&args).await,
         Mode::RawTcp => run_raw(&args.listen).await,
         Mode::Http2 => run_http2(&args.listen).await,
-        Mode::Grpc => run_grpc(&args.listen).await,
+        Mode::Grpc => run_grpc(&args.listen, None).await,
+        Mode::GrpcTls => match &args.conn.tls.loaded {
+            Some(tls) => match tls.rustls_server() {
+                Some(sc) => {
+                    let mut sc = (*sc).clone();
+                    sc.alpn_protocols = vec![b"h2".to_vec()];
+                    run_grpc(
+                        &args.listen,
+                        Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(sc))),
+                    )
+                    .await
+                }
+                None => Err("grpc-tls needs --cert and --key".to_string()),
+            },
+            None => Err("grpc-tls needs --cert, --key and --ca".to_string()),
+        },
     };
     match r {
         Ok(()) => crate::EXIT_OK,
@@ -340,7 +358,7 @@ impl pb::echo_server::Echo for EchoService {
     }
 }
 
-async fn run_grpc(url: &str) -> Result<(), String> {
+async fn run_grpc(url: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<(), String> {
     // The generated tonic service is a tower service: hyper's HTTP/2 server drives it, with
     // the same settings as the HTTP/2 baseline (tonic's own server needs its `router`
     // feature, which brings axum; the bytes on the wire are the same).
@@ -352,13 +370,25 @@ async fn run_grpc(url: &str) -> Result<(), String> {
         let (s, _) = l.accept().await.map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .initial_stream_window_size(H2_STREAM_WINDOW)
                 .initial_connection_window_size(H2_CONN_WINDOW)
                 .max_frame_size(H2_MAX_FRAME)
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
+                .clone();
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s)).await
+                    {
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
+            }
         });
     }
 }
