@@ -4,3 +4,5 @@
 const IO: xcp::transport::IoMode = xcp::transport::IoMode::Epoll;
 
 include!("support/session_suite.rs");
+
+for_each_case!(suite);

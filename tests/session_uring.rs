@@ -7,3 +7,5 @@
 const IO: xcp::transport::IoMode = xcp::transport::IoMode::Uring;
 
 include!("support/session_suite.rs");
+
+for_each_case!(suite);

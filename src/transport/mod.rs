@@ -180,6 +180,16 @@ pub fn default_io() -> IoMode {
     }
 }
 
+/// The TLS configuration [`TransportConfig::default`] carries (see [`set_default_tls`]).
+static DEFAULT_TLS: std::sync::Mutex<Option<TlsConfig>> = std::sync::Mutex::new(None);
+
+/// Sets the TLS configuration that [`TransportConfig::default`] (and so
+/// `SessionConfig::default`) carries from now on in this process: one place to give every
+/// session of a program its certificates. `None` (the start) carries none.
+pub fn set_default_tls(tls: Option<TlsConfig>) {
+    *DEFAULT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = tls;
+}
+
 /// How streams are opened: the I/O interface (and, across hosts, the TLS settings).
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -197,7 +207,10 @@ impl Default for TransportConfig {
         TransportConfig {
             io: default_io(),
             ring: None,
-            tls: None,
+            tls: DEFAULT_TLS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

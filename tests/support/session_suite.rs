@@ -41,11 +41,29 @@ struct Addr {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The transport settings every session of the binary uses (`SessionConfig::default()`
+/// carries them): for `tls://`, the process-wide default TLS configuration.
+fn transport() -> xcp::transport::TransportConfig {
+    xcp::transport::TransportConfig::default()
+}
+
 impl Addr {
     fn tcp() -> Addr {
         xcp::transport::set_default_io(IO);
         Addr {
             url: "tcp://127.0.0.1:0".into(),
+            _dir: None,
+        }
+    }
+
+    /// TLS 1.3 with mutual authentication over loopback TCP (`scheme` `tls`), or QUIC
+    /// (`quic`); the binary must have set a default TLS configuration
+    /// (`xcp::transport::set_default_tls`).
+    #[allow(dead_code)]
+    fn across(scheme: &str) -> Addr {
+        xcp::transport::set_default_io(IO);
+        Addr {
+            url: format!("{scheme}://127.0.0.1:0"),
             _dir: None,
         }
     }
@@ -62,7 +80,7 @@ impl Addr {
     /// Another address of the same transport (for a second listener in one test).
     fn sibling(&self, name: &str) -> String {
         match &self._dir {
-            None => "tcp://127.0.0.1:0".into(),
+            None => self.url.clone(),
             Some(d) => format!("unix://{}/{name}.sock", d.path().display()),
         }
     }
@@ -200,7 +218,7 @@ struct Raw {
 
 impl Raw {
     async fn connect(url: &str) -> Raw {
-        let s = t("raw connect", Stream::connect(url))
+        let s = t("raw connect", Stream::connect_with(url, &transport()))
             .await
             .expect("raw connect");
         Raw {
@@ -303,7 +321,7 @@ mod cases {
             .await
             .expect("bind");
         let url = server.local_url();
-        if addr.url.starts_with("tcp") {
+        if addr._dir.is_none() {
             assert!(!url.ends_with(":0"), "real port in {url}");
         } else {
             assert_eq!(url, addr.url);
@@ -641,9 +659,12 @@ mod cases {
 
     pub async fn connect_failures(addr: Addr) {
         // A peer that answers HELLO with NACK ERR_CODEC_UNSUPPORTED: Incompatible.
-        let l = t("bind", Listener::bind(&addr.sibling("nack")))
-            .await
-            .expect("bind");
+        let l = t(
+            "bind",
+            Listener::bind_with(&addr.sibling("nack"), &transport()),
+        )
+        .await
+        .expect("bind");
         let url = l.local_url();
         let peer = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
@@ -693,7 +714,7 @@ mod cases {
 
         // Nobody listening: an I/O error, and a bad URL: Invalid.
         let dead = match &addr._dir {
-            None => "tcp://127.0.0.1:1".to_string(),
+            None => addr.url.replace(":0", ":1"),
             Some(_) => addr.sibling("nobody"),
         };
         let r = t("connect", Session::connect(&dead, SessionConfig::default())).await;
@@ -971,33 +992,39 @@ macro_rules! suite {
     };
 }
 
-suite!(
-    handshake,
-    echo_json_and_protobuf,
-    ping,
-    concurrent_requests,
-    chunked_message,
-    many_connections,
-    graceful_close,
-    request_nack_and_timeout,
-    slow_receiver,
-    backpressure,
-    drop_closes,
-    connect_failures,
-    bad_magic,
-    version_too_high,
-    higher_minor_accepted,
-    reserved_flags,
-    garbage_header,
-    plen_over_limit,
-    crc_mismatch,
-    codec_not_negotiated,
-    undecodable_json,
-    data_before_hello,
-    message_over_limit,
-    stall_mid_frame,
-    slow_handshake_does_not_block,
-);
+/// Calls `$m!` with the name of every case: the including file instantiates the suite with
+/// `for_each_case!(suite)` (TCP and Unix sockets) or a macro of its own.
+macro_rules! for_each_case {
+    ($m:ident) => {
+        $m!(
+            handshake,
+            echo_json_and_protobuf,
+            ping,
+            concurrent_requests,
+            chunked_message,
+            many_connections,
+            graceful_close,
+            request_nack_and_timeout,
+            slow_receiver,
+            backpressure,
+            drop_closes,
+            connect_failures,
+            bad_magic,
+            version_too_high,
+            higher_minor_accepted,
+            reserved_flags,
+            garbage_header,
+            plen_over_limit,
+            crc_mismatch,
+            codec_not_negotiated,
+            undecodable_json,
+            data_before_hello,
+            message_over_limit,
+            stall_mid_frame,
+            slow_handshake_does_not_block,
+        );
+    };
+}
 
 // ----- Unix-socket specifics -------------------------------------------------------------
 
