@@ -47,6 +47,7 @@ fn transport() -> xcp::transport::TransportConfig {
     xcp::transport::TransportConfig::default()
 }
 
+#[allow(dead_code)] // each binary uses some of the transports
 impl Addr {
     fn tcp() -> Addr {
         xcp::transport::set_default_io(IO);
@@ -59,7 +60,6 @@ impl Addr {
     /// TLS 1.3 with mutual authentication over loopback TCP (`scheme` `tls`), or QUIC
     /// (`quic`); the binary must have set a default TLS configuration
     /// (`xcp::transport::set_default_tls`).
-    #[allow(dead_code)]
     fn across(scheme: &str) -> Addr {
         xcp::transport::set_default_io(IO);
         Addr {
@@ -963,6 +963,7 @@ fn unavailable() -> bool {
     }
 }
 
+#[allow(unused_macros)] // the TLS/QUIC binary instantiates its own
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod tcp {
