@@ -28,7 +28,6 @@ extern "C" __global__ void xcp_qnt8_rows(const float *src, unsigned char *dst,
                                          unsigned long long *bad)
 {
     __shared__ unsigned int red[XCP_QNT8_BLOCK];
-    __shared__ float s_scale;
     __shared__ float s_inv;
     __shared__ double s_dscale;
     __shared__ int s_mode; /* 0 zero, 1 fast, 2 tiny, 3 not finite */
@@ -70,7 +69,6 @@ extern "C" __global__ void xcp_qnt8_rows(const float *src, unsigned char *dst,
                     s_dscale = (double)scale;
                 }
             }
-            s_scale = scale;
             s_mode = mode;
             unsigned int sb = __float_as_uint(scale);
             out[0] = (unsigned char)(sb & 0xff);
