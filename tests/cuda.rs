@@ -295,3 +295,139 @@ fn kernels_match_the_cpu_codecs() {
     let e = unsafe { k.encode_qnt8_body(&shape, src.ptr()) }.unwrap_err();
     assert!(e.to_string().contains("row 5"), "{e}");
 }
+
+/// The harness that runs the kernel sources on the host (see the file's header).
+const HOST_EMU: &str = include_str!("support/cuda_host_emu.cpp");
+
+/// Builds the host emulator of the kernels, or says why it cannot (no C++20 compiler).
+fn host_emulator(dir: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    use xcp::attach::cuda::kernels::{CHECK_CU, QNT8_CU};
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-w"];
+    // A probe first: a missing compiler or C++20 library is a skip, a kernel that does not
+    // compile is a failure.
+    std::fs::write(dir.join("probe.cpp"), "#include <barrier>\nint main() {}\n").unwrap();
+    let probe = Command::new(&cxx)
+        .args(flags)
+        .arg(dir.join("probe.cpp"))
+        .arg("-o")
+        .arg(dir.join("probe"))
+        .output()
+        .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
+    if !probe.status.success() {
+        return Err(format!("{cxx} cannot build C++20 with <barrier>"));
+    }
+    std::fs::write(dir.join("qnt8.cu"), QNT8_CU).unwrap();
+    std::fs::write(dir.join("check.cu"), CHECK_CU).unwrap();
+    std::fs::write(dir.join("emu.cpp"), HOST_EMU).unwrap();
+    let exe = dir.join("emu");
+    let out = Command::new(&cxx)
+        .args(flags)
+        .arg("-I")
+        .arg(dir)
+        .arg(dir.join("emu.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the kernel sources do not compile on the host:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(exe)
+}
+
+/// Runs `kernels/qnt8.cu` and `kernels/check.cu` on the host (threads for a block, a barrier
+/// for `__syncthreads`) and compares with the CPU codecs bit for bit: the QNT8 kernels'
+/// reduction, the three scale paths, the byte layout, grid striding and the NaN report, and
+/// the pattern kernels, without a GPU.
+#[test]
+fn kernel_sources_match_the_cpu_codecs_on_a_host_emulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = match host_emulator(dir.path()) {
+        Ok(e) => e,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let special: Vec<f32> = [
+        [0.0, -0.0, 0.0, 0.0, 0.0, 0.0],
+        [127.0, 0.5, 1.5, -0.5, -2.5, -127.0],
+        [f32::MAX, -f32::MAX, 1.0, 3.0, -7.5, 0.0],
+        [
+            f32::from_bits(1),
+            -f32::from_bits(300),
+            1e-40,
+            0.0,
+            2e-45,
+            -1e-39,
+        ],
+        [1e-36, -3e-37, 5e-38, 1e-37, 0.0, 0.0],
+    ]
+    .concat();
+    let mut subnormal = values(9 * 256, 3);
+    for v in &mut subnormal {
+        *v = f32::from_bits(v.to_bits() & 0x807f_ffff);
+    }
+    let cases: Vec<(u32, u32, u32, Vec<f32>)> = vec![
+        (5, 6, 2, special),
+        (64, 1027, 5, values(64 * 1027, 11)),
+        (9, 256, 9, subnormal),
+        (7, 257, 3, values(7 * 257, 12)),
+        (4, 1, 4, values(4, 13)),
+    ];
+    let p = |n: &str| dir.path().join(n);
+    for (rows, len, grid, vals) in cases {
+        let input: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(p("in.f32"), input).unwrap();
+        let out = Command::new(&exe)
+            .arg(rows.to_string())
+            .arg(len.to_string())
+            .arg(grid.to_string())
+            .args([p("in.f32"), p("out.q"), p("out.f32")])
+            .args(["1000", "42"])
+            .arg(p("out.pattern"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("bad=0\n"), "{text}");
+        let cpu = encode_qnt8(&[rows, len], &vals, true, false).unwrap();
+        let q = std::fs::read(p("out.q")).unwrap();
+        assert!(
+            q == cpu[32..],
+            "QNT8 rows {rows}x{len} differ from the CPU codec"
+        );
+        let want = TensorView::parse(cpu, None).unwrap().to_f32_vec();
+        let got = f32s(&std::fs::read(p("out.f32")).unwrap());
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "dequantised {rows}x{len} differ"
+        );
+        let pattern = std::fs::read(p("out.pattern")).unwrap();
+        for (i, w) in pattern.chunks_exact(4).enumerate() {
+            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            assert_eq!(w, pattern_word(i as u64, 42), "pattern word {i}");
+        }
+        assert!(text.contains("mismatch=0 mismatch_after_flip=1"), "{text}");
+    }
+    // A NaN in row 2 and an infinity in row 3: the first bad row is reported.
+    let mut v = vec![1.0f32; 16];
+    v[9] = f32::NAN;
+    v[12] = f32::INFINITY;
+    let input: Vec<u8> = v.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(p("in.f32"), input).unwrap();
+    let out = Command::new(&exe)
+        .args(["4", "4", "2"])
+        .args([p("in.f32"), p("out.q"), p("out.f32")])
+        .args(["0", "1"])
+        .arg(p("out.pattern"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bad=3\n"), "row 2 (+1): {text}");
+}
