@@ -416,7 +416,7 @@ fn kernel_sources_match_the_cpu_codecs_on_a_host_emulator() {
         assert!(text.contains("mismatch=0 mismatch_after_flip=1"), "{text}");
     }
     // A NaN in row 2 and an infinity in row 3: the first bad row is reported.
-    let mut v = vec![1.0f32; 16];
+    let mut v = [1.0f32; 16];
     v[9] = f32::NAN;
     v[12] = f32::INFINITY;
     let input: Vec<u8> = v.iter().flat_map(|v| v.to_le_bytes()).collect();
