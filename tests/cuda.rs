@@ -213,6 +213,76 @@ fn two_process_handoff() {
     assert_eq!(n, u64::from(expect != u32::MAX));
 }
 
+/// The consumer half of `vmm_fd_handoff`: maps the inherited descriptor.
+#[test]
+fn vmm_fd_handoff_child() {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let Ok(fd) = std::env::var("XCP_CUDA_VMM_FD") else {
+        return;
+    };
+    let size: u64 = std::env::var("XCP_CUDA_VMM_SIZE").unwrap().parse().unwrap();
+    let k = kernels("vmm child").expect("the child has the parent's GPU");
+    // SAFETY: the parent passed this descriptor to us (inherited, close-on-exec cleared) and
+    // nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd.parse().unwrap()) };
+    let view = k.cuda().import_vmm_fd(fd.as_fd(), size, 0, size).unwrap();
+    drop(fd);
+    // SAFETY: the view addresses `size` bytes of the mapped allocation.
+    let bad = unsafe { k.count_mismatch(view.ptr(), size / 4, 7) }.unwrap();
+    println!("XCP_VMM_MISMATCHES={bad}");
+}
+
+#[test]
+fn vmm_fd_handoff() {
+    use std::os::fd::AsFd;
+    if std::env::var("XCP_CUDA_VMM_FD").is_ok() {
+        return;
+    }
+    let Some(k) = kernels("vmm") else { return };
+    let c = k.cuda().clone();
+    let buf = match c.alloc_vmm(3 << 20) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("vmm: skipped: this device or driver has no VMM POSIX-fd allocations: {e}");
+            return;
+        }
+    };
+    let size = buf.alloc_size();
+    assert!(size >= 3 << 20);
+    // SAFETY: the buffer is mapped for `size` bytes.
+    unsafe { k.fill_pattern(buf.ptr(), size / 4, 7) }.unwrap();
+    let fd = buf.export_fd().unwrap();
+
+    // In this process: a second mapping of the same memory.
+    let view = c.import_vmm_fd(fd.as_fd(), size, 4096, 4096).unwrap();
+    assert_ne!(view.ptr(), buf.ptr() + 4096);
+    let mut back = vec![0u8; 4096];
+    // SAFETY: the view addresses 4096 mapped bytes.
+    unsafe { c.copy_dtoh(&mut back, view.ptr()) }.unwrap();
+    let want: Vec<u8> = (1024..2048u64)
+        .flat_map(|i| pattern_word(i, 7).to_le_bytes())
+        .collect();
+    assert_eq!(back, want);
+    let e = c.import_vmm_fd(fd.as_fd(), size, size, 1).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+    drop(view);
+
+    // In another process: the descriptor is inherited.
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty()).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "vmm_fd_handoff_child", "--nocapture"])
+        .env(
+            "XCP_CUDA_VMM_FD",
+            std::os::fd::AsRawFd::as_raw_fd(&fd).to_string(),
+        )
+        .env("XCP_CUDA_VMM_SIZE", size.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {text}");
+    assert!(text.contains("XCP_VMM_MISMATCHES=0"), "{text}");
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

@@ -19,6 +19,10 @@
 //!   closed (`cuIpcCloseMemHandle`) once no producer and no view holds it. The consumer's
 //!   stream waits on the IPC event before the view is handed out. A handle exported by this
 //!   very process is recognised and its pointer used directly.
+//! - **VMM** ([`Cuda::alloc_vmm`], [`VmmBuffer::export_fd`], [`Cuda::import_vmm_fd`]): an
+//!   allocation made with `cuMemCreate` is exported as a POSIX file descriptor
+//!   (`cuMemExportToShareableHandle`) to pass with `SCM_RIGHTS` on a Unix socket, which needs
+//!   no ptrace rights between the processes; the consumer maps it into its own address range.
 //! - **Views** ([`DeviceView`]): pointer, length and device; [`DeviceView::into_dlpack`] makes a
 //!   `DLManagedTensorVersioned` of device type `kDLCUDA` whose deleter drops the view, which
 //!   runs its release hook (the session's ACK).
@@ -87,6 +91,16 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuMemFree_v2",
     "cuMemcpyHtoDAsync_v2",
     "cuMemcpyDtoHAsync_v2",
+    "cuMemGetAllocationGranularity",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuMemAddressReserve",
+    "cuMemAddressFree",
+    "cuMemMap",
+    "cuMemUnmap",
+    "cuMemSetAccess",
+    "cuMemExportToShareableHandle",
+    "cuMemImportFromShareableHandle",
 ];
 
 /// Why CUDA cannot be used in this process.
@@ -549,27 +563,33 @@ impl Cuda {
             ));
         }
         self.bind()?;
-        let (base, size, hold) = match local_export(device_uuid, mem_handle) {
-            Some(local) => {
-                // Our own export: check that the allocation is still the one exported.
-                match buffer_id(local.base) {
-                    Ok(id) if id == local.buffer_id => {}
-                    _ => {
-                        return Err(attach_err(
-                            "the allocation behind this handle (exported by this process) was \
+        let (base, size, hold): (u64, u64, Option<Arc<dyn std::any::Any + Send + Sync>>) =
+            match local_export(device_uuid, mem_handle) {
+                Some(local) => {
+                    // Our own export: check that the allocation is still the one exported.
+                    match buffer_id(local.base) {
+                        Ok(id) if id == local.buffer_id => {}
+                        _ => {
+                            return Err(attach_err(
+                                "the allocation behind this handle (exported by this process) was \
                              freed",
-                        ))
+                            ))
+                        }
                     }
+                    (local.base, local.size, None)
                 }
-                (local.base, local.size, None)
-            }
-            None => {
-                let m = lock(imports()).get_or_open(producer, *device_uuid, *mem_handle, || {
-                    IpcMapping::open(&self.ctx, mem_handle)
-                })?;
-                (m.base, m.size, Some(m))
-            }
-        };
+                None => {
+                    let m =
+                        lock(imports()).get_or_open(producer, *device_uuid, *mem_handle, || {
+                            IpcMapping::open(&self.ctx, mem_handle)
+                        })?;
+                    (
+                        m.base,
+                        m.size,
+                        Some(m as Arc<dyn std::any::Any + Send + Sync>),
+                    )
+                }
+            };
         if uri.end() > size {
             return Err(attach_err(format!(
                 "bytes {}..{} lie outside the allocation of {size} bytes",
@@ -1091,7 +1111,7 @@ pub struct DeviceView {
     ptr: u64,
     len: u64,
     device_id: i32,
-    _hold: Option<Arc<IpcMapping>>,
+    _hold: Option<Arc<dyn std::any::Any + Send + Sync>>,
     on_release: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -1160,6 +1180,268 @@ impl Drop for DeviceView {
         if let Some(f) = self.on_release.take() {
             f();
         }
+    }
+}
+
+/// The allocation properties of a VMM allocation on device `ordinal` that can be exported as a
+/// POSIX file descriptor.
+fn vmm_prop(ordinal: i32) -> sys::CUmemAllocationProp {
+    // SAFETY: CUmemAllocationProp is a plain C struct (enums, ints, a pointer, bytes) for
+    // which all-zero is the documented default of every field.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.requestedHandleTypes =
+        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal;
+    prop
+}
+
+/// `len` rounded up to a multiple of `granularity` (itself at least 1).
+pub fn round_to_granularity(len: u64, granularity: u64) -> Option<u64> {
+    let g = granularity.max(1);
+    len.max(1).div_ceil(g).checked_mul(g)
+}
+
+/// Reserves an address range of `size` bytes, maps `handle` there and makes it readable and
+/// writable by device `ordinal`. On error everything done is undone.
+fn vmm_map(handle: sys::CUmemGenericAllocationHandle, size: usize, ordinal: i32) -> Result<u64> {
+    let mut ptr: sys::CUdeviceptr = 0;
+    // SAFETY: writes one device pointer; no fixed address or alignment asked for.
+    check("cuMemAddressReserve", unsafe {
+        sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0)
+    })?;
+    // SAFETY: the range was just reserved with `size` bytes; the handle is live.
+    let r = unsafe { sys::cuMemMap(ptr, size, 0, handle, 0) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        // SAFETY: the range was reserved above and nothing is mapped in it.
+        let _ = unsafe { sys::cuMemAddressFree(ptr, size) };
+        return Err(driver_err("cuMemMap", r));
+    }
+    let desc = sys::CUmemAccessDesc {
+        location: vmm_prop(ordinal).location,
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: the range is mapped; one access descriptor is passed.
+    let r = unsafe { sys::cuMemSetAccess(ptr, size, &desc, 1) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        // SAFETY: undoes the map and the reservation above, once.
+        unsafe {
+            let _ = sys::cuMemUnmap(ptr, size);
+            let _ = sys::cuMemAddressFree(ptr, size);
+        }
+        return Err(driver_err("cuMemSetAccess", r));
+    }
+    Ok(ptr)
+}
+
+/// A mapped VMM range; unmapped and its address range freed on drop (the memory itself goes
+/// when its last handle and mapping are gone).
+struct VmmMapping {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    size: usize,
+}
+
+impl Drop for VmmMapping {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the range was mapped by `vmm_map` and is unmapped and freed once, here.
+        unsafe {
+            let _ = sys::cuMemUnmap(self.ptr, self.size);
+            let _ = sys::cuMemAddressFree(self.ptr, self.size);
+        }
+    }
+}
+
+/// A device allocation made with the VMM API (`cuMemCreate`) that can be exported as a POSIX
+/// file descriptor ([`VmmBuffer::export_fd`]). The descriptor passes to another process over
+/// a Unix socket with `SCM_RIGHTS` (or by inheritance); unlike legacy IPC handles this needs
+/// no ptrace rights between the processes. There is no IPC event on this path: the export
+/// waits for the device's stream instead.
+pub struct VmmBuffer {
+    cuda: Arc<Cuda>,
+    handle: sys::CUmemGenericAllocationHandle,
+    mapping: VmmMapping,
+    len: usize,
+}
+
+impl fmt::Debug for VmmBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "VmmBuffer({:#x}, {} of {} bytes)",
+            self.mapping.ptr, self.len, self.mapping.size
+        )
+    }
+}
+
+impl Cuda {
+    /// Allocates at least `len` bytes with `cuMemCreate` (rounded up to the allocation
+    /// granularity), exportable as a POSIX file descriptor, and maps them read-write.
+    pub fn alloc_vmm(self: &Arc<Self>, len: usize) -> Result<VmmBuffer> {
+        self.bind()?;
+        let ordinal = self.ordinal() as i32;
+        let prop = vmm_prop(ordinal);
+        let mut gran = 0usize;
+        // SAFETY: reads `prop`, writes one size.
+        check("cuMemGetAllocationGranularity", unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut gran,
+                &prop,
+                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+            )
+        })?;
+        let size = round_to_granularity(len as u64, gran as u64)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(|| Error::invalid(format!("VMM allocation of {len} bytes is too large")))?;
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: reads `prop`, writes one handle.
+        check("cuMemCreate", unsafe {
+            sys::cuMemCreate(&mut handle, size, &prop, 0)
+        })?;
+        let ptr = match vmm_map(handle, size, ordinal) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: the handle was created above and is released once.
+                let _ = unsafe { sys::cuMemRelease(handle) };
+                return Err(e);
+            }
+        };
+        Ok(VmmBuffer {
+            cuda: self.clone(),
+            handle,
+            mapping: VmmMapping {
+                ctx: self.ctx.clone(),
+                ptr,
+                size,
+            },
+            len,
+        })
+    }
+
+    /// Maps a VMM allocation received as a file descriptor (from [`VmmBuffer::export_fd`] in
+    /// another process) and returns a view of `[offset, offset + len)` of it. `alloc_size` is
+    /// the allocation's size as the producer reported it ([`VmmBuffer::alloc_size`]). The
+    /// descriptor may be closed afterwards. A descriptor that is not a CUDA allocation, or a
+    /// region past `alloc_size`, is `ERR_ATTACHMENT`.
+    pub fn import_vmm_fd(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        alloc_size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<DeviceView> {
+        use std::os::fd::AsRawFd;
+        match offset.checked_add(len) {
+            Some(end) if end <= alloc_size => {}
+            _ => {
+                return Err(attach_err(format!(
+                    "vmm: bytes {offset}+{len} lie outside the allocation of {alloc_size} bytes"
+                )))
+            }
+        }
+        let size = usize::try_from(alloc_size)
+            .map_err(|_| attach_err(format!("vmm: allocation of {alloc_size} bytes")))?;
+        self.bind()?;
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: for POSIX descriptors the "OS handle" is the descriptor's value itself,
+        // passed as a pointer-sized integer; the driver dups what it keeps.
+        let r = unsafe {
+            sys::cuMemImportFromShareableHandle(
+                &mut handle,
+                fd.as_raw_fd() as usize as *mut c_void,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(attach_err(format!(
+                "vmm: the descriptor is not an exported CUDA allocation ({})",
+                result_name(r)
+            )));
+        }
+        let mapped = vmm_map(handle, size, self.ordinal() as i32);
+        // SAFETY: the handle was imported above; the mapping (if any) keeps the memory, so the
+        // handle is released once, here.
+        let _ = unsafe { sys::cuMemRelease(handle) };
+        let ptr = mapped.map_err(|e| attach_err(format!("vmm: {e}")))?;
+        let mapping = VmmMapping {
+            ctx: self.ctx.clone(),
+            ptr,
+            size,
+        };
+        Ok(DeviceView {
+            ptr: ptr + offset,
+            len,
+            device_id: self.ordinal() as i32,
+            _hold: Some(Arc::new(mapping)),
+            on_release: None,
+        })
+    }
+}
+
+impl VmmBuffer {
+    /// The device pointer.
+    pub fn ptr(&self) -> u64 {
+        self.mapping.ptr
+    }
+
+    /// The length asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no bytes were asked for.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The size of the allocation (the length rounded up to the granularity), which the
+    /// consumer needs to map it.
+    pub fn alloc_size(&self) -> u64 {
+        self.mapping.size as u64
+    }
+
+    /// Copies `src` into the start of the buffer.
+    pub fn write(&self, src: &[u8]) -> Result<()> {
+        if src.len() > self.mapping.size {
+            return Err(Error::invalid(format!(
+                "{} bytes into a VMM buffer of {}",
+                src.len(),
+                self.mapping.size
+            )));
+        }
+        // SAFETY: the buffer is mapped read-write for `size` bytes.
+        unsafe { self.cuda.copy_htod(self.mapping.ptr, src) }
+    }
+
+    /// Waits for the device's stream (so the consumer sees every write queued so far) and
+    /// exports the allocation as a POSIX file descriptor (`cuMemExportToShareableHandle`),
+    /// to be sent with `SCM_RIGHTS`.
+    pub fn export_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        self.cuda.synchronize()?;
+        let mut fd: std::ffi::c_int = -1;
+        // SAFETY: for POSIX descriptors the driver writes one int.
+        check("cuMemExportToShareableHandle", unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut std::ffi::c_int).cast(),
+                self.handle,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        })?;
+        // SAFETY: the driver returned a new descriptor that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+impl Drop for VmmBuffer {
+    fn drop(&mut self) {
+        let _ = self.cuda.synchronize();
+        // SAFETY: the handle came from cuMemCreate and is released once; the mapping (dropped
+        // right after) keeps the memory until it is unmapped.
+        let _ = unsafe { sys::cuMemRelease(self.handle) };
     }
 }
 
@@ -1446,6 +1728,15 @@ mod tests {
         }
         // A second call gives the same outcome (the probe runs once).
         assert_eq!(probe().is_ok(), Cuda::load(0).is_ok() || probe().is_ok());
+    }
+
+    #[test]
+    fn vmm_sizes_round_up_to_the_granularity() {
+        assert_eq!(round_to_granularity(1, 2 << 20), Some(2 << 20));
+        assert_eq!(round_to_granularity(2 << 20, 2 << 20), Some(2 << 20));
+        assert_eq!(round_to_granularity((2 << 20) + 1, 2 << 20), Some(4 << 20));
+        assert_eq!(round_to_granularity(0, 0), Some(1));
+        assert_eq!(round_to_granularity(u64::MAX, 1 << 21), None);
     }
 
     #[test]
