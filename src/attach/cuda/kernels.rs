@@ -114,6 +114,8 @@ pub struct Kernels {
     qnt8_rows_to_f32: CudaFunction,
     fill_pattern: CudaFunction,
     count_mismatch: CudaFunction,
+    /// 8 bytes of device memory for the results of `qnt8_rows` and `count_mismatch`.
+    scratch: std::sync::Mutex<DeviceBuffer>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -162,6 +164,7 @@ impl Kernels {
             qnt8_rows_to_f32: f(&qnt8, "xcp_qnt8_rows_to_f32")?,
             fill_pattern: f(&chk, "xcp_fill_pattern")?,
             count_mismatch: f(&chk, "xcp_count_mismatch")?,
+            scratch: std::sync::Mutex::new(cuda.alloc(8)?),
         })
     }
 
@@ -216,7 +219,7 @@ impl Kernels {
     /// `src` must address `rows · row_len` readable f32 and `dst` `rows · (4 + row_len)`
     /// writable bytes of this device.
     pub unsafe fn qnt8_rows(&self, src: u64, dst: u64, rows: u64, row_len: u32) -> Result<()> {
-        let flag = self.cuda.alloc(8)?;
+        let flag = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         flag.write(&u64::MAX.to_le_bytes())?;
         let fp = flag.ptr();
         let mut b = self.cuda.stream().launch_builder(&self.qnt8_rows);
@@ -278,7 +281,7 @@ impl Kernels {
     ///
     /// `src` must address `words` readable u32 of this device.
     pub unsafe fn count_mismatch(&self, src: u64, words: u64, seed: u32) -> Result<u64> {
-        let counter = self.cuda.alloc(8)?;
+        let counter = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         counter.write(&0u64.to_le_bytes())?;
         let cp = counter.ptr();
         let mut b = self.cuda.stream().launch_builder(&self.count_mismatch);
