@@ -61,47 +61,11 @@ use crate::attach::uri::{AttachmentUri, Target};
 use crate::codec::dlpack::{data_extent, row_major_strides, DlDataType, DEVICE_CUDA, MAX_NDIM};
 use crate::error::{Error, ErrorCode, Result};
 
-/// The oldest driver accepted: CUDA 11.4 (`cuDriverGetVersion` 11040), the oldest version the
-/// bindings know.
-pub const MIN_DRIVER_VERSION: i32 = 11040;
+/// The oldest driver accepted: CUDA 12.0 (`cuDriverGetVersion` 12000), the API version the
+/// bindings are built for (cudarc feature `cuda-12000`).
+pub const MIN_DRIVER_VERSION: i32 = 12000;
 /// IPC events one process keeps at most (each in-flight export holds one until it is ACKed).
 pub const MAX_EVENTS: usize = 1024;
-
-/// Driver entry points this module calls; checked when CUDA is loaded, so a driver without one
-/// of them is reported as too old instead of panicking on first use.
-const REQUIRED_SYMBOLS: &[&str] = &[
-    "cuInit",
-    "cuDriverGetVersion",
-    "cuDeviceGetCount",
-    "cuDeviceGet",
-    "cuDeviceGetUuid",
-    "cuMemGetAddressRange_v2",
-    "cuPointerGetAttribute",
-    "cuIpcGetMemHandle",
-    "cuIpcOpenMemHandle_v2",
-    "cuIpcCloseMemHandle",
-    "cuIpcGetEventHandle",
-    "cuIpcOpenEventHandle",
-    "cuEventCreate",
-    "cuEventRecord",
-    "cuEventDestroy_v2",
-    "cuStreamWaitEvent",
-    "cuStreamSynchronize",
-    "cuMemAlloc_v2",
-    "cuMemFree_v2",
-    "cuMemcpyHtoDAsync_v2",
-    "cuMemcpyDtoHAsync_v2",
-    "cuMemGetAllocationGranularity",
-    "cuMemCreate",
-    "cuMemRelease",
-    "cuMemAddressReserve",
-    "cuMemAddressFree",
-    "cuMemMap",
-    "cuMemUnmap",
-    "cuMemSetAccess",
-    "cuMemExportToShareableHandle",
-    "cuMemImportFromShareableHandle",
-];
 
 /// Why CUDA cannot be used in this process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,23 +170,13 @@ fn driver() -> std::result::Result<i32, Unavailable> {
 }
 
 fn init_driver() -> std::result::Result<i32, Unavailable> {
-    // SAFETY: only tries to dlopen the candidate library names; no symbol is called.
-    if !unsafe { sys::is_culib_present() } {
-        return Err(Unavailable::LibraryNotFound);
-    }
-    // cudarc panics when a symbol is missing; check them all first, and catch the panic of
-    // anything unexpected while loading.
+    // cudarc resolves every entry point of the CUDA 12.0 driver API when it opens the library
+    // and panics when one is missing (an older driver): the panic is caught and reported.
     let probe = std::panic::catch_unwind(|| -> std::result::Result<i32, Unavailable> {
-        // SAFETY: `culib` loads the library checked above; `get` only looks symbols up.
-        let lib = unsafe { sys::culib() };
-        for name in REQUIRED_SYMBOLS {
-            // SAFETY: the symbol is looked up, not called; the pointer type is irrelevant.
-            if unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err() {
-                return Err(Unavailable::DriverTooOld {
-                    found: 0,
-                    detail: format!("missing entry point {name}"),
-                });
-            }
+        // SAFETY: tries to dlopen the candidate library names and to resolve the API's entry
+        // points; nothing is called.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Unavailable::LibraryNotFound);
         }
         // SAFETY: cuInit takes flags (must be 0) and may be called more than once.
         let r = unsafe { sys::cuInit(0) };
@@ -263,7 +217,14 @@ fn init_driver() -> std::result::Result<i32, Unavailable> {
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "panic while loading the driver".into());
-        Err(Unavailable::Driver(msg))
+        if msg.contains("symbol") {
+            Err(Unavailable::DriverTooOld {
+                found: 0,
+                detail: format!("the driver lacks an entry point of the CUDA 12.0 API: {msg}"),
+            })
+        } else {
+            Err(Unavailable::Driver(msg))
+        }
     })
 }
 

@@ -133,8 +133,11 @@ impl Kernels {
     /// [`Unavailable::NvrtcNotFound`] when NVRTC is missing; a compile error is an I/O error
     /// with NVRTC's log.
     pub fn load(cuda: &Arc<Cuda>) -> Result<Kernels> {
-        // SAFETY: only tries to dlopen the candidate library names.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        // SAFETY: only tries to dlopen the candidate library names and resolve NVRTC's entry
+        // points (cudarc panics when one is missing: caught, and reported as unusable).
+        let present =
+            std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() });
+        if !matches!(present, Ok(true)) {
             return Err(Unavailable::NvrtcNotFound.into());
         }
         let ctx = cuda.context();
