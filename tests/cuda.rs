@@ -16,7 +16,7 @@ use half::f16;
 use xcp::attach::cuda::kernels::{pattern_word, Kernels};
 use xcp::attach::cuda::{self, Cuda};
 use xcp::attach::uri::{AttachmentUri, Target};
-use xcp::codec::dlpack::{DlDataType, DEVICE_CUDA};
+use xcp::codec::dlpack::{DlDataType, DlpackDescriptor, DEVICE_CUDA};
 use xcp::codec::tensor::{encode_f16_from_f32, encode_qnt8, TensorView};
 use xcp::ErrorCode;
 
@@ -114,6 +114,27 @@ fn same_process_handle_is_used_directly_and_dlpack_releases() {
         ((*t).deleter.unwrap())(t);
     }
     assert_eq!(released.load(Ordering::SeqCst), 1, "the deleter ACKs");
+
+    // The same through a SPEC §5.5 DLPACK body naming the bytes by cuda-ipc URI.
+    let ex3 = c.export(buf.ptr(), 1024, None).unwrap();
+    let desc = ex3
+        .dlpack_descriptor(c.ordinal() as i32, DlDataType::U8, vec![4, 256])
+        .unwrap();
+    let desc = DlpackDescriptor::decode(desc.encode().unwrap()).unwrap();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let a = acked.clone();
+    let t = c
+        .import_dlpack(2, &desc, move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    // SAFETY: `t` is live until its deleter runs below.
+    unsafe {
+        assert_eq!((*t).dl_tensor.data as usize as u64, buf.ptr());
+        assert_eq!((*t).dl_tensor.device.device_type, DEVICE_CUDA);
+        ((*t).deleter.unwrap())(t);
+    }
+    assert_eq!(acked.load(Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -25,7 +25,9 @@
 //!   no ptrace rights between the processes; the consumer maps it into its own address range.
 //! - **Views** ([`DeviceView`]): pointer, length and device; [`DeviceView::into_dlpack`] makes a
 //!   `DLManagedTensorVersioned` of device type `kDLCUDA` whose deleter drops the view, which
-//!   runs its release hook (the session's ACK).
+//!   runs its release hook (the session's ACK). [`cuda_descriptor`] and
+//!   [`Cuda::import_dlpack`] are the same through a SPEC §5.5 DLPACK body whose bytes are a
+//!   `cuda-ipc://` URI.
 //!
 //! Errors are explicit, never a silent fallback: a URI for a device this process cannot see
 //! (another device set), a handle that does not open (a peer in another PID/IPC namespace, a
@@ -58,7 +60,9 @@ use crate::attach::dlpack_ffi::{
     DLPACK_FLAG_BITMASK_READ_ONLY,
 };
 use crate::attach::uri::{AttachmentUri, Target};
-use crate::codec::dlpack::{data_extent, row_major_strides, DlDataType, DEVICE_CUDA, MAX_NDIM};
+use crate::codec::dlpack::{
+    data_extent, row_major_strides, DlData, DlDataType, DlpackDescriptor, DEVICE_CUDA, MAX_NDIM,
+};
 use crate::error::{Error, ErrorCode, Result};
 
 /// The oldest driver accepted: CUDA 12.0 (`cuDriverGetVersion` 12000), the API version the
@@ -1406,6 +1410,87 @@ impl Drop for VmmBuffer {
     }
 }
 
+/// The DLPACK descriptor (SPEC §5.5) of a device tensor by handle: device `kDLCUDA`
+/// `device_id`, compact row-major, `byte_offset` 0, its bytes named by `uri` (a `cuda-ipc://`
+/// URI). Needs no GPU. `Error::Invalid` for another scheme, or a shape that addresses more
+/// bytes than the URI's size.
+pub fn cuda_descriptor(
+    uri: AttachmentUri,
+    device_id: i32,
+    dtype: DlDataType,
+    shape: Vec<i64>,
+) -> Result<DlpackDescriptor> {
+    if !matches!(uri.target(), Target::CudaIpc { .. }) {
+        return Err(Error::invalid(format!(
+            "dlpack device descriptor: {} is not a cuda-ipc URI",
+            uri.scheme()
+        )));
+    }
+    let strides = row_major_strides(&shape)
+        .ok_or_else(|| Error::invalid("dlpack device descriptor: element count overflows"))?;
+    let d = DlpackDescriptor {
+        device_type: DEVICE_CUDA,
+        device_id,
+        dtype,
+        shape,
+        strides,
+        byte_offset: 0,
+        data: DlData::Uri(uri),
+    };
+    d.validate()
+        .map_err(|e| Error::invalid(format!("dlpack device descriptor: {e}")))?;
+    Ok(d)
+}
+
+impl DeviceExport {
+    /// This export as a DLPACK descriptor (SPEC §5.5): see [`cuda_descriptor`].
+    pub fn dlpack_descriptor(
+        &self,
+        device_id: i32,
+        dtype: DlDataType,
+        shape: Vec<i64>,
+    ) -> Result<DlpackDescriptor> {
+        cuda_descriptor(self.uri.clone(), device_id, dtype, shape)
+    }
+}
+
+impl Cuda {
+    /// Imports a DLPACK descriptor whose bytes are a `cuda-ipc://` URI (as [`Self::import`])
+    /// and hands it to a DLPack consumer as a read-only `kDLCUDA` tensor with the
+    /// descriptor's dtype, shape, strides and byte offset. The tensor owns the view; its
+    /// deleter runs `on_release` (the ACK). `ERR_ATTACHMENT` as [`Self::import`];
+    /// `Error::Invalid` for inline data or a descriptor that addresses more than the URI's
+    /// bytes.
+    pub fn import_dlpack(
+        &self,
+        producer: u64,
+        desc: &DlpackDescriptor,
+        on_release: impl FnOnce() + Send + 'static,
+    ) -> Result<*mut DLManagedTensorVersioned> {
+        let DlData::Uri(uri) = &desc.data else {
+            return Err(Error::invalid(
+                "dlpack import: inline bytes are host memory, not a device tensor",
+            ));
+        };
+        let view = self.import(producer, uri)?.on_release(on_release);
+        let device = DLDevice {
+            device_type: DEVICE_CUDA,
+            device_id: view.device_id,
+        };
+        let (ptr, len) = (view.ptr, view.len);
+        device_tensor_strided(
+            ptr,
+            len,
+            device,
+            desc.dtype,
+            desc.shape.clone(),
+            Some(desc.strides.clone()),
+            desc.byte_offset,
+            view,
+        )
+    }
+}
+
 /// What a device tensor made by [`device_tensor`] keeps alive.
 struct DeviceCtx<O> {
     _owner: O,
@@ -1425,15 +1510,35 @@ pub fn device_tensor<O: Send + 'static>(
     shape: Vec<i64>,
     owner: O,
 ) -> Result<*mut DLManagedTensorVersioned> {
+    device_tensor_strided(data, len, device, dtype, shape, None, 0, owner)
+}
+
+/// [`device_tensor`] with explicit `strides` (in elements; `None`: compact row-major) and a
+/// `byte_offset` from `data` to the first element; the bytes addressed, offset included, must
+/// fit in `len`.
+#[allow(clippy::too_many_arguments)]
+pub fn device_tensor_strided<O: Send + 'static>(
+    data: u64,
+    len: u64,
+    device: DLDevice,
+    dtype: DlDataType,
+    shape: Vec<i64>,
+    strides: Option<Vec<i64>>,
+    byte_offset: u64,
+    owner: O,
+) -> Result<*mut DLManagedTensorVersioned> {
     if shape.len() > MAX_NDIM {
         return Err(Error::invalid(format!(
             "dlpack device tensor: ndim {} above {MAX_NDIM}",
             shape.len()
         )));
     }
-    let strides = row_major_strides(&shape)
-        .ok_or_else(|| Error::invalid("dlpack device tensor: element count overflows i64"))?;
-    let extent = data_extent(dtype, &shape, &strides, 0)
+    let strides = match strides {
+        Some(s) => s,
+        None => row_major_strides(&shape)
+            .ok_or_else(|| Error::invalid("dlpack device tensor: element count overflows i64"))?,
+    };
+    let extent = data_extent(dtype, &shape, &strides, byte_offset)
         .map_err(|e| Error::invalid(format!("dlpack device tensor: {e}")))?;
     if extent > len {
         return Err(Error::invalid(format!(
@@ -1457,7 +1562,7 @@ pub fn device_tensor<O: Send + 'static>(
         // The vectors' heap buffers do not move when the box becomes a raw pointer.
         shape: ctx.shape.as_mut_ptr(),
         strides: ctx.strides.as_mut_ptr(),
-        byte_offset: 0,
+        byte_offset,
     };
     let managed = Box::new(DLManagedTensorVersioned {
         version: DLPackVersion { major: 1, minor: 0 },
@@ -1668,6 +1773,72 @@ mod tests {
         let e = device_tensor(ptr, 23, dev, DlDataType::F32, vec![2, 3], ()).unwrap_err();
         assert!(e.to_string().contains("addresses 24 bytes"), "{e}");
         assert!(device_tensor(ptr, 8, dev, DlDataType::new(99, 8, 1), vec![1], ()).is_err());
+    }
+
+    #[test]
+    fn dlpack_descriptor_of_a_device_tensor_by_handle() {
+        let rec = ExportRecord {
+            device_uuid: [0x22; 16],
+            mem_handle: [0x33; 64],
+            base: 0x1000,
+            alloc_size: 4096,
+            ptr: 0x1100,
+            len: 64,
+        };
+        let uri = rec.uri(Some([0x44; 64])).unwrap();
+        let d = cuda_descriptor(uri.clone(), 1, DlDataType::F16, vec![4, 8]).unwrap();
+        assert_eq!((d.device_type, d.device_id), (DEVICE_CUDA, 1));
+        assert_eq!(d.strides, vec![8, 1]);
+        // The SPEC §5.5 body round-trips, the URI with it.
+        let back = DlpackDescriptor::decode(d.encode().unwrap()).unwrap();
+        assert_eq!(back, d);
+        assert_eq!(back.data, DlData::Uri(uri.clone()));
+        // 4 x 9 f16 = 72 bytes > 64: refused; so is a host scheme.
+        assert!(cuda_descriptor(uri, 1, DlDataType::F16, vec![4, 9]).is_err());
+        let shm = AttachmentUri::shm("xcp-x", 0, 64).unwrap();
+        assert!(cuda_descriptor(shm, 0, DlDataType::U8, vec![64]).is_err());
+    }
+
+    #[test]
+    fn dlpack_strided_device_tensor_checks_offset_and_strides() {
+        let dev = DLDevice {
+            device_type: DEVICE_CUDA,
+            device_id: 0,
+        };
+        // A 2 x 2 f32 column of a 2 x 4 matrix, 8 bytes in: strides (4, 1), extent
+        // 8 + (1·4 + 1·1 + 1)·4 = 32 bytes.
+        let t = device_tensor_strided(
+            0x9000,
+            32,
+            dev,
+            DlDataType::F32,
+            vec![2, 2],
+            Some(vec![4, 1]),
+            8,
+            (),
+        )
+        .unwrap();
+        // SAFETY: `t` was just made; its deleter runs once below.
+        unsafe {
+            assert_eq!((*t).dl_tensor.byte_offset, 8);
+            assert_eq!(
+                std::slice::from_raw_parts((*t).dl_tensor.strides, 2),
+                &[4, 1]
+            );
+            ((*t).deleter.unwrap())(t);
+        }
+        let e = device_tensor_strided(
+            0x9000,
+            31,
+            dev,
+            DlDataType::F32,
+            vec![2, 2],
+            Some(vec![4, 1]),
+            8,
+            (),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("addresses 32 bytes"), "{e}");
     }
 
     #[test]
