@@ -9,7 +9,9 @@
 //!   [`Lease`] that ACKs a message when its last view is dropped;
 //! - [`uri`]: the attachment URIs that name handles (`shm://`, `memfd://`, `cuda-ipc://`);
 //! - [`dlpack_ffi`]: the DLPack C ABI, which needs raw pointers and a foreign deleter;
-//! - [`gc`]: removal of segments left behind by killed processes (`xcp shm gc`).
+//! - [`gc`]: removal of segments left behind by killed processes (`xcp shm gc`);
+//! - `cuda` (feature `cuda`): `cuda-ipc://` export and import of device memory, DLPack
+//!   `kDLCUDA` views, and the device kernels of `kernels/`.
 //!
 //! Unlike `wire` and `codec`, this module may use `unsafe`; every block carries a `// SAFETY:`
 //! comment.
@@ -23,6 +25,8 @@
 //! # Ok::<(), xcp::Error>(())
 //! ```
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dlpack_ffi;
 pub mod gc;
 pub mod map;

@@ -1,0 +1,524 @@
+//! GPU tensors by handle (feature `cuda`). Every test first loads CUDA; where there is no
+//! driver, no device or no NVRTC it prints `skipped: <reason>` and passes, so the suite runs on
+//! machines without a GPU. The tests without a GPU part (URI, caches, DLPack fields, kernel
+//! algorithm) are unit tests in `src/attach/cuda.rs` and `src/attach/cuda/kernels.rs`.
+//!
+//! On a GPU machine the binary can be run alone (it needs no Rust toolchain):
+//! `cuda-<hash> --test-threads=1 --nocapture`. The two-process test re-runs this binary as
+//! the consumer.
+#![cfg(feature = "cuda")]
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use half::f16;
+use xcp::attach::cuda::kernels::{pattern_word, Kernels};
+use xcp::attach::cuda::{self, Cuda};
+use xcp::attach::uri::{AttachmentUri, Target};
+use xcp::codec::dlpack::{DlDataType, DlpackDescriptor, DEVICE_CUDA};
+use xcp::codec::tensor::{encode_f16_from_f32, encode_qnt8, TensorView};
+use xcp::ErrorCode;
+
+/// The device, or `None` after printing why the test is skipped.
+fn gpu(test: &str) -> Option<Arc<Cuda>> {
+    match Cuda::load(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let why = cuda::unavailable(&e)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| e.to_string());
+            println!("{test}: skipped: {why}");
+            None
+        }
+    }
+}
+
+fn kernels(test: &str) -> Option<Kernels> {
+    let c = gpu(test)?;
+    match Kernels::load(&c) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            let why = cuda::unavailable(&e)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| e.to_string());
+            println!("{test}: skipped: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn load_reports_a_typed_reason_or_a_device() {
+    match Cuda::load(0) {
+        Ok(c) => {
+            assert_eq!(c.ordinal(), 0);
+            assert!(c.uuid_string().starts_with("GPU-"));
+            assert!(cuda::visible_devices().unwrap().contains(&c.uuid()));
+            println!("CUDA {:?} on {}", cuda::probe(), c.uuid_string());
+        }
+        Err(e) => {
+            let why = cuda::unavailable(&e).expect("a missing CUDA is an Unavailable reason");
+            println!("skipped: {why}");
+            // Nothing to release, and no panic either.
+            assert_eq!(cuda::release_producer(1), 0);
+        }
+    }
+    // Far past the last device: an Unavailable reason too (NoDevice), never a panic.
+    let e = Cuda::load(10_000).unwrap_err();
+    assert!(cuda::unavailable(&e).is_some(), "{e}");
+}
+
+#[test]
+fn same_process_handle_is_used_directly_and_dlpack_releases() {
+    let Some(c) = gpu("same_process") else { return };
+    let buf = c.alloc(1 << 20).unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
+    buf.write(&data).unwrap();
+    let ex = c.export(buf.ptr() + 4096, 8192, None).unwrap();
+    assert_eq!((ex.uri().offset(), ex.uri().size()), (4096, 8192));
+    let Target::CudaIpc {
+        device_uuid, event, ..
+    } = ex.uri().target()
+    else {
+        panic!("not cuda-ipc")
+    };
+    assert_eq!(*device_uuid, c.uuid());
+    assert!(event.is_some());
+    // A second export of the same allocation reuses the handle.
+    let ex2 = c.export(buf.ptr(), 16, None).unwrap();
+    let handle = |u: &AttachmentUri| match u.target() {
+        Target::CudaIpc { mem_handle, .. } => *mem_handle,
+        _ => unreachable!(),
+    };
+    assert_eq!(handle(ex.uri()), handle(ex2.uri()));
+
+    let uri = AttachmentUri::parse(&ex.uri().to_string()).unwrap();
+    let released = Arc::new(AtomicUsize::new(0));
+    let r = released.clone();
+    let view = c.import(1, &uri).unwrap().on_release(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+    });
+    assert!(view.is_local());
+    assert_eq!(view.ptr(), buf.ptr() + 4096);
+    let mut back = vec![0u8; 8192];
+    // SAFETY: the view addresses 8192 bytes of the live buffer.
+    unsafe { c.copy_dtoh(&mut back, view.ptr()) }.unwrap();
+    assert_eq!(back, data[4096..4096 + 8192]);
+    let t = view.into_dlpack(DlDataType::F32, vec![2048]).unwrap();
+    // SAFETY: `t` is live until its deleter runs below.
+    unsafe {
+        assert_eq!((*t).dl_tensor.device.device_type, DEVICE_CUDA);
+        assert_eq!((*t).dl_tensor.data as usize as u64, buf.ptr() + 4096);
+        assert_eq!(released.load(Ordering::SeqCst), 0);
+        ((*t).deleter.unwrap())(t);
+    }
+    assert_eq!(released.load(Ordering::SeqCst), 1, "the deleter ACKs");
+
+    // The same through a SPEC §5.5 DLPACK body naming the bytes by cuda-ipc URI.
+    let ex3 = c.export(buf.ptr(), 1024, None).unwrap();
+    let desc = ex3
+        .dlpack_descriptor(c.ordinal() as i32, DlDataType::U8, vec![4, 256])
+        .unwrap();
+    let desc = DlpackDescriptor::decode(desc.encode().unwrap()).unwrap();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let a = acked.clone();
+    let t = c
+        .import_dlpack(2, &desc, move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    // SAFETY: `t` is live until its deleter runs below.
+    unsafe {
+        assert_eq!((*t).dl_tensor.data as usize as u64, buf.ptr());
+        assert_eq!((*t).dl_tensor.device.device_type, DEVICE_CUDA);
+        ((*t).deleter.unwrap())(t);
+    }
+    assert_eq!(acked.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn refusals_are_explicit() {
+    let Some(c) = gpu("refusals") else { return };
+    // Another device set: a UUID no device here has.
+    let other = AttachmentUri::cuda_ipc([0xee; 16], [1; 64], None, 0, 16).unwrap();
+    let e = c.import(7, &other).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+    assert!(e.to_string().contains("not visible"), "{e}");
+    // An invalid handle on our device.
+    let bad = AttachmentUri::cuda_ipc(c.uuid(), [0x5a; 64], None, 0, 16).unwrap();
+    let e = c.import(7, &bad).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+    assert!(e.to_string().contains("does not open"), "{e}");
+    // Past the end of the allocation.
+    let buf = c.alloc(4096).unwrap();
+    let ex = c.export(buf.ptr(), 4096, None).unwrap();
+    let Target::CudaIpc { mem_handle, .. } = ex.uri().target() else {
+        unreachable!()
+    };
+    let past = AttachmentUri::cuda_ipc(c.uuid(), *mem_handle, None, 4096, 1).unwrap();
+    let e = c.import(7, &past).unwrap_err();
+    assert!(e.to_string().contains("outside the allocation"), "{e}");
+    // Not a device pointer.
+    let host = [0u8; 16];
+    assert!(c.export(host.as_ptr() as u64, 16, None).is_err());
+    // A freed allocation.
+    let uri = ex.uri().clone();
+    drop(ex);
+    drop(buf);
+    let e = c.import(7, &uri).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT, "{e}");
+    // Another namespace.
+    assert!(cuda::check_peer_namespaces("pid:[0] ipc:[0]").is_err());
+}
+
+/// The consumer half of `two_process_handoff`: runs only when the parent set the URI.
+#[test]
+fn two_process_handoff_child() {
+    let Ok(uri) = std::env::var("XCP_CUDA_CHILD_URI") else {
+        return;
+    };
+    let words: u64 = std::env::var("XCP_CUDA_CHILD_WORDS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let k = kernels("child").expect("the child has the parent's GPU");
+    let c = k.cuda().clone();
+    let uri = AttachmentUri::parse(&uri).unwrap();
+    let view = c.import(1, &uri).unwrap();
+    assert!(!view.is_local());
+    // SAFETY: the view addresses `words` u32 of the producer's live buffer.
+    let bad = unsafe { k.count_mismatch(view.ptr(), words, 42) }.unwrap();
+    // A second import of the same handle hits the cache (CUDA refuses a second open).
+    let again = c.import(1, &uri).unwrap();
+    assert_eq!(again.ptr(), view.ptr());
+    drop((view, again));
+    assert_eq!(cuda::release_producer(1), 1);
+    println!("XCP_CHILD_MISMATCHES={bad}");
+}
+
+#[test]
+fn two_process_handoff() {
+    if std::env::var("XCP_CUDA_CHILD_URI").is_ok() {
+        return;
+    }
+    let Some(k) = kernels("two_process") else {
+        return;
+    };
+    let c = k.cuda().clone();
+    let words: u64 = 64 << 18; // 64 MiB
+    let buf = c.alloc(words as usize * 4).unwrap();
+    // SAFETY: the buffer holds `words` u32.
+    unsafe { k.fill_pattern(buf.ptr(), words, 42) }.unwrap();
+    let ex = c.export(buf.ptr(), words * 4, None).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "two_process_handoff_child", "--nocapture"])
+        .env("XCP_CUDA_CHILD_URI", ex.uri().to_string())
+        .env("XCP_CUDA_CHILD_WORDS", words.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {text}");
+    assert!(text.contains("XCP_CHILD_MISMATCHES=0"), "{text}");
+    // The producer's own check agrees.
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { k.count_mismatch(buf.ptr(), words, 42) }.unwrap(),
+        0
+    );
+    // SAFETY: as above; one word changed, one mismatch.
+    unsafe { c.copy_htod(buf.ptr() + 8, &[0xff; 4]) }.unwrap();
+    let expect = pattern_word(2, 42);
+    // SAFETY: as above.
+    let n = unsafe { k.count_mismatch(buf.ptr(), words, 42) }.unwrap();
+    assert_eq!(n, u64::from(expect != u32::MAX));
+}
+
+/// The consumer half of `vmm_fd_handoff`: maps the inherited descriptor.
+#[test]
+fn vmm_fd_handoff_child() {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let Ok(fd) = std::env::var("XCP_CUDA_VMM_FD") else {
+        return;
+    };
+    let size: u64 = std::env::var("XCP_CUDA_VMM_SIZE").unwrap().parse().unwrap();
+    let k = kernels("vmm child").expect("the child has the parent's GPU");
+    // SAFETY: the parent passed this descriptor to us (inherited, close-on-exec cleared) and
+    // nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd.parse().unwrap()) };
+    let view = k.cuda().import_vmm_fd(fd.as_fd(), size, 0, size).unwrap();
+    drop(fd);
+    // SAFETY: the view addresses `size` bytes of the mapped allocation.
+    let bad = unsafe { k.count_mismatch(view.ptr(), size / 4, 7) }.unwrap();
+    println!("XCP_VMM_MISMATCHES={bad}");
+}
+
+#[test]
+fn vmm_fd_handoff() {
+    use std::os::fd::AsFd;
+    if std::env::var("XCP_CUDA_VMM_FD").is_ok() {
+        return;
+    }
+    let Some(k) = kernels("vmm") else { return };
+    let c = k.cuda().clone();
+    let buf = match c.alloc_vmm(3 << 20) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("vmm: skipped: this device or driver has no VMM POSIX-fd allocations: {e}");
+            return;
+        }
+    };
+    let size = buf.alloc_size();
+    assert!(size >= 3 << 20);
+    // SAFETY: the buffer is mapped for `size` bytes.
+    unsafe { k.fill_pattern(buf.ptr(), size / 4, 7) }.unwrap();
+    let fd = buf.export_fd().unwrap();
+
+    // In this process: a second mapping of the same memory.
+    let view = c.import_vmm_fd(fd.as_fd(), size, 4096, 4096).unwrap();
+    assert_ne!(view.ptr(), buf.ptr() + 4096);
+    let mut back = vec![0u8; 4096];
+    // SAFETY: the view addresses 4096 mapped bytes.
+    unsafe { c.copy_dtoh(&mut back, view.ptr()) }.unwrap();
+    let want: Vec<u8> = (1024..2048u64)
+        .flat_map(|i| pattern_word(i, 7).to_le_bytes())
+        .collect();
+    assert_eq!(back, want);
+    let e = c.import_vmm_fd(fd.as_fd(), size, size, 1).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+    drop(view);
+
+    // In another process: the descriptor is inherited.
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty()).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "vmm_fd_handoff_child", "--nocapture"])
+        .env(
+            "XCP_CUDA_VMM_FD",
+            std::os::fd::AsRawFd::as_raw_fd(&fd).to_string(),
+        )
+        .env("XCP_CUDA_VMM_SIZE", size.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {text}");
+    assert!(text.contains("XCP_VMM_MISMATCHES=0"), "{text}");
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let b = (s >> 32) as u32;
+            match i % 5 {
+                // Any finite value.
+                0 => f32::from_bits(if b & 0x7f80_0000 == 0x7f80_0000 {
+                    b ^ 0x4000_0000
+                } else {
+                    b
+                }),
+                _ => (b as i32 as f32) / 1e7,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn kernels_match_the_cpu_codecs() {
+    let Some(k) = kernels("kernels") else { return };
+    let c = k.cuda().clone();
+    let (rows, row_len) = (333u32, 1027u32);
+    let vals = values((rows * row_len) as usize, 9);
+    let src = c.alloc(vals.len() * 4).unwrap();
+    src.write(bytemuck::cast_slice(&vals)).unwrap();
+    let shape = [rows, row_len];
+
+    // F32 -> F16: the TENSOR_F16 body of the CPU encoder, byte for byte.
+    // SAFETY: `src` holds the tensor's f32.
+    let body = unsafe { k.encode_f16_body(&shape, src.ptr()) }.unwrap();
+    assert_eq!(
+        body.read().unwrap(),
+        &encode_f16_from_f32(&shape, &vals, false).unwrap()[..]
+    );
+
+    // F16 -> F32 exact.
+    let halves: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+    let hbuf = c.alloc(halves.len() * 2).unwrap();
+    hbuf.write(bytemuck::cast_slice(&halves)).unwrap();
+    let fbuf = c.alloc(halves.len() * 4).unwrap();
+    // SAFETY: sizes as allocated.
+    unsafe { k.f16_to_f32(hbuf.ptr(), fbuf.ptr(), halves.len() as u64) }.unwrap();
+    let back: Vec<f32> = f32s(&fbuf.read().unwrap());
+    for (h, f) in halves.iter().zip(&back) {
+        assert_eq!(h.to_f32().to_bits(), f.to_bits());
+    }
+
+    // QNT8 rows: the TENSOR_QNT8 (row_qnt) body of the CPU encoder, byte for byte.
+    // SAFETY: `src` holds the tensor's f32.
+    let q = unsafe { k.encode_qnt8_body(&shape, src.ptr()) }.unwrap();
+    let cpu = encode_qnt8(&shape, &vals, true, false).unwrap();
+    assert_eq!(q.read().unwrap(), &cpu[..]);
+
+    // Dequantise on the device: TensorView::to_f32_vec of the same body, bit for bit.
+    let out = c.alloc(vals.len() * 4).unwrap();
+    // SAFETY: the body's data start after the 32-byte header.
+    unsafe { k.qnt8_rows_to_f32(q.ptr() + 32, out.ptr(), u64::from(rows), row_len) }.unwrap();
+    let deq: Vec<f32> = f32s(&out.read().unwrap());
+    let want = TensorView::parse(cpu, None).unwrap().to_f32_vec();
+    assert!(deq
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // A NaN is refused, naming its row.
+    let mut bad = vals.clone();
+    bad[(5 * row_len + 3) as usize] = f32::NAN;
+    src.write(bytemuck::cast_slice(&bad)).unwrap();
+    // SAFETY: as above.
+    let e = unsafe { k.encode_qnt8_body(&shape, src.ptr()) }.unwrap_err();
+    assert!(e.to_string().contains("row 5"), "{e}");
+}
+
+/// The harness that runs the kernel sources on the host (see the file's header).
+const HOST_EMU: &str = include_str!("support/cuda_host_emu.cpp");
+
+/// Builds the host emulator of the kernels, or says why it cannot (no C++20 compiler).
+fn host_emulator(dir: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    use xcp::attach::cuda::kernels::{CHECK_CU, QNT8_CU};
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-w"];
+    // A probe first: a missing compiler or C++20 library is a skip, a kernel that does not
+    // compile is a failure.
+    std::fs::write(dir.join("probe.cpp"), "#include <barrier>\nint main() {}\n").unwrap();
+    let probe = Command::new(&cxx)
+        .args(flags)
+        .arg(dir.join("probe.cpp"))
+        .arg("-o")
+        .arg(dir.join("probe"))
+        .output()
+        .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
+    if !probe.status.success() {
+        return Err(format!("{cxx} cannot build C++20 with <barrier>"));
+    }
+    std::fs::write(dir.join("qnt8.cu"), QNT8_CU).unwrap();
+    std::fs::write(dir.join("check.cu"), CHECK_CU).unwrap();
+    std::fs::write(dir.join("emu.cpp"), HOST_EMU).unwrap();
+    let exe = dir.join("emu");
+    let out = Command::new(&cxx)
+        .args(flags)
+        .arg("-I")
+        .arg(dir)
+        .arg(dir.join("emu.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the kernel sources do not compile on the host:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(exe)
+}
+
+/// Runs `kernels/qnt8.cu` and `kernels/check.cu` on the host (threads for a block, a barrier
+/// for `__syncthreads`) and compares with the CPU codecs bit for bit: the QNT8 kernels'
+/// reduction, the three scale paths, the byte layout, grid striding and the NaN report, and
+/// the pattern kernels, without a GPU.
+#[test]
+fn kernel_sources_match_the_cpu_codecs_on_a_host_emulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = match host_emulator(dir.path()) {
+        Ok(e) => e,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let special: Vec<f32> = [
+        [0.0, -0.0, 0.0, 0.0, 0.0, 0.0],
+        [127.0, 0.5, 1.5, -0.5, -2.5, -127.0],
+        [f32::MAX, -f32::MAX, 1.0, 3.0, -7.5, 0.0],
+        [
+            f32::from_bits(1),
+            -f32::from_bits(300),
+            1e-40,
+            0.0,
+            2e-45,
+            -1e-39,
+        ],
+        [1e-36, -3e-37, 5e-38, 1e-37, 0.0, 0.0],
+    ]
+    .concat();
+    let mut subnormal = values(9 * 256, 3);
+    for v in &mut subnormal {
+        *v = f32::from_bits(v.to_bits() & 0x807f_ffff);
+    }
+    let cases: Vec<(u32, u32, u32, Vec<f32>)> = vec![
+        (5, 6, 2, special),
+        (64, 1027, 5, values(64 * 1027, 11)),
+        (9, 256, 9, subnormal),
+        (7, 257, 3, values(7 * 257, 12)),
+        (4, 1, 4, values(4, 13)),
+    ];
+    let p = |n: &str| dir.path().join(n);
+    for (rows, len, grid, vals) in cases {
+        let input: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(p("in.f32"), input).unwrap();
+        let out = Command::new(&exe)
+            .arg(rows.to_string())
+            .arg(len.to_string())
+            .arg(grid.to_string())
+            .args([p("in.f32"), p("out.q"), p("out.f32")])
+            .args(["1000", "42"])
+            .arg(p("out.pattern"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("bad=0\n"), "{text}");
+        let cpu = encode_qnt8(&[rows, len], &vals, true, false).unwrap();
+        let q = std::fs::read(p("out.q")).unwrap();
+        assert!(
+            q == cpu[32..],
+            "QNT8 rows {rows}x{len} differ from the CPU codec"
+        );
+        let want = TensorView::parse(cpu, None).unwrap().to_f32_vec();
+        let got = f32s(&std::fs::read(p("out.f32")).unwrap());
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "dequantised {rows}x{len} differ"
+        );
+        let pattern = std::fs::read(p("out.pattern")).unwrap();
+        for (i, w) in pattern.chunks_exact(4).enumerate() {
+            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            assert_eq!(w, pattern_word(i as u64, 42), "pattern word {i}");
+        }
+        assert!(text.contains("mismatch=0 mismatch_after_flip=1"), "{text}");
+    }
+    // A NaN in row 2 and an infinity in row 3: the first bad row is reported.
+    let mut v = [1.0f32; 16];
+    v[9] = f32::NAN;
+    v[12] = f32::INFINITY;
+    let input: Vec<u8> = v.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(p("in.f32"), input).unwrap();
+    let out = Command::new(&exe)
+        .args(["4", "4", "2"])
+        .args([p("in.f32"), p("out.q"), p("out.f32")])
+        .args(["0", "1"])
+        .arg(p("out.pattern"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bad=3\n"), "row 2 (+1): {text}");
+}
