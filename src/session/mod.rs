@@ -530,11 +530,7 @@ impl Server {
     /// Binds `url` (`tcp://host:port`, port 0 for any; `unix:///path`; `tls://host:port` or
     /// `quic://host:port` with `config.transport.tls`) and starts accepting.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
-        let ring = match (&config.transport.ring, config.transport.io) {
-            (_, crate::transport::IoMode::Epoll) => None,
-            (Some(r), _) => Some(r.clone()),
-            (None, mode) => crate::transport::uring::resolve(mode)?,
-        };
+        let ring = config.transport.ring_for_io()?;
         let listener = Listener::bind_with(url, &config.transport).await?;
         let local_url = listener.local_url();
         let socket_file = listener.socket_file();

@@ -202,6 +202,18 @@ pub struct TransportConfig {
     pub tls: Option<TlsConfig>,
 }
 
+impl TransportConfig {
+    /// The io_uring ring its `io` mode calls for: none for epoll (or where `auto` falls
+    /// back), the configured shared ring, else a new one (see [`uring::resolve`]).
+    pub fn ring_for_io(&self) -> Result<Option<uring::Ring>> {
+        match (&self.ring, self.io) {
+            (_, IoMode::Epoll) => Ok(None),
+            (Some(r), _) => Ok(Some(r.clone())),
+            (None, mode) => uring::resolve(mode),
+        }
+    }
+}
+
 impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
@@ -259,11 +271,7 @@ impl Stream {
                     .map(|s| Stream::Quic(Box::new(s)))
             }
             _ => {
-                let ring = match (&config.ring, config.io) {
-                    (_, IoMode::Epoll) => None,
-                    (Some(r), _) => Some(r.clone()),
-                    (None, mode) => uring::resolve(mode)?,
-                };
+                let ring = config.ring_for_io()?;
                 Stream::connect(url).await?.with_ring(ring)
             }
         }

@@ -925,6 +925,10 @@ const CMSG_HDR: usize = std::mem::size_of::<libc::cmsghdr>();
 /// The descriptors of the `SCM_RIGHTS` messages in a completed `recvmsg`.
 fn take_fds(msg: &Msg) -> Vec<OwnedFd> {
     let len = msg.hdr.msg_controllen.min(msg.control.len() * 8);
+    if len == 0 {
+        // Most receives carry no descriptors: nothing to parse, nothing to allocate.
+        return Vec::new();
+    }
     let bytes: Vec<u8> = msg.control.iter().flat_map(|w| w.to_ne_bytes()).collect();
     let bytes = &bytes[..len];
     let mut out = Vec::new();
@@ -1141,8 +1145,12 @@ impl AsyncWrite for UringWrite {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        // A copy: this path serves small control exchanges, not the session's frames.
+        // A copy: this path serves small control exchanges, not the session's frames. While
+        // a send is in flight its result is collected; `buf` is not copied again.
         let this = self.get_mut();
+        if this.pending.is_some() {
+            return this.poll_send_owned(cx, &[], &[]);
+        }
         let chunk = Bytes::copy_from_slice(&buf[..buf.len().min(COPY_WRITE_MAX)]);
         this.poll_send_owned(cx, &[chunk], &[])
     }
