@@ -561,13 +561,15 @@ impl Driver {
             let fd_reads = self.fd_reads;
             let rbuf_spare = self.rbuf.capacity() - self.rbuf.len();
             let read_busy = matches!(&self.rd, ReadHalf::Uring(r) if r.busy());
+            // What the frame in progress still needs (io_uring receives a large remainder
+            // straight into `rbuf`, and smaller reads through its provided buffers).
+            let want = self.conn.bytes_wanted(&self.rbuf);
             if can_read && !read_busy && rbuf_spare < READ_CHUNK / 4 {
-                let want = self.conn.bytes_wanted(&self.rbuf).max(READ_CHUNK);
-                self.rbuf.reserve(want);
+                self.rbuf.reserve(want.max(READ_CHUNK));
             }
             let step = tokio::select! {
                 r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out => Step::Wrote(r),
-                r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads), if can_read => Step::Read(r),
+                r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads, want), if can_read => Step::Read(r),
                 id = self.release_rx.recv() => Step::Release(id),
                 p = self.recv_tx.reserve(), if paused && !closed => match p {
                     Ok(permit) => {
@@ -1166,13 +1168,14 @@ async fn read_in(
     fds: &mut VecDeque<FdGroup>,
     rx_total: &mut u64,
     fd_reads: bool,
+    want: usize,
 ) -> std::io::Result<usize> {
     let start = *rx_total;
     if let ReadHalf::Uring(r) = rd {
         // Straight into the read buffer, descriptors included: no scratch copy.
         let mut got = Vec::new();
         let n = r
-            .read_owned(rbuf, if fd_reads { Some(&mut got) } else { None })
+            .read_owned(rbuf, if fd_reads { Some(&mut got) } else { None }, want)
             .await?;
         *rx_total += n as u64;
         if !got.is_empty() {

@@ -13,11 +13,31 @@
 //!   task that wants them (one `io_uring_enter`), with no hop through another thread, except
 //!   right after the reaper woke several connections: their next operations are queued and
 //!   the reaper submits them in one enter once they ran (batching across connections).
-//! - Every operation **owns its buffers** while the kernel has it: a receive owns the
-//!   connection's `BytesMut` read buffer and fills its spare capacity in place (no scratch
-//!   copy, descriptors included: `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the same
-//!   buffer); a send owns clones of the frames' `Bytes` (prefix+header, payload, CRC) in one
+//! - **Receives** take one of two paths, chosen per read by how much the frame in progress
+//!   still needs ([`UringRead::read_owned`]'s `want`):
+//!   - *provided buffers* for small reads (under [`DIRECT_MIN`]): each ring registers a
+//!     buffer ring (`IORING_REGISTER_PBUF_RING`) of 16 KiB buffers, grown in batches as
+//!     receives need them up to a limit ([`Ring::with_provided_buffers`]), and each
+//!     connection keeps one **multishot** `IORING_OP_RECV` armed on it: no submission per
+//!     message, no buffer pinned by an idle connection. The reader copies the bytes of each
+//!     completion into its read buffer and hands the buffer straight back. A reader that
+//!     falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it catches up, so
+//!     one slow consumer cannot hold the pool; when the pool runs dry, a read goes direct;
+//!   - *direct* for the rest of a large frame, and on Unix sockets whose reads may carry
+//!     descriptors: the receive owns the connection's `BytesMut` read buffer and fills its
+//!     spare capacity in place (no copy; `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the
+//!     same buffer). The multishot receive is stopped first (its bytes read out in order)
+//!     and re-armed after.
+//!
+//!   Sockets carry no registered (fixed) buffers: receives into them need the NIC-side
+//!   zero-copy receive, which loopback and most hosts lack.
+//! - A send owns clones of the frames' `Bytes` (prefix+header, payload, CRC) in one
 //!   `IORING_OP_SENDMSG` with an iovec each, so payloads are never copied or concatenated.
+//! - Rings are set up with `IORING_SETUP_COOP_TASKRUN` where the kernel has it (5.19): the
+//!   kernel completes a socket receive in the context of the thread that armed it, and by
+//!   default interrupts that thread with an IPI to do so; cooperatively, a running thread does
+//!   the work at its next system call (a sleeping one is still woken at once). This measured
+//!   fewer CPU cycles per message across many connections.
 //! - Operations are cancel-safe in the sense the session driver needs: a future that is
 //!   dropped leaves its operation in flight, and the next call on the same half returns that
 //!   operation's result. A half dropped with an operation in flight submits a cancel; the
@@ -42,10 +62,11 @@
 //! `XCP_URING_DISABLE=1` makes the probe fail, to try that path.
 #![allow(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -72,6 +93,22 @@ const MUTE_MAX: usize = 64 * 1024;
 const CANCEL_UD: u64 = u64::MAX;
 /// Largest copy made by the `AsyncWrite` path (used outside the session driver's hot path).
 const COPY_WRITE_MAX: usize = 256 * 1024;
+/// The size of each provided receive buffer.
+const PBUF_SIZE: usize = 16 * 1024;
+/// Entries of the provided-buffer ring (a power of two): the most buffers a ring can have.
+const PBUF_ENTRIES: u16 = 1024;
+/// Provided buffers are added this many at a time, as receives need them.
+const PBUF_BATCH: usize = 16;
+/// The buffer group of the provided-buffer ring.
+const PBUF_GROUP: u16 = 0;
+/// The most provided buffers of a [`Ring::new`] ring (16 MiB of 16 KiB buffers).
+pub const DEFAULT_PROVIDED_BUFFERS: usize = PBUF_ENTRIES as usize;
+/// A connection whose reader has this many received buffers not yet taken stops its
+/// multishot receive until it catches up (so one slow reader cannot hold the whole pool).
+const QUEUE_CAP: usize = 8;
+/// A read that still needs this many bytes for the frame in progress goes straight into the
+/// connection's buffer (one receive, no copy) instead of through provided buffers.
+pub const DIRECT_MIN: usize = 64 * 1024;
 
 /// Why io_uring cannot be used here, or `Ok` when it can (probed once per process).
 pub fn probe() -> std::result::Result<(), String> {
@@ -198,6 +235,9 @@ struct RingInner {
     zc_mode: std::sync::atomic::AtomicU8,
     /// Sends that went zero-copy so far.
     zc_sends: std::sync::atomic::AtomicU64,
+    /// Bytes received through provided buffers, and straight into read buffers.
+    pbuf_bytes: std::sync::atomic::AtomicU64,
+    direct_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// When sends use `IORING_OP_SENDMSG_ZC` (the kernel sends from our pages instead of copying
@@ -227,6 +267,148 @@ struct State {
     /// without an enter each, and the reaper submits them all in one (batching across
     /// connections).
     batching: bool,
+    /// The provided receive buffers (`None` where the kernel cannot register them, or after a
+    /// multishot receive was refused).
+    pool: Option<Pool>,
+    /// The kernel refused a multishot receive: receives go straight into read buffers.
+    multi_refused: bool,
+}
+
+/// Provided receive buffers: a buffer ring registered with the kernel (group [`PBUF_GROUP`]),
+/// from which multishot receives take a buffer per completion. The reader copies the bytes
+/// into its connection's buffer and gives the buffer back at once, so buffers are only held
+/// for bytes that arrived and were not yet read (bounded by [`QUEUE_CAP`] per connection and
+/// [`PBUF_ENTRIES`] per ring). Buffers are added in batches as receives need them.
+struct Pool {
+    /// The ring of `io_uring_buf` entries (page-aligned, [`PBUF_ENTRIES`] of them).
+    ring: std::ptr::NonNull<types::BufRingEntry>,
+    /// Our shadow of the ring's tail (the kernel reads the published one).
+    tail: u16,
+    /// The buffers, [`PBUF_BATCH`] per allocation; their heap memory never moves or goes
+    /// away while the ring lives (buffer `b` is `batches[b / PBUF_BATCH]` at
+    /// `(b % PBUF_BATCH) * PBUF_SIZE`).
+    batches: Vec<Box<[u8]>>,
+    /// The most buffers it may grow to (a multiple of [`PBUF_BATCH`], at most
+    /// [`PBUF_ENTRIES`]).
+    max: usize,
+}
+
+// SAFETY: the ring pointer is to memory this `Pool` owns (allocated in `Pool::register`);
+// nothing in it is thread-bound, and every access happens with the state lock held.
+unsafe impl Send for Pool {}
+
+impl Pool {
+    fn layout() -> std::alloc::Layout {
+        let bytes = usize::from(PBUF_ENTRIES) * std::mem::size_of::<types::BufRingEntry>();
+        // Page alignment, as the kernel requires of a buffer ring.
+        std::alloc::Layout::from_size_align(bytes, 4096).expect("a valid layout")
+    }
+
+    /// Allocates the buffer ring and registers it with `uring`, for up to `max` buffers;
+    /// `None` for `max` 0 or where the kernel refuses (before Linux 5.19).
+    fn register(uring: &IoUring, max: usize) -> Option<Pool> {
+        if max == 0 {
+            return None;
+        }
+        let layout = Pool::layout();
+        // SAFETY: the layout has a non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ring = std::ptr::NonNull::new(mem.cast::<types::BufRingEntry>())?;
+        // SAFETY: `ring` is page-aligned memory of PBUF_ENTRIES entries, zeroed (an empty
+        // ring: tail 0), that stays allocated until this pool is dropped, which happens only
+        // after the ring is unregistered or the io_uring is closed.
+        let registered = unsafe {
+            uring.submitter().register_buf_ring_with_flags(
+                ring.as_ptr() as u64,
+                PBUF_ENTRIES,
+                PBUF_GROUP,
+                0,
+            )
+        };
+        if registered.is_err() {
+            // SAFETY: allocated above with this layout and never shared with the kernel.
+            unsafe { std::alloc::dealloc(mem, layout) };
+            return None;
+        }
+        Some(Pool {
+            ring,
+            tail: 0,
+            batches: Vec::new(),
+            max: max.div_ceil(PBUF_BATCH) * PBUF_BATCH,
+        })
+    }
+
+    /// Buffers added so far.
+    fn count(&self) -> usize {
+        self.batches.len() * PBUF_BATCH
+    }
+
+    /// Adds a batch of buffers, unless the ring is full; whether it did.
+    fn grow(&mut self) -> bool {
+        if self.count() + PBUF_BATCH > self.max.min(usize::from(PBUF_ENTRIES)) {
+            return false;
+        }
+        let first = self.count();
+        self.batches
+            .push(vec![0u8; PBUF_BATCH * PBUF_SIZE].into_boxed_slice());
+        for bid in first..first + PBUF_BATCH {
+            self.put(bid as u16);
+        }
+        self.publish();
+        true
+    }
+
+    /// Where buffer `bid` is (stable while the pool lives).
+    fn addr(&self, bid: u16) -> Option<*const u8> {
+        let bid = usize::from(bid);
+        let batch = self.batches.get(bid / PBUF_BATCH)?;
+        Some(batch[(bid % PBUF_BATCH) * PBUF_SIZE..].as_ptr())
+    }
+
+    /// Hands buffer `bid` back to the kernel (seen once [`Pool::publish`] runs).
+    fn put(&mut self, bid: u16) {
+        let Some(addr) = self.addr(bid) else {
+            return;
+        };
+        let at = usize::from(self.tail & (PBUF_ENTRIES - 1));
+        // SAFETY: `at` is within the ring's PBUF_ENTRIES entries; the kernel only reads entries
+        // between its head and the published tail, and this one is past the published tail.
+        let entry = unsafe { &mut *self.ring.as_ptr().add(at) };
+        entry.set_addr(addr as u64);
+        entry.set_len(PBUF_SIZE as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the tail, after the entries written before it.
+    fn publish(&self) {
+        // SAFETY: the tail field lives in the ring's first entry (the kernel's layout), is
+        // 2-byte aligned, and is only written here (under the state lock); the kernel reads it
+        // concurrently, hence the atomic release store.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.ring.as_ptr()).cast_mut();
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Pool::register` with this layout; the io_uring is closed or
+        // the ring unregistered by now (see `RingInner`'s drop).
+        unsafe { std::alloc::dealloc(self.ring.as_ptr().cast(), Pool::layout()) };
+    }
+}
+
+/// The state of a multishot receive while it is armed.
+struct Multi {
+    /// Completions not yet taken by the reader: (result, flags).
+    queue: VecDeque<(i32, u32)>,
+    waker: Option<Waker>,
+    /// The kernel posted its last completion (no `IORING_CQE_F_MORE`).
+    ended: bool,
+    /// A cancel was submitted (the reader fell behind, or wants to receive directly).
+    stopping: bool,
 }
 
 struct Slot {
@@ -246,6 +428,8 @@ enum Phase {
     Held,
     /// Its owner went away; the buffers are freed when the kernel gives them back.
     Orphan,
+    /// An armed multishot receive into provided buffers.
+    Multi(Box<Multi>),
 }
 
 /// What an operation owns while the kernel has it. Every pointer the kernel holds points into
@@ -291,7 +475,11 @@ impl RingInner {
     }
 
     /// Moves every completion to its slot; returns the wakers to call (after unlocking).
-    fn reap_locked(&self, st: &mut State, wake: &mut Vec<Waker>) {
+    /// Returns whether entries were queued that need an enter (cancels of multishot
+    /// receives whose reader fell behind).
+    fn reap_locked(&self, st: &mut State, wake: &mut Vec<Waker>) -> bool {
+        let mut queued = false;
+        let mut recycled = false;
         // SAFETY: the completion queue is only touched with the state lock held.
         let cq = unsafe { self.uring.completion_shared() };
         for cqe in cq {
@@ -299,17 +487,42 @@ impl RingInner {
             if ud == CANCEL_UD {
                 continue;
             }
+            let flags = cqe.flags();
+            let bid = io_uring::cqueue::buffer_select(flags);
             let idx = (ud & 0xffff_ffff) as usize;
             let generation = (ud >> 32) as u32;
-            let Some(slot) = st.slots.get_mut(idx) else {
-                continue;
-            };
-            if slot.generation != generation {
+            let mut slot = st
+                .slots
+                .get_mut(idx)
+                .filter(|slot| slot.generation == generation);
+            let more = io_uring::cqueue::more(flags);
+            // A multishot receive: queue the completion for its reader.
+            if let Some(Phase::Multi(m)) = slot.as_deref_mut().map(|s| &mut s.phase) {
+                m.queue.push_back((cqe.result(), flags));
+                if !more {
+                    m.ended = true;
+                }
+                if let Some(w) = m.waker.take() {
+                    wake.push(w);
+                }
+                if !m.ended && !m.stopping && m.queue.len() >= QUEUE_CAP {
+                    // The reader is behind: stop receiving for it until it catches up.
+                    m.stopping = true;
+                    let cancel = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
+                    queued |= self.push(&cancel).is_ok();
+                }
                 continue;
             }
+            // A buffer nobody will read (its receive was orphaned): straight back.
+            if let (Some(b), Some(pool)) = (bid, st.pool.as_mut()) {
+                pool.put(b);
+                recycled = true;
+            }
+            let Some(slot) = slot else {
+                continue;
+            };
             // A zero-copy send completes twice: its result with F_MORE, then a notification
             // once the kernel is done with the buffers. Everything else completes once.
-            let more = io_uring::cqueue::more(cqe.flags());
             let mut release = false;
             slot.phase = match std::mem::replace(&mut slot.phase, Phase::Free) {
                 Phase::Pending(w) => {
@@ -335,6 +548,12 @@ impl RingInner {
                 st.in_flight -= 1;
             }
         }
+        if recycled {
+            if let Some(pool) = &st.pool {
+                pool.publish();
+            }
+        }
+        queued
     }
 
     /// Reaps and wakes; returns how many tasks it woke.
@@ -429,14 +648,17 @@ impl RingInner {
     /// Turns eventfd notifications back on, then hands out whatever completed meanwhile.
     fn enable_and_reap(&self) {
         let mut wake = Vec::new();
-        {
+        let queued = {
             let mut st = self.lock();
             // SAFETY: the completion queue is only touched with the state lock held.
             unsafe { self.uring.completion_shared() }.enable_eventfd();
-            self.reap_locked(&mut st, &mut wake);
-        }
+            self.reap_locked(&mut st, &mut wake)
+        };
         for w in wake {
             w.wake();
+        }
+        if queued {
+            let _ = self.uring.submitter().submit();
         }
     }
 
@@ -461,9 +683,10 @@ impl RingInner {
     /// Polls operation `ud`: its result and resources once the kernel is done.
     fn poll_op(&self, ud: u64, cx: &mut Context<'_>) -> Poll<(i32, Res)> {
         let mut wake = Vec::new();
+        let queued;
         let out = {
             let mut st = self.lock();
-            self.reap_locked(&mut st, &mut wake);
+            queued = self.reap_locked(&mut st, &mut wake);
             let idx = (ud & 0xffff_ffff) as usize;
             let slot = &mut st.slots[idx];
             debug_assert_eq!(slot.generation, (ud >> 32) as u32);
@@ -488,13 +711,16 @@ impl RingInner {
                     }
                     Poll::Pending
                 }
-                Phase::Free | Phase::Orphan | Phase::Held => {
+                Phase::Free | Phase::Orphan | Phase::Held | Phase::Multi(_) => {
                     Poll::Ready((-libc::ECANCELED, Res::None))
                 }
             }
         };
         for w in wake {
             w.wake();
+        }
+        if queued {
+            let _ = self.uring.submitter().submit();
         }
         out
     }
@@ -528,8 +754,209 @@ impl RingInner {
                 }
             }
             Phase::DoneHeld(_) | Phase::Held => slot.phase = Phase::Orphan,
+            Phase::Multi(_) => {
+                let Phase::Multi(m) = std::mem::replace(&mut slot.phase, Phase::Orphan) else {
+                    return;
+                };
+                // Its unread buffers go back now.
+                if let Some(pool) = st.pool.as_mut() {
+                    for &(_, flags) in &m.queue {
+                        if let Some(b) = io_uring::cqueue::buffer_select(flags) {
+                            pool.put(b);
+                        }
+                    }
+                    pool.publish();
+                }
+                if m.ended {
+                    let slot = &mut st.slots[idx];
+                    slot.phase = Phase::Free;
+                    slot.res = Res::None;
+                    st.free.push(idx as u32);
+                    st.in_flight -= 1;
+                } else if !m.stopping {
+                    let entry = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
+                    if self.push(&entry).is_ok() {
+                        drop(st);
+                        let _ = self.uring.submitter().submit();
+                    }
+                }
+            }
             Phase::Free | Phase::Orphan => {}
         }
+    }
+
+    /// Arms a multishot receive on `fd` into provided buffers. `None` when there are none to
+    /// use: the kernel has no buffer ring, or every buffer is taken (`starved`: the last one
+    /// ended for lack of buffers) and the pool is at its size limit.
+    fn arm_multi(&self, fd: RawFd, starved: bool) -> io::Result<Option<u64>> {
+        let entry;
+        let ud;
+        {
+            let mut st = self.lock();
+            if st.multi_refused {
+                return Ok(None);
+            }
+            let Some(pool) = st.pool.as_mut() else {
+                return Ok(None);
+            };
+            if (pool.count() == 0 || starved) && !pool.grow() {
+                return Ok(None);
+            }
+            let idx = match st.free.pop() {
+                Some(i) => i as usize,
+                None => {
+                    st.slots.push(Slot {
+                        generation: 0,
+                        phase: Phase::Free,
+                        res: Res::None,
+                    });
+                    st.slots.len() - 1
+                }
+            };
+            let slot = &mut st.slots[idx];
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.phase = Phase::Multi(Box::new(Multi {
+                queue: VecDeque::new(),
+                waker: None,
+                ended: false,
+                stopping: false,
+            }));
+            slot.res = Res::None;
+            ud = (u64::from(slot.generation) << 32) | idx as u64;
+            entry = opcode::RecvMulti::new(types::Fd(fd), PBUF_GROUP)
+                .build()
+                .user_data(ud);
+            st.in_flight += 1;
+            if let Err(e) = self.push(&entry) {
+                let slot = &mut st.slots[idx];
+                slot.phase = Phase::Free;
+                st.free.push(idx as u32);
+                st.in_flight -= 1;
+                return Err(e);
+            }
+            if st.batching {
+                return Ok(Some(ud));
+            }
+        }
+        match self.uring.submitter().submit() {
+            Ok(_) => Ok(Some(ud)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
+                Ok(Some(ud))
+            }
+            Err(e) => {
+                self.orphan(ud, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the completions of multishot receive `ud` into `out` as (result, buffer address
+    /// or 0, buffer id); registers `cx`'s waker when there are none. Returns whether the
+    /// receive has ended (its last completion is among those taken, or was taken before).
+    fn take_multi(
+        &self,
+        ud: u64,
+        cx: &mut Context<'_>,
+        out: &mut Vec<(i32, usize, Option<u16>)>,
+    ) -> bool {
+        let mut wake = Vec::new();
+        let mut st = self.lock();
+        // Completions already posted are handed out now, without waiting for the reaper.
+        let queued = self.reap_locked(&mut st, &mut wake);
+        let ended = self.take_multi_locked(&mut st, ud, cx, out);
+        drop(st);
+        for w in wake {
+            w.wake();
+        }
+        if queued {
+            let _ = self.uring.submitter().submit();
+        }
+        ended
+    }
+
+    fn take_multi_locked(
+        &self,
+        st: &mut State,
+        ud: u64,
+        cx: &mut Context<'_>,
+        out: &mut Vec<(i32, usize, Option<u16>)>,
+    ) -> bool {
+        let idx = (ud & 0xffff_ffff) as usize;
+        let Some(Slot {
+            phase: Phase::Multi(m),
+            ..
+        }) = st.slots.get_mut(idx)
+        else {
+            return true;
+        };
+        for (res, flags) in m.queue.drain(..) {
+            let bid = io_uring::cqueue::buffer_select(flags);
+            let addr = bid
+                .and_then(|b| st.pool.as_ref().and_then(|p| p.addr(b)))
+                .map_or(0, |a| a as usize);
+            out.push((res, addr, bid));
+        }
+        if out.is_empty() && !m.ended && !m.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            m.waker = Some(cx.waker().clone());
+        }
+        m.ended
+    }
+
+    /// Stops multishot receive `ud` (its remaining completions still arrive, then the last).
+    fn stop_multi(&self, ud: u64) {
+        let queued = {
+            let mut st = self.lock();
+            let idx = (ud & 0xffff_ffff) as usize;
+            match st.slots.get_mut(idx) {
+                Some(Slot {
+                    phase: Phase::Multi(m),
+                    generation,
+                    ..
+                }) if *generation == (ud >> 32) as u32 && !m.stopping && !m.ended => {
+                    m.stopping = true;
+                    let cancel = opcode::AsyncCancel::new(ud).build().user_data(CANCEL_UD);
+                    self.push(&cancel).is_ok()
+                }
+                _ => false,
+            }
+        };
+        if queued {
+            let _ = self.uring.submitter().submit();
+        }
+    }
+
+    /// Frees the slot of multishot receive `ud` once it ended and everything was taken.
+    fn finish_multi(&self, ud: u64) {
+        let mut st = self.lock();
+        let idx = (ud & 0xffff_ffff) as usize;
+        if let Some(slot) = st.slots.get_mut(idx) {
+            if slot.generation == (ud >> 32) as u32
+                && matches!(&slot.phase, Phase::Multi(m) if m.ended && m.queue.is_empty())
+            {
+                slot.phase = Phase::Free;
+                st.free.push(idx as u32);
+                st.in_flight -= 1;
+            }
+        }
+    }
+
+    /// Gives provided buffers back to the kernel.
+    fn recycle(&self, bids: impl Iterator<Item = u16>) {
+        let mut st = self.lock();
+        if let Some(pool) = st.pool.as_mut() {
+            for b in bids {
+                pool.put(b);
+            }
+            pool.publish();
+        }
+    }
+
+    /// Stops arming multishot receives on this ring (the kernel refused one: Linux before
+    /// 6.0 has buffer rings but no multishot receive). The pool's memory stays until the ring
+    /// goes, as the kernel may hold some of its buffers.
+    fn refuse_multi(&self) {
+        self.lock().multi_refused = true;
     }
 }
 
@@ -540,6 +967,10 @@ impl Drop for RingInner {
         // are leaked, never freed under it.
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if st.in_flight > 0 {
+            // Receives in flight may still write into provided buffers.
+            if let Some(pool) = st.pool.take() {
+                std::mem::forget(pool);
+            }
             for slot in st.slots.drain(..) {
                 if !matches!(slot.phase, Phase::Free | Phase::Done(_)) {
                     std::mem::forget(slot.res);
@@ -550,11 +981,31 @@ impl Drop for RingInner {
 }
 
 impl Ring {
-    /// A new ring with its reaper task on the current tokio runtime.
+    /// A new ring with its reaper task on the current tokio runtime, and up to
+    /// [`DEFAULT_PROVIDED_BUFFERS`] provided receive buffers (none with the environment
+    /// variable `XCP_URING_RECV=direct`).
     pub fn new() -> Result<Ring> {
+        let direct = std::env::var("XCP_URING_RECV").is_ok_and(|v| v == "direct");
+        Ring::with_provided_buffers(if direct { 0 } else { DEFAULT_PROVIDED_BUFFERS })
+    }
+
+    /// A new ring whose receives use up to `max` provided buffers of 16 KiB (rounded up to a
+    /// multiple of 16, at most 1024; they are allocated as receives need them). With 0, every
+    /// receive goes straight into the connection's read buffer.
+    pub fn with_provided_buffers(max: usize) -> Result<Ring> {
+        // Cooperative task running (Linux 5.19): the kernel does not interrupt a running
+        // thread with an IPI to complete a receive it armed; the work runs at that thread's
+        // next system call (sleeping threads are still woken at once). Older kernels refuse
+        // the flag, and get a plain ring.
         let uring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
+            .setup_coop_taskrun()
             .build(SQ_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(CQ_ENTRIES)
+                    .build(SQ_ENTRIES)
+            })
             .map_err(|e| unavailable(format!("io_uring_setup: {e}")))?;
         let efd = rustix::event::eventfd(
             0,
@@ -574,14 +1025,20 @@ impl Ring {
         let mut probe = io_uring::Probe::new();
         let zc_supported = uring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::SendMsgZc::CODE);
+        let pool = Pool::register(&uring, max.min(usize::from(PBUF_ENTRIES)));
         let inner = Arc::new(RingInner {
             uring,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pool,
+                ..State::default()
+            }),
             efd,
             handles: AtomicUsize::new(1),
             zc_supported,
             zc_mode: std::sync::atomic::AtomicU8::new(0),
             zc_sends: std::sync::atomic::AtomicU64::new(0),
+            pbuf_bytes: std::sync::atomic::AtomicU64::new(0),
+            direct_bytes: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(reaper(inner.clone(), async_efd));
         Ok(Ring { inner })
@@ -605,6 +1062,25 @@ impl Ring {
     /// Whether this kernel has zero-copy sends (`IORING_OP_SENDMSG_ZC`).
     pub fn zero_copy_supported(&self) -> bool {
         self.inner.zc_supported
+    }
+
+    /// Bytes received so far through provided buffers (multishot receives), and straight
+    /// into read buffers (direct receives).
+    pub fn received_bytes(&self) -> (u64, u64) {
+        (
+            self.inner.pbuf_bytes.load(Ordering::Relaxed),
+            self.inner.direct_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many provided receive buffers this ring has (0 where it has none: the kernel
+    /// cannot register buffer rings, or `XCP_URING_RECV=direct`), and their size.
+    pub fn provided_buffers(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        match &st.pool {
+            Some(p) if !st.multi_refused => (p.count(), PBUF_SIZE),
+            _ => (0, PBUF_SIZE),
+        }
     }
 
     /// How many sends went zero-copy so far.
@@ -711,6 +1187,11 @@ impl UringStream {
             read: UringRead {
                 sock: sock.clone(),
                 pending: None,
+                multi: None,
+                stopping: false,
+                starved: false,
+                deferred: None,
+                taken: Vec::new(),
                 leftover: BytesMut::new(),
             },
             write: UringWrite {
@@ -741,7 +1222,18 @@ impl UringStream {
 #[derive(Debug)]
 pub struct UringRead {
     sock: Arc<Sock>,
+    /// A direct receive in flight (its buffer is with the kernel).
     pending: Option<u64>,
+    /// The armed multishot receive into provided buffers.
+    multi: Option<u64>,
+    /// A stop of `multi` was asked for (a large read comes next).
+    stopping: bool,
+    /// The last multishot receive ended because every provided buffer was taken.
+    starved: bool,
+    /// An end of stream (0) or error (-errno) that came after bytes already returned.
+    deferred: Option<i32>,
+    /// Scratch list of taken multishot completions: (result, buffer address, buffer id).
+    taken: Vec<(i32, usize, Option<u16>)>,
     /// Bytes received for the `AsyncRead` path but not yet read out.
     leftover: BytesMut,
 }
@@ -755,19 +1247,33 @@ pub struct UringWrite {
 }
 
 impl UringRead {
-    /// Receives into the spare capacity of `buf` without copying (reserving
-    /// [`READ_CHUNK`] when it has none). With `fds`, descriptors passed with the bytes
-    /// (`SCM_RIGHTS`, close-on-exec) are appended to it.
+    /// Receives bytes and appends them to `buf`; returns how many (0 at end of stream).
     ///
-    /// Cancel-safe: while the receive is in flight the kernel owns the buffer and `buf` is
-    /// left empty; if this future is dropped, the next call waits for the same receive and
-    /// puts the buffer back into its (empty) `buf`.
+    /// `want` is how many bytes the caller still needs for what it is reading (the frame in
+    /// progress; 0 when it does not know):
+    /// - below [`DIRECT_MIN`], bytes come through the ring's provided buffers: one multishot
+    ///   receive stays armed per connection, each completion fills a pooled buffer, and its
+    ///   bytes are copied into `buf` (a small copy; no buffer is pinned by an idle
+    ///   connection and no receive is re-submitted per message);
+    /// - from [`DIRECT_MIN`] up, and whenever descriptors may come (`fds`), the receive goes
+    ///   straight into the spare capacity of `buf` without copying (reserving [`READ_CHUNK`]
+    ///   when it has none). With `fds`, descriptors passed with the bytes (`SCM_RIGHTS`,
+    ///   close-on-exec) are appended to it.
+    ///
+    /// Where the kernel has no buffer rings (before Linux 6.0), or with the environment
+    /// variable `XCP_URING_RECV=direct`, every receive is direct.
+    ///
+    /// Cancel-safe: while a direct receive is in flight the kernel owns the buffer and `buf`
+    /// is left empty; if this future is dropped, the next call waits for the same receive and
+    /// puts the buffer back into its (empty) `buf`. Bytes of provided buffers are only taken
+    /// by a call that returns them.
     pub async fn read_owned(
         &mut self,
         buf: &mut BytesMut,
         mut fds: Option<&mut Vec<OwnedFd>>,
+        want: usize,
     ) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_read_owned(cx, buf, fds.as_deref_mut())).await
+        std::future::poll_fn(|cx| self.poll_read_owned(cx, buf, fds.as_deref_mut(), want)).await
     }
 
     /// Whether a receive is in flight (its buffer is with the kernel).
@@ -801,7 +1307,7 @@ impl UringRead {
                 None
             };
             let mut pass = pass;
-            std::future::poll_fn(|cx| self.poll_read_owned(cx, &mut b, pass.as_deref_mut()))
+            std::future::poll_fn(|cx| self.poll_read_owned(cx, &mut b, pass.as_deref_mut(), 0))
                 .await?;
             self.leftover = b;
         }
@@ -810,12 +1316,112 @@ impl UringRead {
         Ok(n)
     }
 
+    /// Reads through the armed multishot receive (arming one when needed); `None` when this
+    /// read should be a direct receive instead.
+    fn poll_multi(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        let ring = &self.sock.ring.inner;
+        loop {
+            let Some(ud) = self.multi else {
+                if let Some(status) = self.deferred.take() {
+                    return Some(Poll::Ready(status_result(status)));
+                }
+                if want >= DIRECT_MIN {
+                    return None;
+                }
+                match ring.arm_multi(self.sock.fd.as_raw_fd(), self.starved) {
+                    Ok(Some(ud)) => {
+                        self.multi = Some(ud);
+                        self.starved = false;
+                        continue;
+                    }
+                    Ok(None) => return None,
+                    Err(e) => return Some(Poll::Ready(Err(e))),
+                }
+            };
+            if want >= DIRECT_MIN && !self.stopping {
+                // The rest of a large frame goes straight into `buf` once this receive ends
+                // (what it already holds is read out first, in order).
+                self.stopping = true;
+                ring.stop_multi(ud);
+            }
+            let mut taken = std::mem::take(&mut self.taken);
+            let ended = ring.take_multi(ud, cx, &mut taken);
+            let mut n = 0usize;
+            let mut status = None;
+            let mut refused = false;
+            for &(res, addr, _) in &taken {
+                match res {
+                    r if r > 0 && addr != 0 && status.is_none() => {
+                        let len = (r as usize).min(PBUF_SIZE);
+                        // SAFETY: the kernel wrote `len` bytes into this provided buffer and
+                        // gave it to us with this completion; it is not handed back (so not
+                        // written again) until the recycle below, and the pool's memory lives
+                        // as long as the ring, which `self.sock` keeps.
+                        let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                        buf.extend_from_slice(data);
+                        n += len;
+                    }
+                    0 => {
+                        status.get_or_insert(0);
+                    }
+                    r if r == -libc::ENOBUFS => self.starved = true,
+                    // Our own stop (the reader fell behind, or a direct read comes next).
+                    r if r == -libc::ECANCELED => {}
+                    // Buffer rings without multishot receives (Linux 5.19).
+                    r if r == -libc::EINVAL && n == 0 => refused = true,
+                    r if r < 0 => {
+                        status.get_or_insert(r);
+                    }
+                    _ => {}
+                }
+            }
+            let took = !taken.is_empty();
+            ring.recycle(taken.iter().filter_map(|t| t.2));
+            taken.clear();
+            self.taken = taken;
+            if ended {
+                ring.finish_multi(ud);
+                self.multi = None;
+                self.stopping = false;
+            }
+            if refused {
+                ring.refuse_multi();
+                return None;
+            }
+            if n > 0 {
+                ring.pbuf_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                self.deferred = status;
+                return Some(Poll::Ready(Ok(n)));
+            }
+            if let Some(status) = status {
+                return Some(Poll::Ready(status_result(status)));
+            }
+            if self.multi.is_none() || took {
+                // Ended (re-arm or go direct), or only non-data completions were taken: look
+                // again (the waker is registered by a take that finds nothing).
+                continue;
+            }
+            return Some(Poll::Pending);
+        }
+    }
+
     fn poll_read_owned(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
         fds: Option<&mut Vec<OwnedFd>>,
+        want: usize,
     ) -> Poll<io::Result<usize>> {
+        if self.pending.is_none() && (fds.is_none() || self.multi.is_some()) {
+            if let Some(done) = self.poll_multi(cx, buf, want) {
+                return done;
+            }
+        }
         let ring = &self.sock.ring.inner;
         let ud = match self.pending {
             Some(ud) => ud,
@@ -859,6 +1465,9 @@ impl UringRead {
         // SAFETY: the kernel wrote `n` bytes into the spare capacity that began at `start`.
         unsafe { b.set_len(start + n) };
         *buf = b;
+        ring.direct_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        // Provided buffers may be free again by the next read.
+        self.starved = false;
         if let Some(msg) = msg {
             let got = take_fds(&msg);
             match fds {
@@ -867,6 +1476,15 @@ impl UringRead {
             }
         }
         Poll::Ready(Ok(n))
+    }
+}
+
+/// A multishot receive's end of stream (0) or error (-errno) as a read result.
+fn status_result(status: i32) -> io::Result<usize> {
+    if status == 0 {
+        Ok(0)
+    } else {
+        Err(io::Error::from_raw_os_error(-status))
     }
 }
 
@@ -1105,6 +1723,9 @@ impl Drop for UringRead {
         if let Some(ud) = self.pending.take() {
             self.sock.ring.inner.orphan(ud, true);
         }
+        if let Some(ud) = self.multi.take() {
+            self.sock.ring.inner.orphan(ud, true);
+        }
     }
 }
 
@@ -1127,7 +1748,7 @@ impl AsyncRead for UringRead {
         if this.leftover.is_empty() {
             let mut b = std::mem::take(&mut this.leftover);
             b.clear();
-            match this.poll_read_owned(cx, &mut b, None) {
+            match this.poll_read_owned(cx, &mut b, None, 0) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(_)) => this.leftover = b,

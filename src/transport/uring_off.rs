@@ -56,7 +56,24 @@ impl Ring {
     pub fn zero_copy_sends(&self) -> u64 {
         match self.0 {}
     }
+    /// Always fails in this build.
+    pub fn with_provided_buffers(_max: usize) -> Result<Ring> {
+        Ring::new()
+    }
+    /// Never called.
+    pub fn received_bytes(&self) -> (u64, u64) {
+        match self.0 {}
+    }
+    /// Never called.
+    pub fn provided_buffers(&self) -> (usize, usize) {
+        match self.0 {}
+    }
 }
+
+/// As in the io_uring build: reads that need this much go straight into the read buffer.
+pub const DIRECT_MIN: usize = 64 * 1024;
+/// As in the io_uring build: the most provided buffers of a ring.
+pub const DEFAULT_PROVIDED_BUFFERS: usize = 1024;
 
 /// When sends go zero-copy (no effect in this build).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +132,7 @@ impl UringRead {
         &mut self,
         _buf: &mut BytesMut,
         _fds: Option<&mut Vec<OwnedFd>>,
+        _want: usize,
     ) -> io::Result<usize> {
         match self.0 {}
     }
