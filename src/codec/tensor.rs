@@ -1041,7 +1041,7 @@ mod tests {
         let b = encode_f32(&[4], &vals, false).unwrap();
         // A Vec<u8> allocation is at least 4-byte aligned on every allocator we build for.
         let v = TensorView::parse(b.clone(), None).unwrap();
-        if (v.data().as_ptr() as usize) % 4 == 0 {
+        if (v.data().as_ptr() as usize).is_multiple_of(4) {
             assert_eq!(v.as_f32().unwrap(), &vals);
         }
         let u = TensorView::parse(misaligned(&b), None).unwrap();
@@ -1053,7 +1053,7 @@ mod tests {
         let b = encode_f16_from_f32(&[2, 2], &vals, false).unwrap();
         let want: Vec<f32> = vals.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
         let v = TensorView::parse(b.clone(), None).unwrap();
-        if (v.data().as_ptr() as usize) % 2 == 0 {
+        if (v.data().as_ptr() as usize).is_multiple_of(2) {
             assert_eq!(v.as_f16().unwrap()[1], f16::from_f32(-2.25));
         }
         assert_eq!(v.to_f32_vec(), want);

@@ -228,7 +228,7 @@ fn check_segment_table(bytes: &[u8]) -> Result<()> {
             bytes.len()
         )));
     }
-    if bytes.len() % WORD != 0 {
+    if !bytes.len().is_multiple_of(WORD) {
         return Err(Error::malformed(format!(
             "header: Cap'n Proto message of {} bytes is not a whole number of words",
             bytes.len()

@@ -1327,7 +1327,7 @@ fn flag(m: &Map<String, Value>, key: &str) -> Result<bool, String> {
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len())
