@@ -19,7 +19,7 @@
 //!     buffer ring (`IORING_REGISTER_PBUF_RING`) of 16 KiB buffers, grown in batches as
 //!     receives need them up to a limit ([`Ring::with_provided_buffers`]), and each
 //!     connection keeps one **multishot** `IORING_OP_RECV` armed on it: no submission per
-//!     message, no buffer pinned by an idle connection. The reader copies the bytes of each
+//!     message, and an idle connection lends the kernel no buffer. The reader copies the bytes of each
 //!     completion into its read buffer and hands the buffer straight back. A reader that
 //!     falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it catches up, so
 //!     one slow consumer cannot hold the pool; when the pool runs dry, a read goes direct;
@@ -1253,8 +1253,8 @@ impl UringRead {
     /// progress; 0 when it does not know):
     /// - below [`DIRECT_MIN`], bytes come through the ring's provided buffers: one multishot
     ///   receive stays armed per connection, each completion fills a pooled buffer, and its
-    ///   bytes are copied into `buf` (a small copy; no buffer is pinned by an idle
-    ///   connection and no receive is re-submitted per message);
+    ///   bytes are copied into `buf` (a small copy; an idle connection lends the kernel no
+    ///   buffer, and no receive is re-submitted per message);
     /// - from [`DIRECT_MIN`] up, and whenever descriptors may come (`fds`), the receive goes
     ///   straight into the spare capacity of `buf` without copying (reserving [`READ_CHUNK`]
     ///   when it has none). With `fds`, descriptors passed with the bytes (`SCM_RIGHTS`,
