@@ -1366,6 +1366,11 @@ impl UringRead {
                         buf.extend_from_slice(data);
                         n += len;
                     }
+                    // Bytes without a buffer, or after the end: never posted by a kernel that
+                    // keeps its documented order; refused rather than dropped in silence.
+                    r if r > 0 => {
+                        status.get_or_insert(-libc::EIO);
+                    }
                     0 => {
                         status.get_or_insert(0);
                     }
