@@ -19,10 +19,13 @@
 //!     buffer ring (`IORING_REGISTER_PBUF_RING`) of 16 KiB buffers, grown in batches as
 //!     receives need them up to a limit ([`Ring::with_provided_buffers`]), and each
 //!     connection keeps one **multishot** `IORING_OP_RECV` armed on it: no submission per
-//!     message, and an idle connection lends the kernel no buffer. The reader copies the bytes of each
-//!     completion into its read buffer and hands the buffer straight back. A reader that
-//!     falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it catches up, so
-//!     one slow consumer cannot hold the pool; when the pool runs dry, a read goes direct;
+//!     message, and an idle connection lends the kernel no buffer. The reader copies the
+//!     bytes of each completion into its read buffer and hands the buffer straight back. A
+//!     reader that falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it
+//!     catches up, so a paused consumer does not keep taking buffers; the kernel may fill more
+//!     before the cancel lands (one pass drains what the socket holds, as far as free buffers
+//!     go), so the hard bound is the pool's limit, 16 MiB per ring by default. When the pool
+//!     runs dry, a read goes direct;
 //!   - *direct* for the rest of a large frame, and on Unix sockets whose reads may carry
 //!     descriptors: the receive owns the connection's `BytesMut` read buffer and fills its
 //!     spare capacity in place (no copy; `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the
