@@ -24,8 +24,9 @@
 //!     reader that falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it
 //!     catches up, so a paused consumer does not keep taking buffers; the kernel may fill more
 //!     before the cancel lands (one pass drains what the socket holds, as far as free buffers
-//!     go), so the hard bound is the pool's limit, 16 MiB per ring by default. When the pool
-//!     runs dry, a read goes direct;
+//!     go), so the hard bound is the pool's limit, 16 MiB per ring by default. The pool grows
+//!     when a receive runs out of buffers that other connections hold, not when one flooding
+//!     connection took them all itself. When the pool runs dry, a read goes direct;
 //!   - *direct* for the rest of a large frame, and on Unix sockets whose reads may carry
 //!     descriptors: the receive owns the connection's `BytesMut` read buffer and fills its
 //!     spare capacity in place (no copy; `IORING_OP_RECVMSG` with `SCM_RIGHTS` lands in the
@@ -1192,6 +1193,7 @@ impl UringStream {
                 pending: None,
                 multi: None,
                 stopping: false,
+                multi_bufs: 0,
                 starved: false,
                 deferred: None,
                 taken: Vec::new(),
@@ -1231,6 +1233,8 @@ pub struct UringRead {
     multi: Option<u64>,
     /// A stop of `multi` was asked for (a large read comes next).
     stopping: bool,
+    /// Buffers of bytes taken from `multi` since it was armed.
+    multi_bufs: usize,
     /// The last multishot receive ended because every provided buffer was taken.
     starved: bool,
     /// An end of stream (0) or error (-errno) that came after bytes already returned.
@@ -1339,6 +1343,7 @@ impl UringRead {
                 match ring.arm_multi(self.sock.fd.as_raw_fd(), self.starved) {
                     Ok(Some(ud)) => {
                         self.multi = Some(ud);
+                        self.multi_bufs = 0;
                         self.starved = false;
                         continue;
                     }
@@ -1368,6 +1373,7 @@ impl UringRead {
                         let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                         buf.extend_from_slice(data);
                         n += len;
+                        self.multi_bufs += 1;
                     }
                     // Bytes without a buffer, or after the end: never posted by a kernel that
                     // keeps its documented order; refused rather than dropped in silence.
@@ -1377,7 +1383,9 @@ impl UringRead {
                     0 => {
                         status.get_or_insert(0);
                     }
-                    r if r == -libc::ENOBUFS => self.starved = true,
+                    // Out of buffers: the pool may grow for the next receive, unless this
+                    // connection itself took them (a flood; the reader gave them back by now).
+                    r if r == -libc::ENOBUFS => self.starved = self.multi_bufs < QUEUE_CAP,
                     // Our own stop (the reader fell behind, or a direct read comes next).
                     r if r == -libc::ECANCELED => {}
                     // Buffer rings without multishot receives (Linux 5.19).
