@@ -21,7 +21,7 @@
 //!     connection keeps one **multishot** `IORING_OP_RECV` armed on it: no submission per
 //!     message, and an idle connection lends the kernel no buffer. The reader copies the
 //!     bytes of each completion into its read buffer and hands the buffer straight back. A
-//!     reader that falls [`QUEUE_CAP`] buffers behind has its receive cancelled until it
+//!     reader that falls 8 buffers (`QUEUE_CAP`) behind has its receive cancelled until it
 //!     catches up, so a paused consumer does not keep taking buffers; the kernel may fill more
 //!     before the cancel lands (one pass drains what the socket holds, as far as free buffers
 //!     go), so the hard bound is the pool's limit, 16 MiB per ring by default. The pool grows
@@ -1263,7 +1263,7 @@ impl UringRead {
     ///   bytes are copied into `buf` (a small copy; an idle connection lends the kernel no
     ///   buffer, and no receive is re-submitted per message);
     /// - from [`DIRECT_MIN`] up, and whenever descriptors may come (`fds`), the receive goes
-    ///   straight into the spare capacity of `buf` without copying (reserving [`READ_CHUNK`]
+    ///   straight into the spare capacity of `buf` without copying (reserving 64 KiB
     ///   when it has none). With `fds`, descriptors passed with the bytes (`SCM_RIGHTS`,
     ///   close-on-exec) are appended to it.
     ///
