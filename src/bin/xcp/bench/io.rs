@@ -38,6 +38,8 @@ struct ModeFigures {
     stream1m_cpu_s_per_gb: f64,
     conns64_msg_s: f64,
     conns64_cpu_us_per_msg: f64,
+    /// The client ring's receives: bytes through provided buffers, bytes direct, buffers.
+    receives: Option<(u64, u64, usize)>,
 }
 
 /// Runs the comparison for `phase` seconds per timed phase; prints a table, writes JSON to
@@ -230,6 +232,10 @@ async fn measure_mode(mode: IoMode, phase: Duration) -> Result<ModeFigures, Stri
         let _ = s.close().await;
     }
     drop(server);
+    f.receives = ring.as_ref().map(|r| {
+        let (pooled, direct) = r.received_bytes();
+        (pooled, direct, r.provided_buffers().0)
+    });
     Ok(f)
 }
 
@@ -333,6 +339,14 @@ fn print_table(results: &[(IoMode, ModeFigures)]) {
         );
     }
     println!("ratios are uring over epoll in this run; for latency and cpu rows lower is better");
+    if let Some((pooled, direct, bufs)) = get(IoMode::Uring).and_then(|f| f.receives) {
+        println!(
+            "uring client receives: {:.1} MB through provided buffers (multishot; {bufs} buffers \
+             of 16 KiB at the end), {:.1} MB straight into read buffers (large frames)",
+            pooled as f64 / 1e6,
+            direct as f64 / 1e6
+        );
+    }
 }
 
 fn to_json(results: &[(IoMode, ModeFigures)], phase: Duration) -> String {
@@ -341,6 +355,16 @@ fn to_json(results: &[(IoMode, ModeFigures)], phase: Duration) -> String {
         let mut o = serde_json::Map::new();
         for (name, unit, val, _) in METRICS {
             o.insert(format!("{name} ({unit})"), serde_json::json!(val(f)));
+        }
+        if let Some((pooled, direct, bufs)) = f.receives {
+            o.insert(
+                "client receives".to_string(),
+                serde_json::json!({
+                    "provided_buffer_bytes": pooled,
+                    "direct_bytes": direct,
+                    "provided_buffers": bufs,
+                }),
+            );
         }
         modes.insert(m.name().to_string(), serde_json::Value::Object(o));
     }
