@@ -628,8 +628,14 @@ mod cases {
             queued < 64 << 20,
             "{queued} bytes accepted by send while the peer did not read"
         );
-        for _ in 0..N {
-            let m = t("recv", s.recv()).await.expect("recv");
+        for i in 0..N {
+            // 30 s, not STEP: 125 MiB through a debug build's TLS or QUIC on a loaded 2-core
+            // machine once stalled past 10 s (2026-11-25, one fresh CI run in four); a hang
+            // still fails.
+            let m = match tokio::time::timeout(3 * STEP, s.recv()).await {
+                Ok(m) => m.expect("recv"),
+                Err(_) => panic!("timed out: recv of message {i} of {N}"),
+            };
             assert!(m.body.len() > MSG - 64 && m.body.len() <= MSG + 64);
         }
         t("sender", sender).await.expect("sender");
