@@ -1,15 +1,20 @@
 //! GPU tensor hand-off between two processes on one GPU host (feature `cuda`): a producer
 //! fills a device buffer (1 GiB by default) and hands it to a consumer process by a
 //! `cuda-ipc://` handle; the consumer imports it (one `cuIpcOpenMemHandle` per process, then
-//! cached), waits on the producer's IPC event and checks every word on the device with a
-//! kernel; only an 8-byte count comes back to the host. Then it measures:
+//! cached), waits on the producer's IPC event where there is one and checks every word on the
+//! device with a kernel; only an 8-byte count comes back to the host. Then it measures:
 //!
-//! - **handle**: the hand-off round trip: export (cached handle, a fresh event record), the
-//!   URI in an Ether over a Unix socket, import and stream-wait in the consumer, reply;
+//! - **handle**: the hand-off round trip, two ways: **through the session**
+//!   (`Session::request_device`: the URI is an attachment's `uri`, the consumer's session maps
+//!   it into a device view and ACKs when the view is dropped) and **by hand** (the URI in the
+//!   Ether's payload, imported with `Cuda::import`), the latter broken down into export,
+//!   import and the consumer's host wait, with the producer's stream idle or with a write
+//!   still pending (then the URI carries an IPC event), and for 1 MiB, 64 MiB and the whole
+//!   tensor; against a PING round trip on the same session;
 //! - **copy**: the same bytes the classic way: device → host copy in the producer, an inline
 //!   TENSOR_F32 message over the same socket, host → device copy in the consumer, reply;
 //! - **kernels**: F32→F16 and per-row QNT8 quantise/dequantise on the device against the CPU
-//!   codecs (bit for bit), with GB/s.
+//!   codecs (bit for bit), with GB/s against a device-to-device copy of the same source.
 //!
 //! ```text
 //! cargo build --release --features cuda --example gpu_handoff
@@ -17,10 +22,7 @@
 //! target/release/examples/gpu_handoff --mib 64 --reps 5   # a quick look
 //! ```
 //!
-//! The URI travels in the Ether's payload (`payload.uri`), not as an attachment `uri`: the
-//! session layer resolves attachment URIs itself and does not map `cuda-ipc` (yet), so this
-//! example does the attach-layer import by hand. Without a GPU it prints why and exits 0.
-//! The last line is a JSON summary.
+//! Without a GPU it prints why and exits 0. The last line is a JSON summary.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::process::{Child, Command, Stdio};
@@ -101,7 +103,13 @@ fn load(device: usize) -> Result<Kernels, String> {
             .map(|u| u.to_string())
             .unwrap_or_else(|| e.to_string())
     };
-    let c = Cuda::load(device).map_err(why)?;
+    // The process's shared Cuda of this device: the one the session imports through, so the
+    // consumer's checks run on the stream that waited on the producer's events.
+    let uuid = *cuda::visible_devices()
+        .map_err(why)?
+        .get(device)
+        .ok_or(format!("no device {device}"))?;
+    let c = cuda::for_device(&uuid).map_err(why)?;
     Kernels::load(&c).map_err(why)
 }
 
@@ -142,19 +150,40 @@ async fn consume(s: &Session, producer: u64, k: &Kernels, bytes: u64) {
     let c = k.cuda().clone();
     // The landing buffer of the copy path (allocated once, as a real consumer would).
     let landing = c.alloc(bytes as usize).expect("landing buffer");
+    let mut ns_checked = false;
     while let Ok(m) = s.recv().await {
         let answer = if m.header.body_codec == CodecId::TENSOR_F32 {
             land(k, &landing, &m.body)
+        } else if let Some(v) = m.device_view("t") {
+            // Through the session: it imported the handle and made the stream wait already.
+            let mut out = Map::new();
+            if m.ether()
+                .is_ok_and(|e| e.payload.get("verify") == Some(&Value::Bool(true)))
+            {
+                // SAFETY: the view addresses `len` bytes of the producer's live buffer.
+                match unsafe { k.count_mismatch(v.ptr(), v.len() / 4, SEED) } {
+                    Ok(bad) => {
+                        out.insert("mismatches".into(), bad.into());
+                    }
+                    Err(e) => {
+                        out.insert("error".into(), e.to_string().into());
+                    }
+                }
+            }
+            Ok(out)
         } else {
             match m.ether() {
-                Ok(e) if e.kind == "gpu.handoff" => handoff(k, producer, &e),
+                Ok(e) if e.kind == "gpu.handoff" => handoff(k, producer, &e, &mut ns_checked),
                 Ok(e) => Err(format!("unexpected kind {:?}", e.kind)),
                 Err(e) => Err(format!("unexpected message: {e}")),
             }
         };
         let mut e = Ether::new("gpu.done", Map::new());
         match answer {
-            Ok(p) => e.payload = p,
+            Ok(mut p) => {
+                p.insert("event_waits".into(), cuda::event_waits().into());
+                e.payload = p;
+            }
             Err(why) => {
                 e.payload.insert("error".into(), why.into());
             }
@@ -169,10 +198,19 @@ async fn consume(s: &Session, producer: u64, k: &Kernels, bytes: u64) {
 }
 
 /// Imports the URI, waits on its event, and (when asked) counts wrong words on the device.
-fn handoff(k: &Kernels, producer: u64, e: &Ether) -> Result<Map<String, Value>, String> {
+fn handoff(
+    k: &Kernels,
+    producer: u64,
+    e: &Ether,
+    ns_checked: &mut bool,
+) -> Result<Map<String, Value>, String> {
     let field = |n: &str| e.payload.get(n).ok_or(format!("payload.{n} missing"));
-    cuda::check_peer_namespaces(field("ns")?.as_str().unwrap_or_default())
-        .map_err(|e| e.to_string())?;
+    if !*ns_checked {
+        // Once per producer session: its namespaces do not change.
+        cuda::check_peer_namespaces(field("ns")?.as_str().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        *ns_checked = true;
+    }
     let uri = AttachmentUri::parse(field("uri")?.as_str().unwrap_or_default())
         .map_err(|e| e.to_string())?;
     let t = Instant::now();
@@ -180,6 +218,16 @@ fn handoff(k: &Kernels, producer: u64, e: &Ether) -> Result<Map<String, Value>, 
     let import_us = t.elapsed().as_secs_f64() * 1e6;
     let mut out = Map::new();
     out.insert("import_us".into(), import_us.into());
+    for key in ["export_us", "has_event"] {
+        if let Some(x) = e.payload.get(key) {
+            out.insert(key.into(), x.clone());
+        }
+    }
+    if field("sync")?.as_bool() == Some(false) {
+        // The stream waits on the event already: work queued on it now is ordered after the
+        // producer's writes, so the hand-off is done without the host waiting for anything.
+        return Ok(out);
+    }
     if field("verify")?.as_bool() == Some(true) {
         let t = Instant::now();
         // SAFETY: the view addresses `len` bytes of the producer's live buffer, which it keeps
@@ -190,7 +238,9 @@ fn handoff(k: &Kernels, producer: u64, e: &Ether) -> Result<Map<String, Value>, 
         out.insert("verify_s".into(), t.elapsed().as_secs_f64().into());
     } else {
         // The stream waits on the producer's event; a real consumer would launch here.
+        let t = Instant::now();
         k.cuda().synchronize().map_err(|e| e.to_string())?;
+        out.insert("sync_us".into(), (t.elapsed().as_secs_f64() * 1e6).into());
     }
     Ok(out)
 }
@@ -277,14 +327,31 @@ async fn producer(opts: Opts) -> i32 {
     let s = Session::connect(url, config(bytes)).await.expect("connect");
     let ns = cuda::namespaces();
 
-    let send = |verify: bool| {
-        let ex = c.export(buf.ptr(), bytes, None).expect("export");
+    // How a hand-off is made: `pending` queues a write (16 MiB elsewhere) on the producer's
+    // stream just before the export, so the export carries an IPC event that the consumer's
+    // stream waits on (an idle stream needs none); `sync` has the consumer wait on the host
+    // for its stream before replying.
+    let scratch = c.alloc(16 << 20).expect("alloc");
+    let send_with = |ptr: u64, len: u64, verify: bool, pending: bool, sync: bool| {
+        if pending {
+            // SAFETY: the scratch buffer holds 4 Mi u32.
+            unsafe { k.fill_pattern(scratch.ptr(), 4 << 20, SEED) }.expect("fill");
+        }
+        let t = Instant::now();
+        let ex = c.export(ptr, len, None).expect("export");
+        let export_us = t.elapsed().as_secs_f64() * 1e6;
+        let uri = ex.uri().to_string();
         let mut e = Ether::new("gpu.handoff", Map::new());
-        e.payload.insert("uri".into(), ex.uri().to_string().into());
+        e.payload.insert("has_event".into(), ex.has_event().into());
+        e.payload.insert("uri".into(), uri.into());
+        e.payload.insert("sync".into(), sync.into());
+        e.payload.insert("export_us".into(), export_us.into());
         e.payload.insert("ns".into(), ns.clone().into());
         e.payload.insert("verify".into(), verify.into());
         (ex, Outgoing::ether(&e, CodecId::JSON).expect("encode"))
     };
+    let send_of = |ptr: u64, len: u64, verify: bool| send_with(ptr, len, verify, false, true);
+    let send = |verify: bool| send_of(buf.ptr(), bytes, verify);
     let ask = |out: Outgoing| {
         let s = s.clone();
         async move {
@@ -331,6 +398,154 @@ async fn producer(opts: Opts) -> i32 {
         opts.reps
     );
 
+    // 2a. Where the time goes: with a write still pending at export (an IPC event in the
+    // URI), with and without the consumer's host wait, against the idle stream of step 2.
+    let mut breakdown = Map::new();
+    for (name, event, sync) in [
+        ("idle_stream", false, true),
+        ("pending_write_sync", true, true),
+        ("pending_write_nosync", true, false),
+    ] {
+        let (mut total, mut exp, mut imp, mut syn) = (vec![], vec![], vec![], vec![]);
+        let (mut w0, mut w1) = (None, 0);
+        let mut with_event = 0;
+        for _ in 0..opts.reps {
+            let t = Instant::now();
+            let (ex, out) = send_with(buf.ptr(), bytes, false, event, sync);
+            let p = ask(out).await;
+            total.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(ex);
+            assert!(p.get("error").is_none(), "{p:?}");
+            let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            let w = p.get("event_waits").and_then(Value::as_u64).unwrap_or(0);
+            w0.get_or_insert(w);
+            w1 = w;
+            if p.get("has_event") == Some(&Value::Bool(true)) {
+                with_event += 1;
+            }
+            imp.push(f("import_us"));
+            syn.push(f("sync_us"));
+            exp.push(f("export_us"));
+        }
+        let row = json!({
+            "total_us": median(total), "export_us": median(exp),
+            "import_us": median(imp), "sync_us": median(syn),
+            "event_waits_after_first": w1 - w0.unwrap_or(0),
+            "exports_with_event": with_event,
+        });
+        println!("  {name}: {row}");
+        breakdown.insert(name.into(), row);
+    }
+
+    // 2a'. The same hand-off through the session layer: `request_device` puts the export's
+    // URI in an attachment and keeps the export until the ACK; the consumer's session maps it
+    // into a device view (its stream waits on the event where it has not completed) and ACKs
+    // when the view is dropped, after the reply.
+    let session_send = |verify: bool| {
+        let ex = c.export(buf.ptr(), bytes, None).expect("export");
+        let mut e = Ether::new("gpu.session", Map::new());
+        e.payload.insert("verify".into(), verify.into());
+        let att = xcp::ether::Attachment {
+            id: "t".into(),
+            dtype: "uint32".into(),
+            shape: vec![words as u32],
+            ..Default::default()
+        };
+        let s = s.clone();
+        async move {
+            let r = s
+                .request_device(e, CodecId::JSON, vec![(att, ex)])
+                .await
+                .expect("request_device");
+            r.ether().expect("an Ether answer").payload
+        }
+    };
+    let sp = session_send(true).await;
+    let session_bad = sp.get("mismatches").and_then(Value::as_u64);
+    let mut session_us = Vec::new();
+    for _ in 0..opts.reps {
+        let t = Instant::now();
+        let p = session_send(false).await;
+        session_us.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(p.get("error").is_none(), "{p:?}");
+    }
+    let session_med = median(session_us);
+    println!(
+        "hand-off through the session (request_device): median {session_med:.1} us, verified: \
+         {} wrong words",
+        session_bad.map_or("?".to_string(), |b| b.to_string())
+    );
+
+    // 2b. A PING round trip on the same session: the yardstick of the hand-off's latency.
+    let mut ping_us = Vec::new();
+    for _ in 0..opts.reps.max(5) {
+        let rtt = s.ping().await.expect("ping");
+        ping_us.push(rtt.as_secs_f64() * 1e6);
+    }
+    let ping_med = median(ping_us);
+    println!(
+        "PING round trip: median {ping_med:.1} us; hand-off / PING = {:.2} (by hand, with the \
+         consumer's host wait), {:.2} (through the session)",
+        handle_med / ping_med,
+        session_med / ping_med
+    );
+
+    // 2c. Hand-off latency against size: separate, smaller allocations, each verified once
+    // (its cold import), then timed warm.
+    let mut by_size = Map::new();
+    for mib in [1u64, 64].into_iter().filter(|m| *m < opts.mib) {
+        let len = mib << 20;
+        let small = c.alloc(len as usize).expect("alloc");
+        // SAFETY: the buffer holds `len / 4` u32.
+        unsafe { k.fill_pattern(small.ptr(), len / 4, SEED) }.expect("fill");
+        let (ex, out) = send_of(small.ptr(), len, true);
+        let p = ask(out).await;
+        drop(ex);
+        let bad = p.get("mismatches").and_then(Value::as_u64);
+        let waits0 = p.get("event_waits").and_then(Value::as_u64).unwrap_or(0);
+        let (mut us, mut syn, mut nosync) = (vec![], vec![], vec![]);
+        let mut waits = waits0;
+        for _ in 0..opts.reps {
+            let t = Instant::now();
+            let (ex, out) = send_of(small.ptr(), len, false);
+            let p = ask(out).await;
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(ex);
+            assert!(p.get("error").is_none(), "{p:?}");
+            syn.push(p.get("sync_us").and_then(Value::as_f64).unwrap_or(f64::NAN));
+            waits = p
+                .get("event_waits")
+                .and_then(Value::as_u64)
+                .unwrap_or(waits);
+        }
+        for _ in 0..opts.reps {
+            let t = Instant::now();
+            let (ex, out) = send_with(small.ptr(), len, false, false, false);
+            let p = ask(out).await;
+            nosync.push(t.elapsed().as_secs_f64() * 1e6);
+            drop(ex);
+            assert!(p.get("error").is_none(), "{p:?}");
+        }
+        let med = median(us);
+        let row = json!({
+            "median_us": med, "sync_us": median(syn), "nosync_median_us": median(nosync),
+            "event_waits": waits - waits0, "mismatches": bad,
+        });
+        println!(
+            "hand-off of a {mib} MiB allocation: median {med:.1} us (verified: {} wrong words) \
+             {row}",
+            bad.map_or("?".to_string(), |b| b.to_string())
+        );
+        by_size.insert(format!("{mib}MiB"), row);
+    }
+    by_size.insert(
+        format!("{}MiB", opts.mib),
+        json!({"median_us": handle_med, "mismatches": mismatches}),
+    );
+    let sizes_ok = by_size
+        .values()
+        .all(|v| v["mismatches"].as_u64() == Some(0));
+
     // 3. D2H + inline send + H2D.
     let mut copy_ms = Vec::new();
     let mut copy_ok = true;
@@ -366,7 +581,11 @@ async fn producer(opts: Opts) -> i32 {
     // 4. Kernels against the CPU codecs.
     let kern = kernel_bench(&k, &opts);
 
-    let ok = mismatches == 0 && copy_ok && kern["all_equal"] == json!(true);
+    let ok = mismatches == 0
+        && session_bad == Some(0)
+        && sizes_ok
+        && copy_ok
+        && kern["all_equal"] == json!(true);
     println!(
         "{}",
         json!({
@@ -376,6 +595,13 @@ async fn producer(opts: Opts) -> i32 {
             "first_handoff_with_check_ms": cold.as_secs_f64() * 1e3,
             "cold_import_us": p["import_us"].as_f64().unwrap_or(0.0),
             "handoff_median_us": handle_med,
+            "session_handoff_median_us": session_med,
+            "session_handoff_mismatches": session_bad,
+            "session_over_ping": session_med / ping_med,
+            "ping_median_us": ping_med,
+            "handoff_breakdown": breakdown,
+            "handoff_over_ping": handle_med / ping_med,
+            "handoff_by_size": by_size,
             "copy_median_ms": copy_med,
             "copy_verified": copy_ok,
             "kernels": kern,
@@ -468,8 +694,21 @@ fn kernel_bench(k: &Kernels, opts: &Opts) -> Value {
         .zip(&want)
         .all(|(g, w)| u32::from_le_bytes([g[0], g[1], g[2], g[3]]) == w.to_bits());
 
+    // The yardstick: a device-to-device copy of the source (bytes read + written).
+    let copy_dst = c.alloc(n as usize * 4).expect("alloc");
+    let t_copy = time(&c, || {
+        // SAFETY: both buffers hold `n` f32.
+        unsafe { c.copy_dtod(copy_dst.ptr(), src.ptr(), n as usize * 4) }.expect("dtod")
+    });
+    drop(copy_dst);
+
     let gbs = |moved: u64, t: f64| moved as f64 / t / 1e9;
     let qbytes = rows * (4 + u64::from(row_len));
+    let copy_gbs = gbs(n * 8, t_copy);
+    println!(
+        "device-to-device copy of {} MiB: {copy_gbs:.1} GB/s (read + written)",
+        (n * 4) >> 20
+    );
     println!(
         "kernels on {n} f32: f32->f16 {:.1} GB/s ({}), qnt8 rows {:.1} GB/s ({}, CPU {:.2} \
          GB/s), dequantise {:.1} GB/s ({})",
@@ -481,7 +720,17 @@ fn kernel_bench(k: &Kernels, opts: &Opts) -> Value {
         gbs(n * 4 + qbytes, t_dq),
         if dq_equal { "= CPU" } else { "DIFFERS" },
     );
+    println!(
+        "kernels against the copy: f32->f16 {:.2}x, qnt8 rows {:.2}x, dequantise {:.2}x",
+        gbs(n * 6, t_cast) / copy_gbs,
+        gbs(n * 4 + qbytes, t_q) / copy_gbs,
+        gbs(n * 4 + qbytes, t_dq) / copy_gbs,
+    );
     json!({
+        "dtod_copy_gbs": copy_gbs,
+        "f32_to_f16_over_copy": gbs(n * 6, t_cast) / copy_gbs,
+        "qnt8_rows_over_copy": gbs(n * 4 + qbytes, t_q) / copy_gbs,
+        "dequantise_over_copy": gbs(n * 4 + qbytes, t_dq) / copy_gbs,
         "elements": n,
         "row_len": row_len,
         "f32_to_f16_gbs": gbs(n * 6, t_cast),

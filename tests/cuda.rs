@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::f16;
@@ -84,7 +84,8 @@ fn same_process_handle_is_used_directly_and_dlpack_releases() {
         panic!("not cuda-ipc")
     };
     assert_eq!(*device_uuid, c.uuid());
-    assert!(event.is_some());
+    // `write` waited for its copy: nothing is pending, so no event is needed.
+    assert!(event.is_none() && !ex.has_event());
     // A second export of the same allocation reuses the handle.
     let ex2 = c.export(buf.ptr(), 16, None).unwrap();
     let handle = |u: &AttachmentUri| match u.target() {
@@ -208,15 +209,33 @@ fn two_process_handoff() {
     let c = k.cuda().clone();
     let words: u64 = 64 << 18; // 64 MiB
     let buf = c.alloc(words as usize * 4).unwrap();
+    // The producer's stream is held by a gate until the consumer has imported, so the fill
+    // is still pending at export: the URI must carry the event, and the consumer's check can
+    // only see the pattern if its stream really waits on it.
+    let gate = Box::into_raw(Box::new(AtomicBool::new(false)));
+    // SAFETY: the callback only reads the gate, which is freed after the stream is drained.
+    check_cu(unsafe {
+        cudarc::driver::sys::cuLaunchHostFunc(c.stream().cu_stream(), Some(hold), gate.cast())
+    });
     // SAFETY: the buffer holds `words` u32.
     unsafe { k.fill_pattern(buf.ptr(), words, 42) }.unwrap();
     let ex = c.export(buf.ptr(), words * 4, None).unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
+    assert!(ex.has_event(), "work was pending: the URI needs the event");
+    let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "two_process_handoff_child", "--nocapture"])
         .env("XCP_CUDA_CHILD_URI", ex.uri().to_string())
         .env("XCP_CUDA_CHILD_WORDS", words.to_string())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Long enough for the consumer to import and queue its check behind the event.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: the gate is alive until freed below.
+    unsafe { (*gate).store(true, Ordering::SeqCst) };
+    let out = child.wait_with_output().unwrap();
+    c.synchronize().unwrap();
+    // SAFETY: the stream ran the callback (synchronised above); nothing else holds the gate.
+    drop(unsafe { Box::from_raw(gate) });
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child failed: {text}");
     assert!(text.contains("XCP_CHILD_MISMATCHES=0"), "{text}");
@@ -232,6 +251,209 @@ fn two_process_handoff() {
     // SAFETY: as above.
     let n = unsafe { k.count_mismatch(buf.ptr(), words, 42) }.unwrap();
     assert_eq!(n, u64::from(expect != u32::MAX));
+}
+
+/// A session offers `cuda-ipc` exactly where this process can use CUDA: never on a machine
+/// without a driver or device (the peer then never gets a device handle), always with one.
+#[test]
+fn sessions_offer_cuda_ipc_only_where_cuda_works() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("unix://{}", dir.path().join("o.sock").display());
+        let server = xcp::Server::bind(&url, xcp::SessionConfig::default())
+            .await
+            .unwrap();
+        let accept = tokio::spawn(async move { server.accept().await.map(|_| ()) });
+        let s = xcp::Session::connect(&url, xcp::SessionConfig::default())
+            .await
+            .unwrap();
+        let attach = s.negotiated().attach.clone();
+        assert!(attach.iter().any(|a| a == "memfd"), "{attach:?}");
+        assert_eq!(
+            attach.iter().any(|a| a == "cuda-ipc"),
+            cuda::usable(),
+            "{attach:?}, CUDA usable: {}",
+            cuda::usable()
+        );
+        println!("negotiated {attach:?} (CUDA usable: {})", cuda::usable());
+        accept.await.unwrap().unwrap();
+    });
+}
+
+/// The consumer half of `session_handoff`: a server whose sessions take `cuda-ipc://`
+/// attachments, check them on the device and reply with the count of wrong words.
+#[test]
+fn session_handoff_child() {
+    let Ok(url) = std::env::var("XCP_CUDA_SESSION_URL") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        // The device the session imports through: its stream is the one that waited on the
+        // producer's event, so the check runs on it.
+        let uuid = cuda::visible_devices().unwrap()[0];
+        let k = Kernels::load(&cuda::for_device(&uuid).unwrap()).unwrap();
+        let server = xcp::Server::bind(&url, xcp::SessionConfig::default())
+            .await
+            .unwrap();
+        println!("XCP_CHILD_LISTENING");
+        let s = server.accept().await.unwrap();
+        let mut handled = 0;
+        while let Ok(m) = s.recv().await {
+            let mut reply = xcp::Ether::new("checked", Default::default());
+            match m.device_view("kv") {
+                Some(v) => {
+                    // SAFETY: the view addresses `len` bytes of the producer's live buffer.
+                    let bad = unsafe { k.count_mismatch(v.ptr(), v.len() / 4, 42) }.unwrap();
+                    reply.payload.insert("mismatches".into(), bad.into());
+                    reply.payload.insert("len".into(), v.len().into());
+                }
+                None => {
+                    reply
+                        .payload
+                        .insert("error".into(), "no device view".into());
+                }
+            }
+            let out = xcp::conn::Outgoing::ether(&reply, xcp::codec::CodecId::JSON).unwrap();
+            s.reply(&m, out).await.unwrap();
+            // Dropping the message drops its device view: the session ACKs it.
+            drop(m);
+            handled += 1;
+        }
+        println!("XCP_CHILD_HANDLED={handled}");
+    });
+}
+
+/// A device tensor through the session layer, between two processes: the producer's
+/// `request_device` sends a `cuda-ipc://` attachment, the consumer's session maps it into a
+/// device view (checked on the device there), its drop ACKs, and the ACK frees the export.
+/// A session that did not negotiate `cuda-ipc` refuses with `ERR_ATTACHMENT`.
+#[test]
+fn session_handoff() {
+    if std::env::var("XCP_CUDA_SESSION_URL").is_ok() {
+        return;
+    }
+    let Some(k) = kernels("session_handoff") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}", dir.path().join("s.sock").display());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "session_handoff_child", "--nocapture"])
+        .env("XCP_CUDA_SESSION_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    assert!(
+        lines.any(|l| l.unwrap().contains("XCP_CHILD_LISTENING")),
+        "the consumer did not start"
+    );
+    let c = k.cuda().clone();
+    let words: u64 = 16 << 18; // 16 MiB
+    let buf = c.alloc(words as usize * 4).unwrap();
+    // SAFETY: the buffer holds `words` u32.
+    unsafe { k.fill_pattern(buf.ptr(), words, 42) }.unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = xcp::Session::connect(&url, xcp::SessionConfig::default())
+            .await
+            .unwrap();
+        assert!(
+            s.negotiated().attach.iter().any(|a| a == "cuda-ipc"),
+            "{:?}",
+            s.negotiated().attach
+        );
+        for round in 0..3 {
+            // The whole buffer, then a slice of it at an offset (the cached handle again).
+            let (off, len) = if round == 0 {
+                (0, words * 4)
+            } else {
+                (4096, (words - 2048) * 4)
+            };
+            let ex = c.export(buf.ptr() + off, len, None).unwrap();
+            let att = xcp::ether::Attachment {
+                id: "kv".into(),
+                dtype: "uint32".into(),
+                ..Default::default()
+            };
+            let reply = s
+                .request_device(
+                    xcp::Ether::new("kv", Default::default()),
+                    xcp::codec::CodecId::JSON,
+                    vec![(att, ex)],
+                )
+                .await
+                .unwrap();
+            let p = reply.ether().unwrap().payload;
+            assert_eq!(p.get("error"), None, "{p:?}");
+            assert_eq!(p["len"].as_u64(), Some(len), "{p:?}");
+            // A slice 4096 bytes in sees the pattern from word 1024 on: all of it differs
+            // from the pattern counted from 0, so the check is not vacuous.
+            let want = if off == 0 { 0 } else { len / 4 };
+            let bad = p["mismatches"].as_u64().unwrap();
+            assert!(
+                if off == 0 {
+                    bad == want
+                } else {
+                    bad > want / 2
+                },
+                "round {round}: {bad} wrong words of {}",
+                len / 4
+            );
+        }
+        // The consumer ACKs as it drops each view; every ACK frees its export's IPC event.
+        let t = std::time::Instant::now();
+        while c.exports_in_flight() > 0 {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "no ACK came back"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+
+        // A session without cuda-ipc: a clear refusal, nothing sent.
+        let mut cfg = xcp::SessionConfig::default();
+        cfg.attach.schemes = vec![xcp::attach::Scheme::Shm];
+        let plain = xcp::Session::connect(&url, cfg).await;
+        // The consumer serves one session; this one may be refused or never served, but
+        // `request_device` must fail before sending whatever the server does.
+        if let Ok(plain) = plain {
+            let ex = c.export(buf.ptr(), 4096, None).unwrap();
+            let e = plain
+                .request_device(
+                    xcp::Ether::new("kv", Default::default()),
+                    xcp::codec::CodecId::JSON,
+                    vec![(Default::default(), ex)],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT, "{e}");
+            assert!(e.to_string().contains("cuda-ipc was not negotiated"), "{e}");
+        }
+        s.close().await.unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    assert!(out.status.success(), "consumer failed: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("XCP_CHILD_HANDLED=3")),
+        "{rest:?}"
+    );
+}
+
+/// A host callback on a stream that holds it until `gate` (an `AtomicBool`) is set.
+unsafe extern "C" fn hold(gate: *mut std::ffi::c_void) {
+    // SAFETY: the caller passes a live AtomicBool that outlives the callback.
+    let gate = unsafe { &*(gate as *const AtomicBool) };
+    while !gate.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn check_cu(r: cudarc::driver::sys::CUresult) {
+    assert_eq!(r, cudarc::driver::sys::CUresult::CUDA_SUCCESS);
 }
 
 /// The consumer half of `vmm_fd_handoff`: maps the inherited descriptor.
@@ -310,6 +532,13 @@ fn f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// `rows` rows of `len` values with row `zero` all zeros.
+fn zero_row(rows: usize, len: usize, zero: usize) -> Vec<f32> {
+    let mut v = values(rows * len, 18);
+    v[zero * len..(zero + 1) * len].fill(0.0);
+    v
+}
+
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
@@ -334,9 +563,22 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn kernels_match_the_cpu_codecs() {
     let Some(k) = kernels("kernels") else { return };
+    // Row lengths for both paths of the QNT8 kernels: not a multiple of 4 (general), and
+    // groups of 4, 32, 256 threads per row and rows longer than the registers hold (fast).
+    for (rows, row_len) in [
+        (333u32, 1027u32),
+        (50, 12),
+        (1000, 128),
+        (257, 4096),
+        (7, 8192),
+    ] {
+        kernels_match_on(&k, rows, row_len);
+    }
+}
+
+fn kernels_match_on(k: &Kernels, rows: u32, row_len: u32) {
     let c = k.cuda().clone();
-    let (rows, row_len) = (333u32, 1027u32);
-    let vals = values((rows * row_len) as usize, 9);
+    let vals = values((rows * row_len) as usize, 9 + u64::from(row_len));
     let src = c.alloc(vals.len() * 4).unwrap();
     src.write(bytemuck::cast_slice(&vals)).unwrap();
     let shape = [rows, row_len];
@@ -346,8 +588,19 @@ fn kernels_match_the_cpu_codecs() {
     let body = unsafe { k.encode_f16_body(&shape, src.ptr()) }.unwrap();
     assert_eq!(
         body.read().unwrap(),
-        &encode_f16_from_f32(&shape, &vals, false).unwrap()[..]
+        &encode_f16_from_f32(&shape, &vals, false).unwrap()[..],
+        "f16 body {rows}x{row_len}"
     );
+    // The one-value-at-a-time path: a source 4 bytes off 16-byte alignment.
+    let n = vals.len() as u64 - 1;
+    let h = c.alloc(n as usize * 2).unwrap();
+    // SAFETY: `src` holds n + 1 f32, `h` n halves.
+    unsafe { k.f32_to_f16(src.ptr() + 4, h.ptr(), n) }.unwrap();
+    let want: Vec<u16> = vals[1..]
+        .iter()
+        .map(|&v| f16::from_f32(v).to_bits())
+        .collect();
+    assert_eq!(h.read().unwrap(), bytemuck::cast_slice::<u16, u8>(&want));
 
     // F16 -> F32 exact.
     let halves: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
@@ -365,7 +618,7 @@ fn kernels_match_the_cpu_codecs() {
     // SAFETY: `src` holds the tensor's f32.
     let q = unsafe { k.encode_qnt8_body(&shape, src.ptr()) }.unwrap();
     let cpu = encode_qnt8(&shape, &vals, true, false).unwrap();
-    assert_eq!(q.read().unwrap(), &cpu[..]);
+    assert!(q.read().unwrap() == cpu[..], "qnt8 body {rows}x{row_len}");
 
     // Dequantise on the device: TensorView::to_f32_vec of the same body, bit for bit.
     let out = c.alloc(vals.len() * 4).unwrap();
@@ -373,10 +626,12 @@ fn kernels_match_the_cpu_codecs() {
     unsafe { k.qnt8_rows_to_f32(q.ptr() + 32, out.ptr(), u64::from(rows), row_len) }.unwrap();
     let deq: Vec<f32> = f32s(&out.read().unwrap());
     let want = TensorView::parse(cpu, None).unwrap().to_f32_vec();
-    assert!(deq
-        .iter()
-        .zip(&want)
-        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(
+        deq.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "dequantised {rows}x{row_len}"
+    );
 
     // A NaN is refused, naming its row.
     let mut bad = vals.clone();
@@ -385,6 +640,7 @@ fn kernels_match_the_cpu_codecs() {
     // SAFETY: as above.
     let e = unsafe { k.encode_qnt8_body(&shape, src.ptr()) }.unwrap_err();
     assert!(e.to_string().contains("row 5"), "{e}");
+    println!("kernels {rows}x{row_len}: equal to the CPU codecs");
 }
 
 /// The harness that runs the kernel sources on the host (see the file's header).
@@ -468,6 +724,13 @@ fn kernel_sources_match_the_cpu_codecs_on_a_host_emulator() {
         (9, 256, 9, subnormal),
         (7, 257, 3, values(7 * 257, 12)),
         (4, 1, 4, values(4, 13)),
+        // The fast path (row_len a multiple of 4): groups of 2, 64 (a zero row among them),
+        // 128 and 256 threads per row, and rows longer than the registers hold.
+        (33, 8, 3, values(33 * 8, 14)),
+        (6, 256, 2, zero_row(6, 256, 4)),
+        (6, 512, 4, values(6 * 512, 15)),
+        (3, 4096, 2, values(3 * 4096, 16)),
+        (3, 8192, 2, values(3 * 8192, 17)),
     ];
     let p = |n: &str| dir.path().join(n);
     for (rows, len, grid, vals) in cases {

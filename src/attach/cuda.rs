@@ -237,6 +237,49 @@ pub fn probe() -> std::result::Result<i32, Unavailable> {
     driver()
 }
 
+static EVENT_WAITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many imports in this process found the producer's event not yet completed, so that
+/// the device's stream had to wait on it (the rest found the writes done already).
+pub fn event_waits() -> u64 {
+    EVENT_WAITS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this process can use CUDA IPC at all: the driver loads and sees a device. A
+/// session offers `cuda-ipc` only then.
+pub fn usable() -> bool {
+    visible_devices().is_ok_and(|v| !v.is_empty())
+}
+
+/// The [`Cuda`] of the device with this UUID, loaded once per process and shared: a session
+/// imports the `cuda-ipc://` handles it receives through it, so its [`Cuda::stream`] is the
+/// one that waits on producers' events. `ERR_ATTACHMENT` when no visible device has that UUID
+/// (the producer runs on another device set or another host).
+pub fn for_device(uuid: &[u8; 16]) -> Result<Arc<Cuda>> {
+    static LOADED: OnceLock<Mutex<HashMap<[u8; 16], Arc<Cuda>>>> = OnceLock::new();
+    let mut loaded = lock(LOADED.get_or_init(Default::default));
+    if let Some(c) = loaded.get(uuid) {
+        return Ok(c.clone());
+    }
+    let visible = visible_devices()
+        .map_err(|e| attach_err(format!("cuda-ipc: CUDA is not usable in this process: {e}")))?;
+    let Some(ordinal) = visible.iter().position(|u| u == uuid) else {
+        return Err(attach_err(format!(
+            "device {} is not visible to this process (visible: {}); the producer runs on \
+             another device set (CUDA_VISIBLE_DEVICES) or another host",
+            format_uuid(uuid),
+            visible
+                .iter()
+                .map(format_uuid)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let c = Cuda::load(ordinal)?;
+    loaded.insert(*uuid, c.clone());
+    Ok(c)
+}
+
 /// The UUIDs of every device this process sees, by ordinal.
 pub fn visible_devices() -> Result<Vec<[u8; 16]>> {
     driver()?;
@@ -361,6 +404,13 @@ impl Cuda {
         })
     }
 
+    /// How many exports of this `Cuda` are alive (each holds a pooled IPC event until it is
+    /// dropped: a session drops it when the peer ACKs).
+    pub fn exports_in_flight(&self) -> usize {
+        let st = lock(&self.events.state);
+        st.1 - st.0.len()
+    }
+
     /// Allocates `len` bytes of device memory with `cuMemAlloc` (exportable by IPC).
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<DeviceBuffer> {
         self.bind()?;
@@ -413,9 +463,40 @@ impl Cuda {
         self.synchronize()
     }
 
+    /// Copies `len` bytes from device memory at `src` to device memory at `dst`, in order
+    /// after the work queued on [`Self::stream`], and waits for the copy (the device's copy
+    /// bandwidth is the yardstick of the kernels).
+    ///
+    /// # Safety
+    ///
+    /// `src` must be readable and `dst` writable in this context for `len` bytes.
+    pub unsafe fn copy_dtod(&self, dst: u64, src: u64, len: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller guarantees both device ranges.
+        check("cuMemcpyDtoDAsync", unsafe {
+            sys::cuMemcpyDtoDAsync_v2(dst, src, len, self.stream.cu_stream())
+        })?;
+        self.synchronize()
+    }
+
+    /// Queues setting `len` bytes at `dst` to `byte` on [`Self::stream`] (no wait).
+    ///
+    /// # Safety
+    ///
+    /// `dst` must be writable in this context for `len` bytes until the stream has run it.
+    pub(crate) unsafe fn memset_async(&self, dst: u64, byte: u8, len: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller guarantees the device range.
+        check("cuMemsetD8Async", unsafe {
+            sys::cuMemsetD8Async(dst, byte, len, self.stream.cu_stream())
+        })
+    }
+
     /// Exports `[ptr, ptr + len)` of a device allocation of this device as a `cuda-ipc://`
-    /// attachment, with an IPC event recorded on `stream` (default: [`Self::stream`]) after
-    /// the work queued there, so the consumer sees the producer's writes.
+    /// attachment. When `stream` (default: [`Self::stream`]) still has work queued, an IPC
+    /// event is recorded on it after that work and put in the URI, so the consumer's stream
+    /// waits for the producer's writes; when the stream is idle the writes are done and the
+    /// URI carries no event ([`DeviceExport::has_event`]).
     ///
     /// Keep the export alive until the consumer ACKed: dropping it returns its event to the
     /// pool (the memory itself stays the caller's). `Error::Invalid` for a pointer that is not
@@ -464,12 +545,34 @@ impl Cuda {
             len,
         };
         record.check()?;
-        let event = self.events.take(&self.ctx)?;
         let stream = stream.unwrap_or(&self.stream);
+        // A stream with nothing pending has finished the producer's writes: the URI needs no
+        // event then, and the consumer no wait. That is the common case (the producer waited
+        // for its kernels) and the cheap one: measured on an H200, an IPC event recorded on
+        // an idle stream was still incomplete in the consumer ~25 us later, and a consumer
+        // stream waiting on it drained ~200 us later, ten times the hand-off's message.
+        // SAFETY: the stream belongs to the bound context.
+        match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+            sys::CUresult::CUDA_SUCCESS => {
+                let uri = record.uri(None)?;
+                return Ok(DeviceExport {
+                    uri,
+                    record,
+                    _event: None,
+                });
+            }
+            sys::CUresult::CUDA_ERROR_NOT_READY => {}
+            other => return Err(driver_err("cuStreamQuery", other)),
+        }
+        let event = self.events.take(&self.ctx)?;
         // SAFETY: the event and the stream belong to the bound context.
         check("cuEventRecord", unsafe {
             sys::cuEventRecord(event.raw(), stream.cu_stream())
         })?;
+        // A query makes the driver submit the record now rather than with its next batch (its
+        // answer does not matter here), so the consumer's wait ends as soon as the writes do.
+        // SAFETY: the event was just recorded in the bound context.
+        let _ = unsafe { sys::cuEventQuery(event.raw()) };
         let mut eh = sys::CUipcEventHandle { reserved: [0; 64] };
         // SAFETY: the event was created with CU_EVENT_INTERPROCESS; writes 64 bytes.
         check("cuIpcGetEventHandle", unsafe {
@@ -575,19 +678,36 @@ impl Cuda {
                     raw
                 }
             };
+            // An event that has already completed orders nothing: the producer's writes are
+            // done and visible on this device. Skipping the stream wait then matters: measured
+            // on an H200, a stream waiting on an IPC event took ~200 us more to drain than
+            // the whole hand-off message. Otherwise the stream waits on it.
             // SAFETY: the event is alive: a pooled event of this process, or one opened and
-            // held by the cache (and `_opened`) until after this call; the stream belongs to
-            // the bound context.
-            check("cuStreamWaitEvent", unsafe {
-                sys::cuStreamWaitEvent(self.stream.cu_stream(), raw, 0)
-            })?;
+            // held by the cache (and `_opened`) until after this call.
+            let r = unsafe { sys::cuEventQuery(raw) };
+            match r {
+                sys::CUresult::CUDA_SUCCESS => {}
+                sys::CUresult::CUDA_ERROR_NOT_READY => {
+                    EVENT_WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // SAFETY: as above; the stream belongs to the bound context.
+                    check("cuStreamWaitEvent", unsafe {
+                        sys::cuStreamWaitEvent(self.stream.cu_stream(), raw, 0)
+                    })?;
+                }
+                other => {
+                    return Err(attach_err(format!(
+                        "the producer's IPC event cannot be queried ({})",
+                        result_name(other)
+                    )))
+                }
+            }
         }
         Ok(DeviceView {
             ptr: base + uri.offset(),
             len: uri.size(),
             device_id: self.ordinal() as i32,
             _hold: hold,
-            on_release: None,
+            on_release: Mutex::new(None),
         })
     }
 }
@@ -766,6 +886,12 @@ impl DeviceExport {
     /// What was exported.
     pub fn record(&self) -> &ExportRecord {
         &self.record
+    }
+
+    /// Whether the URI carries an IPC event: the producer's stream still had work queued at
+    /// export, so the consumer's stream waits on it. Without one the writes were done.
+    pub fn has_event(&self) -> bool {
+        self._event.is_some()
     }
 }
 
@@ -1077,7 +1203,8 @@ pub struct DeviceView {
     len: u64,
     device_id: i32,
     _hold: Option<Arc<dyn std::any::Any + Send + Sync>>,
-    on_release: Option<Box<dyn FnOnce() + Send>>,
+    /// In a mutex only so that the view is `Sync` (shared by `Arc` in a received message).
+    on_release: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl fmt::Debug for DeviceView {
@@ -1118,7 +1245,7 @@ impl DeviceView {
 
     /// Sets what runs when the view is dropped (typically: ACK the message that carried it).
     pub fn on_release(mut self, f: impl FnOnce() + Send + 'static) -> Self {
-        self.on_release = Some(Box::new(f));
+        self.on_release = Mutex::new(Some(Box::new(f)));
         self
     }
 
@@ -1142,7 +1269,11 @@ impl DeviceView {
 
 impl Drop for DeviceView {
     fn drop(&mut self) {
-        if let Some(f) = self.on_release.take() {
+        let hook = self
+            .on_release
+            .get_mut()
+            .map_or_else(|p| p.into_inner().take(), Option::take);
+        if let Some(f) = hook {
             f();
         }
     }
@@ -1340,7 +1471,7 @@ impl Cuda {
             len,
             device_id: self.ordinal() as i32,
             _hold: Some(Arc::new(mapping)),
-            on_release: None,
+            on_release: Mutex::new(None),
         })
     }
 }
@@ -1880,6 +2011,49 @@ mod tests {
         assert_eq!(
             format_uuid(&[0xab; 16]),
             "GPU-abababab-abab-abab-abab-abababababab"
+        );
+    }
+
+    /// The session's resolver of `cuda-ipc://` attachments refuses, with `ERR_ATTACHMENT`
+    /// naming the cause, a URI whose scheme was not negotiated and one naming a device this
+    /// process does not see (on a machine without CUDA: CUDA not usable); the lease of a
+    /// refused message is never released by it.
+    #[test]
+    fn session_resolver_refusals() {
+        use crate::attach::{Lease, Mapper, Scheme};
+        let uri = AttachmentUri::parse(&format!(
+            "cuda-ipc://GPU-00000000-0000-0000-0000-0000000000ff/{}#0,16",
+            "ab".repeat(64)
+        ))
+        .unwrap();
+        let released = Arc::new(AtomicUsize::new(0));
+        let r = released.clone();
+        let lease = Lease::new(9, move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut no_cuda = Mapper::new(vec![Scheme::Shm], "xcp-x-");
+        let e = no_cuda.resolve_device(&uri, &lease).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+        assert!(e.to_string().contains("not negotiated"), "{e}");
+        let mut cuda = Mapper::new(vec![Scheme::CudaIpc], "");
+        let e = cuda.resolve_device(&uri, &lease).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT);
+        let why = e.to_string();
+        assert!(
+            why.contains("not usable in this process") || why.contains("is not visible"),
+            "{why}"
+        );
+        // A host URI is not a device one.
+        let shm = AttachmentUri::parse("shm://xcp-x-1#0,1").unwrap();
+        assert!(cuda.resolve_device(&shm, &lease).is_err());
+        // And the host resolver does not take device URIs.
+        let e = cuda.resolve(&uri, &[], &lease).unwrap_err();
+        assert!(e.to_string().contains("no host view"), "{e}");
+        drop(lease);
+        assert_eq!(
+            released.load(Ordering::SeqCst),
+            1,
+            "the lease itself still works"
         );
     }
 }

@@ -138,6 +138,18 @@ pub struct Mapper {
     cache: HashMap<MapKey, Arc<Mapping>>,
     order: VecDeque<MapKey>,
     max: usize,
+    /// This peer's id as a producer of `cuda-ipc` handles (unique in the process): its
+    /// imports are cached under it and released when the mapper goes.
+    #[cfg(feature = "cuda")]
+    producer: u64,
+}
+
+/// Producer ids of sessions: from 2^63 up, so they never meet the ids an application picks
+/// for its own [`Cuda::import`](super::cuda::Cuda::import) calls (small counters).
+#[cfg(feature = "cuda")]
+fn next_producer() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 63);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -156,6 +168,8 @@ impl Mapper {
             cache: HashMap::new(),
             order: VecDeque::new(),
             max: DEFAULT_MAX_MAPPINGS,
+            #[cfg(feature = "cuda")]
+            producer: next_producer(),
         }
     }
 
@@ -230,7 +244,11 @@ impl Mapper {
                 }
             }
             Target::CudaIpc { .. } => {
-                return Err(attach_err("cuda-ipc: not supported by this build"));
+                return Err(attach_err(if cfg!(feature = "cuda") {
+                    "cuda-ipc: device memory has no host view (it is resolved into a device view)"
+                } else {
+                    "cuda-ipc: not supported by this build (feature `cuda`)"
+                }));
             }
         };
         let end = uri.end();
@@ -267,6 +285,40 @@ impl Mapper {
     pub fn clear(&mut self) {
         self.cache.clear();
         self.order.clear();
+        #[cfg(feature = "cuda")]
+        super::cuda::release_producer(self.producer);
+    }
+
+    /// Resolves a `cuda-ipc://` URI into a view of the peer's device memory (SPEC §7): the
+    /// device is found by its UUID, the handle opened once per process and cached under this
+    /// peer, and the device's stream ([`super::cuda::for_device`]) made to wait on the
+    /// producer's event. The view holds `lease` until dropped. Refusals are `ERR_ATTACHMENT`
+    /// naming the cause (scheme not negotiated, device not visible, handle that does not
+    /// open: another PID/IPC namespace, a freed allocation).
+    #[cfg(feature = "cuda")]
+    pub fn resolve_device(
+        &mut self,
+        uri: &AttachmentUri,
+        lease: &Arc<Lease>,
+    ) -> Result<super::cuda::DeviceView> {
+        let Target::CudaIpc { device_uuid, .. } = uri.target() else {
+            return Err(attach_err(format!("not a cuda-ipc URI: {uri}")));
+        };
+        if !self.schemes.contains(&Scheme::CudaIpc) {
+            return Err(attach_err("cuda-ipc: scheme not negotiated"));
+        }
+        let cuda = super::cuda::for_device(device_uuid)?;
+        let view = cuda.import(self.producer, uri)?;
+        let lease = lease.clone();
+        Ok(view.on_release(move || drop(lease)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for Mapper {
+    fn drop(&mut self) {
+        // The peer's session is over: its device mappings close once their last view goes.
+        super::cuda::release_producer(self.producer);
     }
 }
 

@@ -193,6 +193,9 @@ impl Pool {
         match self.inner.cfg.scheme {
             Scheme::Shm => Segment::create_shm(&name, len),
             Scheme::Memfd => Segment::create_memfd(&name, len),
+            Scheme::CudaIpc => Err(Error::invalid(
+                "a pool holds host segments: cuda-ipc is device memory (see attach::cuda)",
+            )),
         }
     }
 }

@@ -16,6 +16,9 @@ pub enum Scheme {
     Shm,
     /// An anonymous memfd whose descriptor is passed over a Unix socket (`memfd://`).
     Memfd,
+    /// Device memory by CUDA IPC handle (`cuda-ipc://`, feature `cuda`): never a host
+    /// segment; offered only where a CUDA device is usable.
+    CudaIpc,
 }
 
 impl Scheme {
@@ -24,6 +27,7 @@ impl Scheme {
         match self {
             Scheme::Shm => "shm",
             Scheme::Memfd => "memfd",
+            Scheme::CudaIpc => "cuda-ipc",
         }
     }
 }

@@ -187,6 +187,12 @@ pub struct Incoming {
     /// the session, which maps them; empty at this layer). The message is ACKed when the last
     /// view, and every `Bytes` made from one, is dropped.
     pub views: Vec<(String, crate::attach::View)>,
+    /// Views of device memory that came by `cuda-ipc://` handle (feature `cuda`), by
+    /// attachment id, filled in by the session. Work queued on the device's
+    /// [`Cuda::stream`](crate::attach::cuda::Cuda::stream) after arrival sees the producer's
+    /// writes. The message is ACKed when these and the host views are all dropped.
+    #[cfg(feature = "cuda")]
+    pub device_views: Vec<(String, std::sync::Arc<crate::attach::cuda::DeviceView>)>,
     /// How many frames carried it.
     pub frames: u32,
     /// Where its first frame started in the peer's byte stream (descriptors passed with
@@ -203,6 +209,18 @@ impl Incoming {
     /// The view of the attachment `id`, if it came by handle.
     pub fn view(&self, id: &str) -> Option<&crate::attach::View> {
         self.views.iter().find(|(i, _)| i == id).map(|(_, v)| v)
+    }
+
+    /// The device view of attachment `id`, if it came by `cuda-ipc://` handle.
+    #[cfg(feature = "cuda")]
+    pub fn device_view(
+        &self,
+        id: &str,
+    ) -> Option<&std::sync::Arc<crate::attach::cuda::DeviceView>> {
+        self.device_views
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, v)| v)
     }
 
     /// The bytes of attachment `id`, wherever they came: a handle's view (no copy) or the
@@ -1104,6 +1122,8 @@ impl Connection {
                     control: Some(c),
                     flags: msg.flags,
                     views: Vec::new(),
+                    #[cfg(feature = "cuda")]
+                    device_views: Vec::new(),
                     frames: msg.frames,
                     stream_offset: msg.stream_offset,
                 }));
@@ -1149,6 +1169,8 @@ impl Connection {
             control: None,
             flags: msg.flags,
             views: Vec::new(),
+            #[cfg(feature = "cuda")]
+            device_views: Vec::new(),
             frames: msg.frames,
             stream_offset: msg.stream_offset,
         }));

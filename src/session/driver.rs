@@ -78,6 +78,14 @@ pub(crate) enum Command {
         reply: Option<oneshot::Sender<Result<Incoming>>>,
         done: oneshot::Sender<Result<u64>>,
     },
+    /// Sends `msg`, whose handles need `held` alive until the peer ACKs (device exports).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    SendHeld {
+        msg: Outgoing,
+        held: Vec<Box<dyn std::any::Any + Send>>,
+        reply: Option<oneshot::Sender<Result<Incoming>>>,
+        done: oneshot::Sender<Result<u64>>,
+    },
     SendDlpack {
         desc: DlpackDescriptor,
         region: Region,
@@ -114,12 +122,21 @@ struct SentLease {
     channel_id: u32,
     /// Each region with the index of its attachment (0 for a DLPACK body).
     regions: Vec<(usize, Region)>,
+    /// What else stays alive until the ACK: device exports (their IPC events). Only dropped.
+    _held: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 /// What a leased message carried.
 enum LeasedBody {
-    Ether { ether: Ether, codec: CodecId },
-    Dlpack { desc: DlpackDescriptor },
+    Ether {
+        ether: Ether,
+        codec: CodecId,
+    },
+    Dlpack {
+        desc: DlpackDescriptor,
+    },
+    /// Handles with no inline form (device memory): a refusal fails the message.
+    Held,
 }
 
 impl LeasedBody {
@@ -141,6 +158,10 @@ impl LeasedBody {
                 }
                 Ok(Outgoing::data(CodecId::DLPACK, desc.encode()?))
             }
+            LeasedBody::Held => Err(Error::protocol(
+                ErrorCode::ERR_ATTACHMENT,
+                "device memory has no inline form",
+            )),
         }
     }
 }
@@ -489,9 +510,9 @@ fn fail_command(cmd: Command, reason: &str) {
         Command::Request { done, .. } => drop(done.send(Err(e()))),
         Command::Ping { done } => drop(done.send(Err(e()))),
         Command::Ack { done, .. } | Command::Nack { done, .. } => drop(done.send(Err(e()))),
-        Command::SendAttached { done, .. } | Command::SendDlpack { done, .. } => {
-            drop(done.send(Err(e())))
-        }
+        Command::SendAttached { done, .. }
+        | Command::SendDlpack { done, .. }
+        | Command::SendHeld { done, .. } => drop(done.send(Err(e()))),
         Command::Close => {}
     }
 }
@@ -674,6 +695,7 @@ impl Driver {
                         .filter_map(|a| match a.as_str() {
                             "shm" => Some(Scheme::Shm),
                             "memfd" => Some(Scheme::Memfd),
+                            "cuda-ipc" => Some(Scheme::CudaIpc),
                             _ => None,
                         })
                         .collect();
@@ -737,7 +759,10 @@ impl Driver {
             } => {
                 if code == ErrorCode::ERR_ATTACHMENT {
                     if let Some(lease) = self.leases.remove(&msg_id) {
-                        return self.resend_inline(msg_id, lease, &detail);
+                        if !matches!(lease.body, LeasedBody::Held) {
+                            return self.resend_inline(msg_id, lease, &detail);
+                        }
+                        // Device memory: the refusal goes to the sender as it is (below).
                     }
                 }
                 self.leases.remove(&msg_id);
@@ -822,6 +847,18 @@ impl Driver {
             } => {
                 let _ = done.send(self.conn.nack(msg_id, code, retry_after_ms, &detail));
             }
+            Command::SendHeld {
+                msg,
+                held,
+                reply,
+                done,
+            } => {
+                let r = self.send_leased(msg, Vec::new(), Vec::new(), LeasedBody::Held, held);
+                if let (Ok(id), Some(reply)) = (&r, reply) {
+                    self.requests.insert(*id, reply);
+                }
+                let _ = done.send(r);
+            }
             Command::SendAttached {
                 ether,
                 codec,
@@ -867,7 +904,13 @@ impl Driver {
             ether.attachments.push(att);
         }
         let out = Outgoing::ether(&ether, codec)?;
-        self.send_leased(out, fds, kept, LeasedBody::Ether { ether, codec })
+        self.send_leased(
+            out,
+            fds,
+            kept,
+            LeasedBody::Ether { ether, codec },
+            Vec::new(),
+        )
     }
 
     /// Sends a DLPACK descriptor whose data is `region`: by handle (a URI in the body) when
@@ -883,7 +926,7 @@ impl Driver {
             None => desc.data = DlData::Inline(Bytes::copy_from_slice(&region)),
         }
         let out = Outgoing::data(CodecId::DLPACK, desc.encode()?);
-        self.send_leased(out, fds, kept, LeasedBody::Dlpack { desc })
+        self.send_leased(out, fds, kept, LeasedBody::Dlpack { desc }, Vec::new())
     }
 
     /// The handle URI for `region` when it should go by handle (a memfd's descriptor is added
@@ -900,6 +943,8 @@ impl Driver {
                 fds.push(region.segment().fd().try_clone()?);
                 AttachmentUri::memfd(fds.len() as u32 - 1, 0, len)?
             }
+            // Regions are host memory: never a device handle.
+            Scheme::CudaIpc => return Ok(None),
         }))
     }
 
@@ -910,6 +955,7 @@ impl Driver {
         mut fds: Vec<OwnedFd>,
         kept: Vec<(usize, Region)>,
         body: LeasedBody,
+        held: Vec<Box<dyn std::any::Any + Send>>,
     ) -> Result<u64> {
         let channel_id = out.channel_id;
         // Frames queued before this message go first, so the next frame is this message's.
@@ -924,13 +970,14 @@ impl Driver {
                 self.out.push(f);
             }
         }
-        if !kept.is_empty() {
+        if !kept.is_empty() || !held.is_empty() {
             self.leases.insert(
                 id,
                 SentLease {
                     body,
                     channel_id,
                     regions: kept,
+                    _held: held,
                 },
             );
         }
@@ -948,6 +995,7 @@ impl Driver {
             body,
             channel_id,
             regions,
+            _held: _,
         } = lease;
         let out = body.inline(&regions);
         drop(regions);
@@ -1040,7 +1088,22 @@ impl Driver {
             let _ = tx.send(id);
         });
         let mut views = Vec::with_capacity(uris.len());
+        #[cfg(feature = "cuda")]
+        let mut device_views = Vec::new();
         for (id, u) in uris {
+            #[cfg(feature = "cuda")]
+            if let Target::CudaIpc { .. } = u.target() {
+                match mapper.resolve_device(&u, &lease) {
+                    Ok(v) => device_views.push((id, Arc::new(v))),
+                    Err(e) => {
+                        // Refused, not consumed: no ACK for it. Views made so far hold
+                        // the disarmed lease and release nothing.
+                        lease.disarm();
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             match mapper.resolve(&u, &fds, &lease) {
                 Ok(v) => views.push((id, v)),
                 Err(e) => {
@@ -1051,6 +1114,10 @@ impl Driver {
             }
         }
         m.views = views;
+        #[cfg(feature = "cuda")]
+        {
+            m.device_views = device_views;
+        }
         self.live_leases += 1;
         Ok(())
     }

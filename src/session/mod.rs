@@ -100,10 +100,25 @@ pub struct AttachConfig {
     pub max_leases_per_peer: usize,
 }
 
+/// Whether this build and machine can take `cuda-ipc` handles (feature `cuda`, a driver and
+/// a device): checked once per process.
+fn cuda_ipc_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(crate::attach::cuda::usable)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 impl Default for AttachConfig {
     fn default() -> Self {
         AttachConfig {
-            schemes: vec![Scheme::Memfd, Scheme::Shm],
+            // `cuda-ipc` is offered only where it can work (see `cuda_ipc_usable`).
+            schemes: vec![Scheme::Memfd, Scheme::Shm, Scheme::CudaIpc],
             pool_cap_bytes: 1 << 30,
             alloc_timeout: Duration::from_secs(5),
             inline_threshold: 64 << 10,
@@ -371,6 +386,107 @@ impl Session {
         rx.await.map_err(|_| self.closed())?
     }
 
+    /// Sends `ether` with device memory attached by handle (feature `cuda`): each
+    /// [`DeviceExport`](crate::attach::cuda::DeviceExport) becomes its attachment's
+    /// `cuda-ipc://` URI (SPEC §7), and the session keeps the export (its IPC event) until the
+    /// peer ACKs, which it does when it drops its [`DeviceView`](crate::attach::cuda::DeviceView)s.
+    /// Each `Attachment` gives the metadata; `uri` and `size_bytes` are filled in here. Keep the
+    /// memory itself alive and unchanged until then too.
+    ///
+    /// There is no silent fallback: without `cuda-ipc` negotiated (a peer without a GPU,
+    /// another host) this is `ERR_ATTACHMENT`, and a peer that cannot open the handle (another
+    /// PID/IPC namespace or device set) answers NACK `ERR_ATTACHMENT`, which comes back as the
+    /// error of [`Session::request_device`] (a plain send logs it).
+    ///
+    /// ```no_run
+    /// # async fn f(s: xcp::Session, cuda: std::sync::Arc<xcp::attach::cuda::Cuda>, ptr: u64) -> xcp::Result<()> {
+    /// use xcp::{codec::CodecId, ether::Attachment, Ether};
+    /// let export = cuda.export(ptr, 1 << 20, None)?; // after the writes queued on cuda.stream()
+    /// let att = Attachment { id: "kv".into(), dtype: "float32".into(), ..Default::default() };
+    /// let reply = s
+    ///     .request_device(Ether::new("kv.block", Default::default()), CodecId::JSON, vec![(att, export)])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cuda")]
+    pub async fn send_device(
+        &self,
+        ether: Ether,
+        codec: CodecId,
+        exports: Vec<(Attachment, crate::attach::cuda::DeviceExport)>,
+    ) -> Result<u64> {
+        let (msg, held) = self.device_message(ether, codec, exports)?;
+        let (done, rx) = oneshot::channel();
+        self.command(Command::SendHeld {
+            msg,
+            held,
+            reply: None,
+            done,
+        })
+        .await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// [`Session::send_device`], then waits for the reply, as [`Session::request`] does.
+    #[cfg(feature = "cuda")]
+    pub async fn request_device(
+        &self,
+        ether: Ether,
+        codec: CodecId,
+        exports: Vec<(Attachment, crate::attach::cuda::DeviceExport)>,
+    ) -> Result<Incoming> {
+        let (msg, held) = self.device_message(ether, codec, exports)?;
+        let (done, sent) = oneshot::channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.command(Command::SendHeld {
+            msg,
+            held,
+            reply: Some(reply_tx),
+            done,
+        })
+        .await?;
+        sent.await.map_err(|_| self.closed())??;
+        match tokio::time::timeout(self.inner.request_timeout, reply_rx).await {
+            Ok(r) => r.map_err(|_| self.closed())?,
+            Err(_) => Err(Error::Timeout(format!(
+                "request to {}: no reply within {:?}",
+                self.inner.peer, self.inner.request_timeout
+            ))),
+        }
+    }
+
+    /// The Ether of [`Session::send_device`] and what its lease holds.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::type_complexity)]
+    fn device_message(
+        &self,
+        mut ether: Ether,
+        codec: CodecId,
+        exports: Vec<(Attachment, crate::attach::cuda::DeviceExport)>,
+    ) -> Result<(Outgoing, Vec<Box<dyn std::any::Any + Send>>)> {
+        let n = &self.inner.negotiated;
+        if !(n.shared_mem && n.attach.iter().any(|a| a == Scheme::CudaIpc.name())) {
+            return Err(Error::protocol(
+                ErrorCode::ERR_ATTACHMENT,
+                format!(
+                    "cuda-ipc was not negotiated with {} (negotiated: {:?}): device memory \
+                     cannot go by handle; copy it to the host and send it inline if that is \
+                     what you want",
+                    self.inner.peer, n.attach
+                ),
+            ));
+        }
+        let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::with_capacity(exports.len());
+        for (mut att, ex) in exports {
+            att.uri = ex.uri().to_string();
+            att.size_bytes = ex.uri().size();
+            att.inline_bytes = None;
+            ether.attachments.push(att);
+            held.push(Box::new(ex));
+        }
+        Ok((Outgoing::ether(&ether, codec)?, held))
+    }
+
     /// Closes gracefully: what was sent before is flushed, the write side is shut down, and
     /// this waits (up to a few seconds) for the driver to finish. Closing a closed session is
     /// not an error.
@@ -437,6 +553,7 @@ async fn start(
         .iter()
         .copied()
         .filter(|s| !remote && (unix || *s != Scheme::Memfd))
+        .filter(|s| *s != Scheme::CudaIpc || cuda_ipc_usable())
         .collect();
     let mut conn_config = config.conn.clone();
     if !offered.is_empty() {

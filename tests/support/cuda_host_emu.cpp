@@ -2,7 +2,7 @@
 // machines without a GPU: one block at a time, blockDim.x std::threads, `__shared__` as
 // function statics (shared by the block's threads), `__syncthreads` as a barrier, and the
 // rounding intrinsics as plain IEEE operations (built with -ffp-contract=off, so nothing is
-// fused). The PTX conversions of cast.cu have no host form and are not run here.
+// fused), warp shuffles through a block-wide exchange. The PTX conversions of cast.cu have no host form and are not run here.
 //
 // Usage: emu rows row_len grid in.f32 out.qnt8 out.f32 words seed out.pattern
 // Prints `bad=<first bad row + 1, or 0>` and `mismatch=<n> mismatch_after_flip=<n>`.
@@ -31,6 +31,17 @@ static std::mutex atomics;
 #define __shared__ static
 
 static inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+// A warp shuffle as the whole block's exchange: every thread of the block must call it (the
+// kernels do), and lanes read across warps only where a real warp would (xor below 32).
+static unsigned shuffle_slots[1024];
+static inline unsigned __shfl_xor_sync(unsigned, unsigned v, unsigned lane_mask)
+{
+    shuffle_slots[threadIdx.x] = v;
+    __syncthreads();
+    unsigned o = shuffle_slots[threadIdx.x ^ lane_mask];
+    __syncthreads();
+    return o;
+}
 static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }

@@ -48,6 +48,31 @@ pub fn grid_for(n: u64) -> u32 {
     n.div_ceil(u64::from(BLOCK)).clamp(1, u64::from(MAX_GRID)) as u32
 }
 
+/// Values a cast thread converts per step on its fast path (`XCP_CAST_VEC` in `cast.cu`).
+pub const CAST_VEC: u64 = 8;
+
+/// Threads per row of the QNT8 kernels' fast path (`xcp_qnt8_group` in `qnt8.cu`): the power
+/// of two at or above `row_len / 4`, at most [`BLOCK`].
+pub fn qnt8_group(row_len: u32) -> u32 {
+    let want = row_len / 4;
+    let mut t = 1;
+    while t < want && t < BLOCK {
+        t <<= 1;
+    }
+    t
+}
+
+/// Blocks for the QNT8 kernels over `rows` rows: one row per block on the general path, and
+/// [`BLOCK`] / [`qnt8_group`] rows per block on the fast path (row_len a multiple of 4).
+pub fn qnt8_grid(rows: u64, row_len: u32) -> u32 {
+    let per_block = if row_len.is_multiple_of(4) {
+        u64::from(BLOCK / qnt8_group(row_len))
+    } else {
+        1
+    };
+    rows.div_ceil(per_block).clamp(1, u64::from(MAX_GRID)) as u32
+}
+
 /// The value of `#define name value` in a kernel source, if present.
 pub fn source_define<'a>(src: &'a str, name: &str) -> Option<&'a str> {
     src.lines().find_map(|l| {
@@ -195,7 +220,7 @@ impl Kernels {
         b.arg(&src).arg(&dst).arg(&n);
         // SAFETY: the argument types match the kernel's signature; the caller guarantees the
         // memory.
-        unsafe { b.launch(Self::cfg(grid_for(n))) }
+        unsafe { b.launch(Self::cfg(grid_for(n.div_ceil(CAST_VEC)))) }
             .map(drop)
             .map_err(|e| launch_err("xcp_f32_to_f16", e))
     }
@@ -209,7 +234,7 @@ impl Kernels {
         let mut b = self.cuda.stream().launch_builder(&self.f16_to_f32);
         b.arg(&src).arg(&dst).arg(&n);
         // SAFETY: as in `f32_to_f16`.
-        unsafe { b.launch(Self::cfg(grid_for(n))) }
+        unsafe { b.launch(Self::cfg(grid_for(n.div_ceil(CAST_VEC)))) }
             .map(drop)
             .map_err(|e| launch_err("xcp_f16_to_f32", e))
     }
@@ -223,11 +248,12 @@ impl Kernels {
     /// writable bytes of this device.
     pub unsafe fn qnt8_rows(&self, src: u64, dst: u64, rows: u64, row_len: u32) -> Result<()> {
         let flag = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        flag.write(&u64::MAX.to_le_bytes())?;
         let fp = flag.ptr();
+        // SAFETY: the scratch buffer holds 8 bytes and lives in `self`.
+        unsafe { self.cuda.memset_async(fp, 0xff, 8) }?;
         let mut b = self.cuda.stream().launch_builder(&self.qnt8_rows);
         b.arg(&src).arg(&dst).arg(&rows).arg(&row_len).arg(&fp);
-        let grid = rows.clamp(1, u64::from(MAX_GRID)) as u32;
+        let grid = qnt8_grid(rows, row_len);
         // SAFETY: the argument types match the kernel's signature; the caller guarantees the
         // memory; `flag` lives until the stream is synchronised (by `read`).
         unsafe { b.launch(Self::cfg(grid)) }.map_err(|e| launch_err("xcp_qnt8_rows", e))?;
@@ -256,9 +282,13 @@ impl Kernels {
     ) -> Result<()> {
         let mut b = self.cuda.stream().launch_builder(&self.qnt8_rows_to_f32);
         b.arg(&src).arg(&dst).arg(&rows).arg(&row_len);
-        let n = rows.saturating_mul(u64::from(row_len));
+        let grid = if row_len.is_multiple_of(4) {
+            qnt8_grid(rows, row_len)
+        } else {
+            grid_for(rows.saturating_mul(u64::from(row_len)))
+        };
         // SAFETY: as in `f32_to_f16`.
-        unsafe { b.launch(Self::cfg(grid_for(n))) }
+        unsafe { b.launch(Self::cfg(grid)) }
             .map(drop)
             .map_err(|e| launch_err("xcp_qnt8_rows_to_f32", e))
     }
