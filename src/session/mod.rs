@@ -86,7 +86,8 @@ pub struct SessionConfig {
 #[derive(Clone, Debug)]
 pub struct AttachConfig {
     /// Schemes offered, in order of preference. `memfd` is offered on Unix sockets only
-    /// (its descriptors travel with `SCM_RIGHTS`). Empty: everything goes inline.
+    /// (its descriptors travel with `SCM_RIGHTS`), `cuda-ipc` only in builds with feature
+    /// `cuda` where the driver loads and sees a device. Empty: everything goes inline.
     pub schemes: Vec<Scheme>,
     /// The most bytes of shared segments a session's pool holds.
     pub pool_cap_bytes: u64,
@@ -242,6 +243,11 @@ impl Session {
     pub async fn request(&self, msg: Outgoing) -> Result<Incoming> {
         let (done, rx) = oneshot::channel();
         self.command(Command::Request { msg, done }).await?;
+        self.await_reply(rx).await
+    }
+
+    /// The reply a request's waiter gets, within `request_timeout`.
+    async fn await_reply(&self, rx: oneshot::Receiver<Result<Incoming>>) -> Result<Incoming> {
         match tokio::time::timeout(self.inner.request_timeout, rx).await {
             Ok(r) => r.map_err(|_| self.closed())?,
             Err(_) => Err(Error::Timeout(format!(
@@ -366,13 +372,7 @@ impl Session {
         })
         .await?;
         sent.await.map_err(|_| self.closed())??;
-        match tokio::time::timeout(self.inner.request_timeout, reply_rx).await {
-            Ok(r) => r.map_err(|_| self.closed())?,
-            Err(_) => Err(Error::Timeout(format!(
-                "request to {}: no reply within {:?}",
-                self.inner.peer, self.inner.request_timeout
-            ))),
-        }
+        self.await_reply(reply_rx).await
     }
 
     /// Sends a DLPACK tensor whose bytes are `region`: the body is `desc` with its data set to
@@ -446,13 +446,7 @@ impl Session {
         })
         .await?;
         sent.await.map_err(|_| self.closed())??;
-        match tokio::time::timeout(self.inner.request_timeout, reply_rx).await {
-            Ok(r) => r.map_err(|_| self.closed())?,
-            Err(_) => Err(Error::Timeout(format!(
-                "request to {}: no reply within {:?}",
-                self.inner.peer, self.inner.request_timeout
-            ))),
-        }
+        self.await_reply(reply_rx).await
     }
 
     /// The Ether of [`Session::send_device`] and what its lease holds.
