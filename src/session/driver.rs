@@ -8,7 +8,15 @@
 //!
 //! Back-pressure:
 //! - **outgoing**: commands are taken from the bounded command channel only while fewer than
-//!   `OUT_HIGH_WATER` bytes wait to be written, so senders wait when the socket is slow;
+//!   `OUT_HIGH_WATER` bytes wait to be written, so senders wait when the socket is slow
+//!   (beyond it, one more message is taken per channel that has a single one waiting, for at
+//!   most `MAX_STAGED_CHANNELS` channels: see the next point);
+//! - **fairness between channels**: the frames of the application's messages wait per channel
+//!   and enter the write queue round-robin, one frame per channel in turn, while it holds less
+//!   than `FEED_TARGET` bytes. A long message on one channel therefore delays a message on
+//!   another by a few frames, not by its whole length (SPEC §4: chunks of different messages
+//!   interleave; the frames of one channel keep their order). The connection's own frames
+//!   (ACK, NACK, PONG, handshake) skip that wait;
 //! - **incoming**: messages go to a bounded channel; when it is full the driver stops reading
 //!   the socket (TCP / socket-buffer back-pressure on the peer) instead of growing memory.
 
@@ -41,6 +49,12 @@ const COALESCE_MAX: usize = 16 * 1024;
 const MAX_IOVECS: usize = 64;
 /// Stop taking commands while this many bytes wait to be written.
 pub(crate) const OUT_HIGH_WATER: usize = 8 << 20;
+/// Staged frames move to the write queue while it holds less than this (a few frames of the
+/// negotiated size: enough to keep the socket busy, little for another channel to wait on).
+const FEED_TARGET: usize = 2 << 20;
+/// Beyond `OUT_HIGH_WATER`, a message is still taken while fewer channels than this have
+/// frames staged and none has more than one message staged.
+const MAX_STAGED_CHANNELS: usize = 16;
 /// How long closing may take: flushing the last frames, then waiting for the peer's EOF.
 pub(crate) const LINGER: Duration = Duration::from_secs(5);
 /// After reading resumes (the application caught up), timers wait this long for the next read,
@@ -210,6 +224,69 @@ pub(crate) struct Channels {
     pub(crate) guard: Option<super::ConnGuard>,
 }
 
+/// One staged message: its frames, the first with the descriptors it carries.
+type StagedMessage = VecDeque<(EncodedFrame, Vec<OwnedFd>)>;
+
+/// The application's frames waiting for the write queue, per channel (see the module docs).
+#[derive(Default)]
+struct Staged {
+    /// Channels with frames staged, in turn order (each once).
+    turn: VecDeque<u32>,
+    /// Each channel's staged messages, oldest first.
+    queues: HashMap<u32, VecDeque<StagedMessage>>,
+    /// Channels with more than one message staged.
+    crowded: usize,
+    bytes: usize,
+}
+
+impl Staged {
+    fn push(&mut self, channel: u32, msg: StagedMessage) {
+        if msg.is_empty() {
+            return;
+        }
+        self.bytes += msg.iter().map(|(f, _)| f.len()).sum::<usize>();
+        let q = self.queues.entry(channel).or_default();
+        if q.is_empty() {
+            self.turn.push_back(channel);
+        }
+        q.push_back(msg);
+        if q.len() == 2 {
+            self.crowded += 1;
+        }
+    }
+
+    /// The next frame in turn: the oldest frame of the next channel.
+    fn pop(&mut self) -> Option<(EncodedFrame, Vec<OwnedFd>)> {
+        let channel = self.turn.pop_front()?;
+        let q = self.queues.get_mut(&channel)?;
+        let msg = q.front_mut()?;
+        let frame = msg.pop_front()?;
+        if msg.is_empty() {
+            q.pop_front();
+            if q.len() == 1 {
+                self.crowded -= 1;
+            }
+        }
+        if q.is_empty() {
+            self.queues.remove(&channel);
+        } else {
+            self.turn.push_back(channel);
+        }
+        self.bytes -= frame.0.len();
+        Some(frame)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.turn.is_empty()
+    }
+
+    /// Whether one more message may be taken past `OUT_HIGH_WATER`: a message for a channel
+    /// with nothing staged must not wait for another channel's long one.
+    fn admits_more(&self) -> bool {
+        self.crowded == 0 && self.turn.len() < MAX_STAGED_CHANNELS
+    }
+}
+
 /// Frames waiting to be written: frozen segments, then a tail where small frames coalesce.
 #[derive(Default)]
 struct OutQueue {
@@ -361,6 +438,8 @@ struct Driver {
     wr: WriteHalf,
     rbuf: BytesMut,
     out: OutQueue,
+    /// The application's frames not yet in `out`.
+    staged: Staged,
     requests: HashMap<u64, oneshot::Sender<Result<Incoming>>>,
     purge_at: usize,
     pings: HashMap<u64, oneshot::Sender<Result<Duration>>>,
@@ -425,6 +504,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         wr,
         rbuf: BytesMut::with_capacity(READ_CHUNK),
         out: OutQueue::default(),
+        staged: Staged::default(),
         requests: HashMap::new(),
         purge_at: 64,
         pings: HashMap::new(),
@@ -521,6 +601,7 @@ impl Driver {
     async fn main_loop(&mut self) {
         loop {
             self.pump();
+            self.feed_out();
             if self.out.bytes > self.out_hard_limit() {
                 // The peer does not read what it makes us send (replies to its own PINGs,
                 // NACKs of its own bad frames): drop it rather than grow without bound.
@@ -538,7 +619,7 @@ impl Driver {
                 return;
             }
             if self.conn.is_closed() {
-                if self.out.is_empty() {
+                if self.out.is_empty() && self.staged.is_empty() {
                     return;
                 }
                 let now = Instant::now();
@@ -557,7 +638,10 @@ impl Driver {
             // until it does: its own writes then block, not our memory.
             let provoked = self.proto_bytes > PROTO_BACKLOG;
             let can_read = !self.eof && (closed || !paused) && !provoked;
-            let take_cmds = self.cmd_open && !closed && self.out.bytes < OUT_HIGH_WATER;
+            let take_cmds = self.cmd_open
+                && !closed
+                && (self.out.bytes + self.staged.bytes < OUT_HIGH_WATER
+                    || self.staged.admits_more());
             let deadline = if closed {
                 self.flush_deadline
             } else if paused {
@@ -806,13 +890,14 @@ impl Driver {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Send { msg, done } => {
+                let channel = msg.channel_id;
                 let r = self.conn.send(msg);
-                self.pump_app_transmits();
+                self.stage_app_transmits(channel, Vec::new());
                 let _ = done.send(r);
             }
-            Command::Request { msg, done } => match self.conn.send(msg) {
-                Ok(id) => {
-                    self.pump_app_transmits();
+            Command::Request { msg, done } => match (msg.channel_id, self.conn.send(msg)) {
+                (channel, Ok(id)) => {
+                    self.stage_app_transmits(channel, Vec::new());
                     self.requests.insert(id, done);
                     if self.requests.len() >= self.purge_at {
                         // Drop the requests whose caller stopped waiting (timed out).
@@ -820,7 +905,7 @@ impl Driver {
                         self.purge_at = (self.requests.len() * 2).max(64);
                     }
                 }
-                Err(e) => {
+                (_, Err(e)) => {
                     let _ = done.send(Err(e));
                 }
             },
@@ -961,15 +1046,7 @@ impl Driver {
         // Frames queued before this message go first, so the next frame is this message's.
         self.pump_transmits();
         let id = self.conn.send(out)?;
-        let mut first = true;
-        while let Some(f) = self.conn.poll_transmit() {
-            if first {
-                self.out.push_with_fds(f, std::mem::take(&mut fds));
-                first = false;
-            } else {
-                self.out.push(f);
-            }
-        }
+        self.stage_app_transmits(channel_id, std::mem::take(&mut fds));
         if !kept.is_empty() || !held.is_empty() {
             self.leases.insert(
                 id,
@@ -1147,11 +1224,25 @@ impl Driver {
         }
     }
 
-    /// Moves the frames of a message the application just sent to the write queue (bounded by
-    /// the command back-pressure, not counted as the connection's own).
-    fn pump_app_transmits(&mut self) {
+    /// Stages the frames of the message the application just sent on `channel` (bounded by
+    /// the command back-pressure, not counted as the connection's own); `fds` go with its
+    /// first frame.
+    fn stage_app_transmits(&mut self, channel: u32, mut fds: Vec<OwnedFd>) {
+        let mut msg = StagedMessage::new();
         while let Some(f) = self.conn.poll_transmit() {
-            self.out.push(f);
+            msg.push_back((f, std::mem::take(&mut fds)));
+        }
+        self.staged.push(channel, msg);
+    }
+
+    /// Moves staged frames to the write queue, a frame per channel in turn, up to
+    /// `FEED_TARGET`.
+    fn feed_out(&mut self) {
+        while self.out.bytes < FEED_TARGET {
+            let Some((f, fds)) = self.staged.pop() else {
+                break;
+            };
+            self.out.push_with_fds(f, fds);
         }
     }
 

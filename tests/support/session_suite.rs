@@ -441,6 +441,52 @@ mod cases {
         assert_eq!(r.ether().expect("ether"), e);
     }
 
+    /// A long message on one channel does not hold up a short one on another: a short
+    /// request sent right behind 24 MiB on another channel is answered while the long one
+    /// (echoed back) is still on its way, since both ends interleave their channels' frames.
+    pub async fn channels_interleave(addr: Addr) {
+        use xcp::codec::tensor::{DType, TensorHeader};
+        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let c = t(
+            "connect",
+            Session::connect(&srv.url, SessionConfig::default()),
+        )
+        .await
+        .expect("connect");
+        let n: u32 = 6 << 20;
+        let mut body = BytesMut::new();
+        body.extend_from_slice(
+            &TensorHeader::new(DType::F32, &[n])
+                .expect("header")
+                .to_bytes(),
+        );
+        body.resize(body.len() + n as usize * 4, 0x5a);
+        let len = body.len();
+        // `send`: its echo comes to `recv`, so we can see whether it came first.
+        t(
+            "send the long one",
+            c.send(Outgoing::data(CodecId::TENSOR_F32, body.freeze()).on_channel(1)),
+        )
+        .await
+        .expect("send");
+        let short = t(
+            "the short one",
+            c.request(text_request("short").on_channel(2)),
+        )
+        .await
+        .expect("reply");
+        assert_eq!(short.ether().expect("ether"), Ether::text("short"));
+        let early = tokio::time::timeout(Duration::ZERO, c.recv()).await;
+        assert!(
+            early.is_err(),
+            "the long message's echo came before the short reply: {:?}",
+            early.map(|m| m.map(|m| m.body.len()))
+        );
+        let long = t("the long echo", c.recv()).await.expect("echo");
+        assert_eq!((long.header.channel_id, long.body.len()), (1, len));
+        assert!(long.body[len - 1] == 0x5a);
+    }
+
     pub async fn many_connections(addr: Addr) {
         let srv = echo_server(&addr.url, SessionConfig::default()).await;
         let tasks: Vec<_> = (0..40)
@@ -1009,6 +1055,7 @@ macro_rules! for_each_case {
             ping,
             concurrent_requests,
             chunked_message,
+            channels_interleave,
             many_connections,
             graceful_close,
             request_nack_and_timeout,
