@@ -174,6 +174,7 @@ async fn consume(s: &Session, producer: u64, k: &Kernels, bytes: u64) {
         } else {
             match m.ether() {
                 Ok(e) if e.kind == "gpu.handoff" => handoff(k, producer, &e, &mut ns_checked),
+                Ok(e) if e.kind == "gpu.noop" => Ok(Map::new()),
                 Ok(e) => Err(format!("unexpected kind {:?}", e.kind)),
                 Err(e) => Err(format!("unexpected message: {e}")),
             }
@@ -483,6 +484,22 @@ async fn producer(opts: Opts) -> i32 {
         ping_us.push(rtt.as_secs_f64() * 1e6);
     }
     let ping_med = median(ping_us);
+    // And a plain request of the same shape without a handle (the consumer's application
+    // answers it, as it answers a hand-off; a PING is answered by its session alone).
+    let mut plain_us = Vec::new();
+    for _ in 0..opts.reps.max(5) {
+        let t = Instant::now();
+        let e = Ether::new("gpu.noop", Map::new());
+        let p = ask(Outgoing::ether(&e, CodecId::JSON).expect("encode")).await;
+        plain_us.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(p.get("error").is_none(), "{p:?}");
+    }
+    let plain_med = median(plain_us);
+    println!(
+        "plain request without a handle: median {plain_med:.1} us; session hand-off - plain \
+         request = {:.1} us",
+        session_med - plain_med
+    );
     println!(
         "PING round trip: median {ping_med:.1} us; hand-off / PING = {:.2} (by hand, with the \
          consumer's host wait), {:.2} (through the session)",
@@ -599,6 +616,8 @@ async fn producer(opts: Opts) -> i32 {
             "session_handoff_mismatches": session_bad,
             "session_over_ping": session_med / ping_med,
             "ping_median_us": ping_med,
+            "plain_request_median_us": plain_med,
+            "session_over_plain_request": session_med / plain_med,
             "handoff_breakdown": breakdown,
             "handoff_over_ping": handle_med / ping_med,
             "handoff_by_size": by_size,
