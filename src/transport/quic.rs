@@ -65,6 +65,9 @@ pub const WRITE_BUDGET: usize = 16 << 20;
 
 /// How long a closed session's QUIC connection waits for the peer to close first.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// How long a failed stream waits for the connection's close (and its reason) before the
+/// stream's own error is reported.
+const STREAM_FAIL_GRACE: Duration = Duration::from_millis(250);
 
 /// The application close code of a normal close.
 const CLOSE_DONE: u32 = 0;
@@ -465,11 +468,20 @@ impl Shared {
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    // A peer that refuses the connection resets its streams and closes the
+                    // connection with the reason; the reset can arrive first. Wait a moment for
+                    // the close, so the reason (not "reset") is what the session reports.
+                    let why = match tokio::time::timeout(STREAM_FAIL_GRACE, self.conn.closed())
+                        .await
+                    {
+                        Ok(closed) => explain(&closed),
+                        Err(_) => e.to_string(),
+                    };
                     let _ = self
                         .events
                         .send(Event::Failed(io::Error::new(
                             e.kind(),
-                            format!("{}: {e}", self.peer),
+                            format!("{}: {why}", self.peer),
                         )))
                         .await;
                     return;
