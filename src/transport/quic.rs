@@ -471,12 +471,11 @@ impl Shared {
                     // A peer that refuses the connection resets its streams and closes the
                     // connection with the reason; the reset can arrive first. Wait a moment for
                     // the close, so the reason (not "reset") is what the session reports.
-                    let why = match tokio::time::timeout(STREAM_FAIL_GRACE, self.conn.closed())
-                        .await
-                    {
-                        Ok(closed) => explain(&closed),
-                        Err(_) => e.to_string(),
-                    };
+                    let why =
+                        match tokio::time::timeout(STREAM_FAIL_GRACE, self.conn.closed()).await {
+                            Ok(closed) => explain(&closed),
+                            Err(_) => e.to_string(),
+                        };
                     let _ = self
                         .events
                         .send(Event::Failed(io::Error::new(
