@@ -189,3 +189,84 @@ async fn silent_and_garbage_clients_do_not_block_the_server() {
     assert_serves(&srv.url, &pki).await;
     drop(silent);
 }
+
+/// A TLS write can return once rustls has taken the bytes while the socket is still full; the
+/// rest must go out even when nothing more is queued. A raw TLS server that reads slowly (a
+/// sans-IO responder fed 64 KiB at a time, a 64 KiB receive buffer) must get every byte of
+/// each of 40 messages of about 4 MiB, sent one at a time. Before the driver flushed TLS, the
+/// last records of one message in ten or so stayed in rustls until the next write, and the
+/// reader waited forever (this test failed in 5 runs of 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_the_end_of_every_message() {
+    use bytes::{Bytes, BytesMut};
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use xcp::codec::tensor::{DType, TensorHeader};
+    use xcp::codec::CodecId;
+    use xcp::conn::{Config, Connection, Event, Outgoing, Role};
+
+    let pki = Pki::new();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(pki.server_tls().rustls_server().expect("server"));
+    // A small receive window, so the client's socket fills and its writes stop part-way.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+    sock.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let listener = sock.listen(8).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut tls = acceptor.accept(tcp).await.expect("TLS accept");
+        let mut conn = Connection::new(Role::Responder, Config::default(), Instant::now());
+        let mut rbuf = BytesMut::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let n = tls.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                return;
+            }
+            rbuf.extend_from_slice(&chunk[..n]);
+            conn.handle_input(&mut rbuf, Instant::now());
+            let mut wire = BytesMut::new();
+            while let Some(f) = conn.poll_transmit() {
+                f.write_to(&mut wire);
+            }
+            tls.write_all(&wire).await.expect("write");
+            while let Some(ev) = conn.poll_event() {
+                if let Event::Message(m) = ev {
+                    let _ = got_tx.send(m.body.len());
+                }
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    });
+    let c = t(
+        "connect",
+        Session::connect(&format!("tls://127.0.0.1:{port}"), config(pki.client_tls())),
+    )
+    .await
+    .expect("connect");
+    for i in 0..40u32 {
+        // About 4 MiB, more than the socket buffers hold; each ends somewhere else.
+        let n: u32 = (1 << 20) + i * 3331;
+        let mut body = BytesMut::new();
+        body.extend_from_slice(
+            &TensorHeader::new(DType::F32, &[n])
+                .expect("header")
+                .to_bytes(),
+        );
+        body.resize(body.len() + n as usize * 4, 0x5a);
+        let len = body.len();
+        t(
+            "send",
+            c.send(Outgoing::data(CodecId::TENSOR_F32, Bytes::from(body))),
+        )
+        .await
+        .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} of {len} bytes never arrived whole"));
+        assert_eq!(got, Some(len));
+    }
+}

@@ -4,7 +4,8 @@
 //! It reads, writes, takes commands from the [`Session`](super::Session) handles and runs the
 //! connection's timers in one `select!` loop, so reading and writing never wait on each other
 //! (two peers that both send a lot cannot deadlock). Every branch of that loop is cancel-safe:
-//! a single `write_vectored`, a single `read_buf`, an mpsc `recv`/`reserve`, a sleep.
+//! a single `write_vectored` (or a flush of what TLS held back), a single `read_buf`, an mpsc
+//! `recv`/`reserve`, a sleep.
 //!
 //! Back-pressure:
 //! - **outgoing**: commands are taken from the bounded command channel only while fewer than
@@ -422,7 +423,7 @@ impl OutQueue {
 /// What one turn of the driver loop did.
 #[allow(clippy::large_enum_variant)] // one per loop turn, on the stack
 enum Step {
-    Wrote(std::io::Result<usize>),
+    Wrote(std::io::Result<Written>),
     Read(std::io::Result<usize>),
     Delivered,
     ReceiverGone,
@@ -457,6 +458,9 @@ struct Driver {
     timer_hold: Option<Instant>,
     /// Set when the connection closed: the last frames must be out by then.
     flush_deadline: Option<Instant>,
+    /// Bytes were written to a transport that may keep some of them (TLS: a write returns once
+    /// rustls took the bytes, though the socket may not have), and no flush has finished since.
+    unflushed: bool,
     fd_reads: bool,
     scratch: Vec<u8>,
     /// Descriptors received, waiting for the `memfd://` attachments of their message, with
@@ -518,6 +522,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         broken: false,
         timer_hold: None,
         flush_deadline: None,
+        unflushed: false,
         fd_reads,
         scratch: if fd_reads {
             vec![0; READ_CHUNK * 4]
@@ -652,6 +657,9 @@ impl Driver {
                     .map(|t| self.timer_hold.map_or(t, |h| t.max(h)))
             };
             let has_out = !self.out.is_empty();
+            // A TLS write can end with records still in rustls (the socket was full); nothing
+            // else would push them out once the queue is empty, so a flush follows.
+            let flush_due = self.unflushed && !has_out;
             let uring_write = matches!(self.wr, WriteHalf::Uring(_));
             if uring_write && has_out {
                 self.out.seal_tail();
@@ -673,7 +681,7 @@ impl Driver {
                 self.rbuf.reserve(want.max(READ_CHUNK));
             }
             let step = tokio::select! {
-                r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out => Step::Wrote(r),
+                r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out || flush_due => Step::Wrote(r),
                 r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads, want), if can_read => Step::Read(r),
                 id = self.release_rx.recv() => Step::Release(id),
                 p = self.recv_tx.reserve(), if paused && !closed => match p {
@@ -690,8 +698,12 @@ impl Driver {
             };
             drop((slices, out_fds, owned));
             match step {
-                Step::Wrote(Ok(0)) => self.io_failed(std::io::ErrorKind::WriteZero.into(), "write"),
-                Step::Wrote(Ok(n)) => {
+                Step::Wrote(Ok(Written::Bytes(0))) => {
+                    self.io_failed(std::io::ErrorKind::WriteZero.into(), "write")
+                }
+                Step::Wrote(Ok(Written::Flushed)) => self.unflushed = false,
+                Step::Wrote(Ok(Written::Bytes(n))) => {
+                    self.unflushed = matches!(self.wr, WriteHalf::Tls(_));
                     self.out.advance(n);
                     if self.out.is_empty() {
                         self.proto_bytes = 0;
@@ -1300,22 +1312,36 @@ impl Driver {
     }
 }
 
-/// One write: vectored, with descriptors attached when there are any. io_uring sends `owned`
-/// (the same bytes as `slices`, as `Bytes` the kernel can hold while the send is in flight).
+/// What one write branch of the driver loop did.
+#[derive(Debug)]
+enum Written {
+    /// This many bytes of the queue were taken.
+    Bytes(usize),
+    /// Nothing was queued; what the transport held back went out.
+    Flushed,
+}
+
+/// One write: vectored, with descriptors attached when there are any, or a flush when nothing
+/// is queued. io_uring sends `owned` (the same bytes as `slices`, as `Bytes` the kernel can
+/// hold while the send is in flight).
 async fn write_out(
     wr: &mut WriteHalf,
     slices: &[IoSlice<'_>],
     owned: &[Bytes],
     fds: &[BorrowedFd<'_>],
-) -> std::io::Result<usize> {
-    if let WriteHalf::Uring(w) = wr {
-        return w.send_owned(owned, fds).await;
+) -> std::io::Result<Written> {
+    if slices.is_empty() {
+        wr.flush().await?;
+        return Ok(Written::Flushed);
     }
-    if fds.is_empty() {
-        wr.write_vectored(slices).await
+    let n = if let WriteHalf::Uring(w) = wr {
+        w.send_owned(owned, fds).await?
+    } else if fds.is_empty() {
+        wr.write_vectored(slices).await?
     } else {
-        wr.write_with_fds(slices, fds).await
-    }
+        wr.write_with_fds(slices, fds).await?
+    };
+    Ok(Written::Bytes(n))
 }
 
 /// One read into `rbuf`: plain, or with `recvmsg` through `scratch` when descriptors may come.
