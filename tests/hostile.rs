@@ -1315,12 +1315,14 @@ async fn clarify_with_garbage_bodies() {
 }
 
 /// HELLO with `max_frame_bytes` 0 (unstated: the default) and u64::MAX (the server's own
-/// limit wins); and 1, which the server honours by chunking its reply byte by byte.
+/// limit wins); 256, the floor, which the server honours by chunking its reply in 256-byte
+/// frames; and 1 and 255, under the floor, which would make the server cut every reply into
+/// frames of a byte or so: NACK `ERR_MESSAGE_TOO_LARGE` and the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_with_absurd_max_frame_bytes() {
     let mem = Mem::start();
     let srv = Srv::tcp(SessionConfig::default()).await;
-    for (mfb, want) in [(0, 1 << 20), (u64::MAX, 1 << 20), (1, 1)] {
+    for (mfb, want) in [(0, 1 << 20), (u64::MAX, 1 << 20), (256, 256)] {
         let hello = Hello {
             max_frame_bytes: mfb,
             ..plain_hello()
@@ -1328,14 +1330,30 @@ async fn hello_with_absurd_max_frame_bytes() {
         let (mut p, caps) = Peer::handshake(&srv.url, hello).await;
         assert_eq!(caps.max_frame_bytes, want, "HELLO max_frame_bytes {mfb}");
         let id = p.id();
-        let body = text_body("absurd", 0);
+        let body = text_body("absurd", 1000);
         p.write(&data_frame(id, &body)).await;
         let m = p.expect_echo(id).await;
         assert_eq!(&m.body[..], &body[..]);
-        if want == 1 {
-            assert_eq!(m.frames as usize, body.len());
+        if want == 256 {
+            assert_eq!(m.frames as usize, body.len().div_ceil(256));
         }
         p.expect_alive().await;
+    }
+    for mfb in [1, 255] {
+        let hello = Hello {
+            max_frame_bytes: mfb,
+            ..plain_hello()
+        };
+        let mut p = Peer::connect(&srv.url).await;
+        let id = p.id();
+        p.write(&control_frame(&Control::Hello(hello), id)).await;
+        let n = p.expect_nack(ErrorCode::ERR_MESSAGE_TOO_LARGE, id).await;
+        let detail = n.detail.unwrap_or_default();
+        assert!(
+            detail.contains(&format!("max_frame_bytes {mfb} ")),
+            "{detail}"
+        );
+        p.expect_closed().await;
     }
     srv.assert_serves().await;
     mem.check("hello_with_absurd_max_frame_bytes");

@@ -1019,6 +1019,9 @@ impl Connection {
                         detail: "this side requires CRYPT; the peer holds no key".into(),
                     });
                 }
+                if let Err(e) = negotiate::check_frame_floor(caps.max_frame_bytes, "CAPS") {
+                    return self.fail(e);
+                }
                 let mfb = match caps.max_frame_bytes {
                     0 => crate::wire::DEFAULT_MAX_FRAME_BYTES,
                     v => v,

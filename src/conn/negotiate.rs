@@ -3,7 +3,7 @@
 use crate::codec::CodecId;
 use crate::control::Hello;
 use crate::error::{Error, ErrorCode, Result};
-use crate::wire::{DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::wire::{DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MIN_PEER_MAX_FRAME_BYTES};
 
 /// The protocol version we announce.
 pub const VERSION_STRING: &str = "0.2";
@@ -23,7 +23,8 @@ fn or_default(v: u64, default: u64) -> u64 {
 /// `max_message_bytes` the minimum, `shared_mem` true only when both offer it and report the
 /// same non-empty `host_id`, `attach` the intersection (empty without `shared_mem`), `crypt`
 /// true only when both hold a key. An empty codec intersection is
-/// `Error::Incompatible(ERR_CODEC_UNSUPPORTED)`.
+/// `Error::Incompatible(ERR_CODEC_UNSUPPORTED)`; a peer `max_frame_bytes` under
+/// [`MIN_PEER_MAX_FRAME_BYTES`] is `Error::Incompatible(ERR_MESSAGE_TOO_LARGE)`.
 pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
     let codecs: Vec<CodecId> = local
         .codecs
@@ -40,6 +41,7 @@ pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
             ),
         });
     }
+    check_frame_floor(peer.max_frame_bytes, "HELLO")?;
     let same_host = !local.host_id.is_empty() && local.host_id == peer.host_id;
     let shared_mem = local.shared_mem && peer.shared_mem && same_host;
     let attach = if shared_mem {
@@ -68,6 +70,21 @@ pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
             or_default(peer.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES),
         ),
     })
+}
+
+/// Refuses a peer's `max_frame_bytes` under [`MIN_PEER_MAX_FRAME_BYTES`] (0 means the
+/// default and passes); `what` names the frame it came in.
+pub(crate) fn check_frame_floor(max_frame_bytes: u64, what: &str) -> Result<()> {
+    if max_frame_bytes != 0 && max_frame_bytes < MIN_PEER_MAX_FRAME_BYTES {
+        return Err(Error::Incompatible {
+            code: ErrorCode::ERR_MESSAGE_TOO_LARGE,
+            detail: format!(
+                "{what} max_frame_bytes {max_frame_bytes} is under the {MIN_PEER_MAX_FRAME_BYTES} \
+                 bytes this side accepts: every message would be cut into frames of a few bytes"
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -104,6 +121,26 @@ mod tests {
             negotiate(&a, &b).unwrap().max_frame_bytes,
             DEFAULT_MAX_FRAME_BYTES
         );
+    }
+
+    #[test]
+    fn peer_frame_limit_has_a_floor() {
+        let a = hello(&[CodecId::JSON], 0);
+        for mfb in [1, 16, MIN_PEER_MAX_FRAME_BYTES - 1] {
+            let e = negotiate(&a, &hello(&[CodecId::JSON], mfb)).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::ERR_MESSAGE_TOO_LARGE, "{mfb}");
+            assert!(
+                e.to_string().contains(&format!("max_frame_bytes {mfb} ")),
+                "{e}"
+            );
+        }
+        for (mfb, want) in [
+            (0, DEFAULT_MAX_FRAME_BYTES),
+            (MIN_PEER_MAX_FRAME_BYTES, MIN_PEER_MAX_FRAME_BYTES),
+        ] {
+            let caps = negotiate(&a, &hello(&[CodecId::JSON], mfb)).unwrap();
+            assert_eq!(caps.max_frame_bytes, want);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use super::*;
 use crate::control::Control;
 use crate::wire::frame::FrameDecoder;
+use crate::wire::MIN_PEER_MAX_FRAME_BYTES;
 
 struct Pair {
     client: Connection,
@@ -752,4 +753,61 @@ fn eof_after_a_partial_prefix_is_not_clean() {
             (c, other) => panic!("leftover {leftover:?}: clean={c}, got {other:?}"),
         }
     }
+}
+
+/// A peer announcing a `max_frame_bytes` under the floor is refused at the handshake, from
+/// either side: the responder NACKs the HELLO and closes, the initiator closes on the CAPS.
+#[test]
+fn tiny_frame_limits_are_refused_at_the_handshake() {
+    let now = Instant::now();
+    let closed_with = |c: &mut Connection, what: &str| {
+        let ev = Pair::events(c);
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::Closed(Some(e))
+                if e.code() == ErrorCode::ERR_MESSAGE_TOO_LARGE
+                    && e.to_string().contains(what))),
+            "{ev:?}"
+        );
+    };
+    let hello_with = |mfb: u64| {
+        let mut client = Connection::new(Role::Initiator, Config::default(), now);
+        client.transmits.clear();
+        let mut hello = client.local_hello.clone();
+        hello.max_frame_bytes = mfb;
+        client.queue_control(&Control::Hello(hello), 0, 0);
+        client
+    };
+    // A HELLO of 100: the responder NACKs and closes.
+    let mut client = hello_with(100);
+    let mut server = Connection::new(Role::Responder, Config::default(), now);
+    pump(&mut client, &mut server, now);
+    assert!(server.is_closed());
+    closed_with(
+        &mut server,
+        "HELLO max_frame_bytes 100 is under the 256 bytes",
+    );
+    pump(&mut server, &mut client, now);
+    assert!(client.is_closed());
+    closed_with(&mut client, "HELLO max_frame_bytes 100");
+    // A CAPS of 100: the initiator closes.
+    let mut client = Connection::new(Role::Initiator, Config::default(), now);
+    let mut server = Connection::new(Role::Responder, Config::default(), now);
+    pump(&mut client, &mut server, now);
+    server.transmits.clear();
+    let mut caps = server.local_hello.clone();
+    caps.max_frame_bytes = 100;
+    server.queue_control(&Control::Caps(caps), 0, 1);
+    pump(&mut server, &mut client, now);
+    assert!(client.is_closed());
+    closed_with(&mut client, "CAPS max_frame_bytes 100");
+    // At the floor, both agree, and messages go in frames of 256.
+    let mut client = hello_with(MIN_PEER_MAX_FRAME_BYTES);
+    let mut server = Connection::new(Role::Responder, Config::default(), now);
+    pump(&mut client, &mut server, now);
+    assert!(server.is_established());
+    server
+        .send(Outgoing::data(CodecId::JSON, Bytes::from(vec![b' '; 1000])))
+        .unwrap();
+    let frames = std::iter::from_fn(|| server.poll_transmit()).count();
+    assert_eq!(frames, 1 + 4, "the CAPS, then 1000 bytes in frames of 256");
 }

@@ -52,6 +52,16 @@ pub const PREFIX_LEN: usize = 8;
 pub const TRAILER_LEN: usize = 4;
 /// The default `max_frame_bytes` (SPEC §1): 1 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 1 << 20;
+/// The smallest `max_frame_bytes` a peer may announce in HELLO or CAPS (0, "unstated", means
+/// the default).
+///
+/// SPEC §6 takes the minimum of both sides' values as the chunk size, and sets no floor. A
+/// peer announcing 1 would have every message cut into one frame per byte: a 256 MiB reply
+/// would queue 2^28 frames, each with its own header, many GiB for one message. This is a
+/// local policy, like the limits: a smaller value is refused at the handshake with
+/// `ERR_MESSAGE_TOO_LARGE` (our smallest frames would be over the peer's limit) and the close.
+/// At 256 bytes a frame's prefix, header and trailer stay a fraction of its payload.
+pub const MIN_PEER_MAX_FRAME_BYTES: u64 = 256;
 /// The default `max_message_bytes` (SPEC §1): 256 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 256 << 20;
 
