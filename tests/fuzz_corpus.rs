@@ -249,6 +249,23 @@ fn controls() -> Vec<Control> {
 
 /// Frames a keyed or plain initiator sends after the handshake of the `connection` target.
 fn client_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
+    after_handshake(Role::Initiator, keyed, form).1
+}
+
+/// The CAPS a library responder answers a HELLO with, in the `connection` target's setup.
+fn server_caps(keyed: bool, form: HeaderForm) -> Vec<u8> {
+    after_handshake(Role::Responder, keyed, form).0
+}
+
+/// Frames a keyed or plain responder sends after the handshake of the `connection` target.
+fn server_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
+    after_handshake(Role::Responder, keyed, form).1
+}
+
+/// A handshake between two library connections with the `connection` target's limits, then
+/// every kind of frame from `sender`: (what `sender` wrote during the handshake, what it
+/// wrote after).
+fn after_handshake(sender: Role, keyed: bool, form: HeaderForm) -> (Vec<u8>, Vec<u8>) {
     let now = Instant::now();
     let cfg = |keyed: bool| Config {
         limits: common::CONN_LIMITS,
@@ -258,32 +275,35 @@ fn client_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
     };
     let mut client = Connection::new(Role::Initiator, cfg(keyed), now);
     let mut server = Connection::new(Role::Responder, cfg(keyed), now);
-    let mut wire = BytesMut::new();
+    let mut hello = BytesMut::new();
     while let Some(f) = client.poll_transmit() {
-        f.write_to(&mut wire);
+        f.write_to(&mut hello);
     }
-    server.handle_input(&mut wire, now);
+    let during_client = hello.to_vec();
+    server.handle_input(&mut hello, now);
     let mut back = BytesMut::new();
     while let Some(f) = server.poll_transmit() {
         f.write_to(&mut back);
     }
+    let during_server = back.to_vec();
     client.handle_input(&mut back, now);
     assert!(client.is_established());
-    client
-        .send(Outgoing::ether(&Ether::text("hi"), CodecId::JSON).expect("ether"))
+    let (conn, during) = match sender {
+        Role::Initiator => (&mut client, during_client),
+        Role::Responder => (&mut server, during_server),
+    };
+    conn.send(Outgoing::ether(&Ether::text("hi"), CodecId::JSON).expect("ether"))
         .expect("send");
     // Chunked: 3000 bytes at 1024 a frame.
     let big = Ether::text("x".repeat(3000));
-    client
-        .send(
-            Outgoing::ether(&big, CodecId::JSON)
-                .expect("ether")
-                .on_channel(5),
-        )
-        .expect("send");
+    conn.send(
+        Outgoing::ether(&big, CodecId::JSON)
+            .expect("ether")
+            .on_channel(5),
+    )
+    .expect("send");
     let t = tensor::encode_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0], false).expect("tensor");
-    client
-        .send(Outgoing::data(CodecId::TENSOR_F32, t))
+    conn.send(Outgoing::data(CodecId::TENSOR_F32, t))
         .expect("send");
     let req = Control::ClarifyReq(ClarifyReq {
         fields: vec!["f".into()],
@@ -291,17 +311,16 @@ fn client_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
     });
     let mut o = Outgoing::data(CodecId::JSON, req.encode(CodecId::JSON).expect("body"));
     o.msg_type = MsgType::CLARIFY_REQ;
-    client.send(o).expect("send");
-    client.ping(now).expect("ping");
-    client.ack(1).expect("ack");
-    client
-        .nack(2, ErrorCode::ERR_BUSY, 10, "later")
+    conn.send(o).expect("send");
+    conn.ping(now).expect("ping");
+    conn.ack(1).expect("ack");
+    conn.nack(2, ErrorCode::ERR_BUSY, 10, "later")
         .expect("nack");
     let mut out = BytesMut::new();
-    while let Some(f) = client.poll_transmit() {
+    while let Some(f) = conn.poll_transmit() {
         f.write_to(&mut out);
     }
-    out.to_vec()
+    (during, out.to_vec())
 }
 
 /// Writes the hand-made seeds into `fuzz/corpus/` (run by hand after changing them).
@@ -494,7 +513,9 @@ fn write_seed_corpus() {
         s.put(name, uri.as_bytes());
     }
 
-    // connection: byte 0 = mode (bit 0 keyed, bit 1 JSON header form, bit 2 no HELLO).
+    // connection: byte 0 = mode (bit 0 keyed, bit 1 JSON header form, bits 2-3 the scene:
+    // 0 served, 1 no HELLO yet, 2 an initiator awaiting CAPS, 3 an initiator connected; bits
+    // 4.. the seed of splits, clock and application).
     let s = Seeds::new("connection");
     s.put(
         "plain",
@@ -523,7 +544,7 @@ fn write_seed_corpus() {
     );
     s.put("no-hello-hello", &with(&[4], &hello_frame));
     s.put("second-hello", &with(&[0], &hello_frame));
-    s.put("chunks-over", &with(&[8], &over_message));
+    s.put("chunks-over", &with(&[16], &over_message));
     // A PING of 3000 bytes in three chunks: its PONG must be chunked too (it once went out as
     // one frame over the peer's max_frame_bytes).
     let mut ping_body = b"{\"nonce\":1}".to_vec();
@@ -535,4 +556,34 @@ fn write_seed_corpus() {
         chunked_ping.extend(frame(&ping, HeaderForm::Capnp, flags, c));
     }
     s.put("chunked-ping", &with(&[0], &chunked_ping));
+    // The initiator's side: the server's answer to its HELLO, then what a server sends.
+    for (mode, keyed, form, name) in [
+        (0b1000, false, HeaderForm::Capnp, "plain"),
+        (0b1001, true, HeaderForm::Capnp, "keyed"),
+        (0b1010, false, HeaderForm::Json, "json-form"),
+    ] {
+        s.put(
+            &format!("caps-{name}"),
+            &with(&[mode], &server_caps(keyed, form)),
+        );
+        s.put(
+            &format!("server-{name}"),
+            &with(&[mode | 0b0100], &server_frames(keyed, form)),
+        );
+    }
+    let refusal = frame(
+        &hdr(MsgType::NACK, CodecId::JSON, 1, 0),
+        HeaderForm::Capnp,
+        Flags::NONE,
+        &Control::Nack(Nack {
+            msg_id: 1,
+            error_code: ErrorCode::ERR_VERSION,
+            retry_after_ms: 0,
+            detail: Some("no".into()),
+        })
+        .encode(CodecId::JSON)
+        .expect("nack"),
+    );
+    s.put("caps-refused", &with(&[0b1000], &refusal));
+    s.put("server-hello", &with(&[0b1100], &hello_frame));
 }

@@ -19,7 +19,7 @@ use xcp::attach::uri::AttachmentUri;
 use xcp::codec::dlpack::DlpackDescriptor;
 use xcp::codec::tensor::TensorView;
 use xcp::codec::{self, arrow, json, latent, protobuf, CodecId};
-use xcp::conn::{Config, Connection, Event, Role};
+use xcp::conn::{Config, Connection, Event, Outgoing, Role};
 use xcp::control::Control;
 use xcp::wire::chunk::Reassembler;
 use xcp::wire::frame::{encode_frame, FrameDecoder, FrameError};
@@ -64,6 +64,14 @@ fn let_caught_arrow_panics_unwind() {
     });
 }
 
+/// An application action of the `connection` target.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    Ping,
+    Nack,
+    Close,
+}
+
 // ----- split points ------------------------------------------------------------------------
 
 /// Chunk lengths drawn from a seed: single bytes, small and medium pieces, and "the rest", so
@@ -79,13 +87,18 @@ impl Splits {
         }
     }
 
-    fn next_len(&mut self) -> usize {
+    fn next_u64(&mut self) -> u64 {
         // xorshift64
         let mut x = self.state;
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.state = x;
+        x
+    }
+
+    fn next_len(&mut self) -> usize {
+        let x = self.next_u64();
         let pick = (x >> 32) as usize;
         match x % 5 {
             0 => 1,
@@ -93,6 +106,31 @@ impl Splits {
             2 => 1 + pick % 64,
             3 => 1 + pick % 4096,
             _ => usize::MAX,
+        }
+    }
+
+    /// How far the clock moves after a piece: mostly not at all or a little, sometimes past
+    /// the keep-alive (1 s), frame (2 s) or handshake (5 s) timers, rarely past the idle one.
+    fn next_step(&mut self) -> Duration {
+        let x = self.next_u64();
+        match x % 16 {
+            0..=5 => Duration::ZERO,
+            6..=10 => Duration::from_millis(50),
+            11..=12 => Duration::from_millis(1100),
+            13 => Duration::from_millis(2100),
+            14 => Duration::from_millis(5100),
+            _ if x % 64 == 15 => Duration::from_secs(61),
+            _ => Duration::from_millis(300),
+        }
+    }
+
+    /// What the application does now: mostly nothing.
+    fn next_action(&mut self) -> Option<Action> {
+        match self.next_u64() % 64 {
+            0..=3 => Some(Action::Ping),
+            4..=5 => Some(Action::Nack),
+            6 => Some(Action::Close),
+            _ => None,
         }
     }
 
@@ -479,81 +517,205 @@ fn conn_config(keyed: bool) -> Config {
     }
 }
 
-/// `connection`: a responder [`Connection`] (small limits) gets a valid HELLO, built by an
-/// initiator `Connection` of the library, then arbitrary bytes. Byte 0: bit 0 gives both sides
-/// a key, bit 1 makes the HELLO use the JSON header form, bit 2 skips the HELLO (the handshake
-/// itself is fuzzed), bits 3.. seed the split points. Time moves 50 ms per piece, so the
-/// keep-alive and frame timers fire too. It must never panic; bytes pending reassembly stay
-/// within `max_message_bytes`, less than one frame stays buffered, no message over the limit
-/// reaches the application, and every frame the responder writes decodes.
+/// What the `connection` target puts under test, from bits 2 and 3 of its mode byte.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scene {
+    /// A responder that got a valid HELLO; the input is what the client sends next.
+    Served,
+    /// A responder that got nothing yet: the handshake itself is fuzzed.
+    Unhandshaken,
+    /// An initiator that sent its HELLO: the input is the server's answer (CAPS, NACK, …).
+    Greeting,
+    /// An initiator a valid server answered; the input is what the server sends next.
+    Connected,
+}
+
+impl Scene {
+    fn from_mode(mode: u8) -> Scene {
+        match (mode >> 2) & 3 {
+            0 => Scene::Served,
+            1 => Scene::Unhandshaken,
+            2 => Scene::Greeting,
+            _ => Scene::Connected,
+        }
+    }
+
+    /// Whether the peer's limits are the library's own (so a message we accepted can be
+    /// echoed back).
+    fn peer_is_library(self) -> bool {
+        matches!(self, Scene::Served | Scene::Connected)
+    }
+}
+
+/// `connection`: one [`Connection`] (small limits) fed arbitrary bytes as its peer's stream,
+/// while its application answers. Byte 0 is the mode: bit 0 gives both sides a key, bit 1
+/// makes the library peer use the JSON header form, bits 2-3 pick the [`Scene`] (a responder
+/// after a valid HELLO, a responder before any, an initiator awaiting CAPS, an initiator after
+/// a valid CAPS), bits 4.. seed the split points, the clock and the application.
+///
+/// The clock moves by a drawn step per piece (0 to 61 s), so the handshake, frame, idle and
+/// keep-alive timers all fire. The application ACKs and echoes back each message it gets, and
+/// now and then PINGs, NACKs or closes.
+///
+/// It must never panic; bytes pending reassembly stay within `max_message_bytes`, less than
+/// one frame stays buffered, no message over the limit reaches the application, every frame
+/// the connection writes decodes, a fired timer is re-armed in the future (no busy loop), an
+/// accepted message can be echoed to a library peer, and nothing is kept after the end.
 pub fn connection(data: &[u8]) {
     let_caught_arrow_panics_unwind();
     let Some((&mode, stream)) = data.split_first() else {
         return;
     };
     let keyed = mode & 1 != 0;
+    let scene = Scene::from_mode(mode);
     let t0 = Instant::now();
-    let mut server = Connection::new(Role::Responder, conn_config(keyed), t0);
+    let role = match scene {
+        Scene::Served | Scene::Unhandshaken => Role::Responder,
+        Scene::Greeting | Scene::Connected => Role::Initiator,
+    };
+    let mut conn = Connection::new(role, conn_config(keyed), t0);
     // Both sides offer the same limits, so the negotiated chunk size is ours.
     let mut out = FrameDecoder::new(CONN_LIMITS);
     let mut written = BytesMut::new();
-    if mode & 4 == 0 {
-        let mut cfg = conn_config(keyed);
-        if mode & 2 != 0 {
-            cfg.header_form = HeaderForm::Json;
-        }
-        let mut client = Connection::new(Role::Initiator, cfg, t0);
-        let mut hello = BytesMut::new();
-        while let Some(f) = client.poll_transmit() {
-            f.write_to(&mut hello);
-        }
-        server.handle_input(&mut hello, t0);
-        assert!(server.is_established(), "a valid HELLO is accepted");
-        drain(&mut server, &mut out, &mut written);
+    let mut peer_cfg = conn_config(keyed);
+    if mode & 2 != 0 {
+        peer_cfg.header_form = HeaderForm::Json;
     }
+    match scene {
+        Scene::Served => {
+            let mut peer = Connection::new(Role::Initiator, peer_cfg, t0);
+            let mut hello = take_transmits(&mut peer);
+            conn.handle_input(&mut hello, t0);
+            assert!(conn.is_established(), "a valid HELLO is accepted");
+        }
+        Scene::Connected => {
+            let mut peer = Connection::new(Role::Responder, peer_cfg, t0);
+            let mut hello = take_transmits(&mut conn);
+            peer.handle_input(&mut hello, t0);
+            let mut caps = take_transmits(&mut peer);
+            conn.handle_input(&mut caps, t0);
+            assert!(conn.is_established(), "a valid CAPS is accepted");
+        }
+        Scene::Unhandshaken | Scene::Greeting => {}
+    }
+    let mut app = App {
+        rng: Splits::new((mode >> 4) ^ 0xA5),
+        echo_must_work: scene.peer_is_library(),
+    };
+    app.react(&mut conn, &mut out, &mut written, t0);
     let mut now = t0;
     let mut buf = BytesMut::new();
-    for piece in Splits::new(mode >> 3).cut(stream) {
+    let mut splits = Splits::new(mode >> 4);
+    for piece in splits.cut(stream) {
         buf.extend_from_slice(piece);
-        server.handle_input(&mut buf, now);
-        if !server.is_closed() {
+        conn.handle_input(&mut buf, now);
+        if !conn.is_closed() {
             let one_frame = PREFIX_LEN as u64 + 65535 + 8 + CONN_LIMITS.max_frame_bytes + 4;
             assert!((buf.len() as u64) < one_frame, "{} bytes left", buf.len());
         }
-        now += Duration::from_millis(50);
-        if server.poll_timeout().is_some_and(|t| t <= now) {
-            server.handle_timeout(now);
-        }
-        drain(&mut server, &mut out, &mut written);
-        if server.is_closed() {
+        now += splits.next_step();
+        fire_timers(&mut conn, now);
+        app.react(&mut conn, &mut out, &mut written, now);
+        if conn.is_closed() {
             buf.clear();
         }
     }
-    server.handle_eof();
-    drain(&mut server, &mut out, &mut written);
+    // Let every timer that is still armed fire, then end the stream.
+    if mode & 0x10 != 0 {
+        now += Duration::from_secs(61);
+        fire_timers(&mut conn, now);
+        app.react(&mut conn, &mut out, &mut written, now);
+    }
+    conn.handle_eof();
+    app.react(&mut conn, &mut out, &mut written, now);
     assert_eq!(
-        server.pending_reassembly_bytes(),
+        conn.pending_reassembly_bytes(),
         0,
         "nothing kept after the end"
     );
 }
 
-/// Takes everything the connection has to say: its frames must decode, its events keep the
-/// limits.
-fn drain(conn: &mut Connection, out: &mut FrameDecoder, written: &mut BytesMut) {
-    assert!(conn.pending_reassembly_bytes() <= CONN_LIMITS.max_message_bytes);
+/// Everything `conn` has queued, written out.
+fn take_transmits(conn: &mut Connection) -> BytesMut {
+    let mut b = BytesMut::new();
     while let Some(f) = conn.poll_transmit() {
-        f.write_to(written);
+        f.write_to(&mut b);
     }
-    while let Some(frame) = out
-        .decode(written)
-        .expect("the responder writes valid frames")
-    {
-        assert!(frame.payload.len() as u64 <= CONN_LIMITS.max_frame_bytes);
+    b
+}
+
+/// Calls [`Connection::handle_timeout`] when a timer is due, as an event loop does; a timer
+/// that fired must not stay due (the loop would spin).
+fn fire_timers(conn: &mut Connection, now: Instant) {
+    if conn.poll_timeout().is_some_and(|t| t <= now) {
+        conn.handle_timeout(now);
+        if let Some(t) = conn.poll_timeout() {
+            assert!(t > now, "a timer is still due after it fired");
+        }
     }
-    while let Some(ev) = conn.poll_event() {
-        if let Event::Message(m) = ev {
-            assert!(m.body.len() as u64 <= CONN_LIMITS.max_message_bytes);
+}
+
+/// The application on top of the fuzzed connection.
+struct App {
+    rng: Splits,
+    echo_must_work: bool,
+}
+
+impl App {
+    /// Takes everything the connection has to say (its frames must decode, its events keep
+    /// the limits) and answers: each message is ACKed and echoed back, and a drawn action
+    /// (PING, NACK, close) now and then.
+    fn react(
+        &mut self,
+        conn: &mut Connection,
+        out: &mut FrameDecoder,
+        written: &mut BytesMut,
+        now: Instant,
+    ) {
+        assert!(conn.pending_reassembly_bytes() <= CONN_LIMITS.max_message_bytes);
+        while let Some(ev) = conn.poll_event() {
+            match ev {
+                Event::Message(m) => {
+                    assert!(m.body.len() as u64 <= CONN_LIMITS.max_message_bytes);
+                    if conn.is_closed() {
+                        continue;
+                    }
+                    conn.ack(m.msg_id()).expect("ACK on an open connection");
+                    let echo = Outgoing::data(m.header.body_codec, m.body.clone())
+                        .reply_to(m.msg_id())
+                        .on_channel(m.header.channel_id);
+                    let sent = conn.send(echo);
+                    if self.echo_must_work {
+                        if let Err(e) = sent {
+                            panic!("echo of an accepted message failed: {e}");
+                        }
+                    }
+                }
+                Event::Connected(_) => assert!(conn.is_established()),
+                _ => {}
+            }
+        }
+        if conn.is_established() && !conn.is_closed() {
+            match self.rng.next_action() {
+                Some(Action::Ping) => {
+                    let _ = conn.ping(now);
+                }
+                Some(Action::Nack) => {
+                    conn.nack(7, ErrorCode::ERR_BUSY, 5, "later")
+                        .expect("NACK on an open connection");
+                }
+                Some(Action::Close) => conn.close(),
+                None => {}
+            }
+        }
+        while let Some(f) = conn.poll_transmit() {
+            f.write_to(written);
+        }
+        while let Some(frame) = out
+            .decode(written)
+            .expect("the connection writes valid frames")
+        {
+            assert!(frame.payload.len() as u64 <= CONN_LIMITS.max_frame_bytes);
         }
     }
 }
