@@ -19,7 +19,7 @@ use xcp::codec::{arrow, dlpack, json, latent, protobuf, tensor, CodecId};
 use xcp::conn::{Config, Connection, Outgoing, Role};
 use xcp::control::{Ack, ClarifyReq, ClarifyRes, Control, Hello, KindRange, Nack, Ping};
 use xcp::wire::frame::encode_frame;
-use xcp::wire::seal::Sealer;
+use xcp::wire::seal::{CompressPolicy, Sealer};
 use xcp::wire::{header, Flags, FrameHeader, HeaderForm, MsgType, SchemaKey, Tag, MAGIC_BYTES};
 use xcp::{Attachment, ErrorCode, Ether};
 
@@ -249,28 +249,34 @@ fn controls() -> Vec<Control> {
 
 /// Frames a keyed or plain initiator sends after the handshake of the `connection` target.
 fn client_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
-    after_handshake(Role::Initiator, keyed, form).1
+    after_handshake(Role::Initiator, keyed, form, CompressPolicy::Off).1
 }
 
 /// The CAPS a library responder answers a HELLO with, in the `connection` target's setup.
 fn server_caps(keyed: bool, form: HeaderForm) -> Vec<u8> {
-    after_handshake(Role::Responder, keyed, form).0
+    after_handshake(Role::Responder, keyed, form, CompressPolicy::Off).0
 }
 
 /// Frames a keyed or plain responder sends after the handshake of the `connection` target.
 fn server_frames(keyed: bool, form: HeaderForm) -> Vec<u8> {
-    after_handshake(Role::Responder, keyed, form).1
+    after_handshake(Role::Responder, keyed, form, CompressPolicy::Off).1
 }
 
 /// A handshake between two library connections with the `connection` target's limits, then
-/// every kind of frame from `sender`: (what `sender` wrote during the handshake, what it
-/// wrote after).
-fn after_handshake(sender: Role, keyed: bool, form: HeaderForm) -> (Vec<u8>, Vec<u8>) {
+/// every kind of frame from `sender`, its bodies compressed by `compress`: (what `sender`
+/// wrote during the handshake, what it wrote after).
+fn after_handshake(
+    sender: Role,
+    keyed: bool,
+    form: HeaderForm,
+    compress: CompressPolicy,
+) -> (Vec<u8>, Vec<u8>) {
     let now = Instant::now();
     let cfg = |keyed: bool| Config {
         limits: common::CONN_LIMITS,
         header_form: form,
         sealer: keyed.then(|| Sealer::new(&common::CONN_KEY)),
+        compress,
         ..Config::default()
     };
     let mut client = Connection::new(Role::Initiator, cfg(keyed), now);
@@ -586,4 +592,87 @@ fn write_seed_corpus() {
     );
     s.put("caps-refused", &with(&[0b1000], &refusal));
     s.put("server-hello", &with(&[0b1100], &hello_frame));
+    // The initiator's other ways out of the handshake: a NACK that is not about codecs or
+    // versions, a CAPS that states no limits (the defaults), a plain CAPS to a keyed side, and
+    // a CAPS naming no codec we offered.
+    let nack_busy = frame(
+        &hdr(MsgType::NACK, CodecId::JSON, 1, 0),
+        HeaderForm::Capnp,
+        Flags::NONE,
+        &Control::Nack(Nack {
+            msg_id: 1,
+            error_code: ErrorCode::ERR_BUSY,
+            retry_after_ms: 100,
+            detail: None,
+        })
+        .encode(CodecId::JSON)
+        .expect("nack"),
+    );
+    s.put("caps-busy", &with(&[0b1000], &nack_busy));
+    let caps_json = |body: &[u8]| {
+        let mut h = hdr(MsgType::CAPS, CodecId::JSON, 1, 0);
+        h.in_reply_to = 1;
+        frame(&h, HeaderForm::Capnp, Flags::NONE, body)
+    };
+    s.put(
+        "caps-no-limits",
+        &with(&[0b1000], &caps_json(br#"{"codecs":[1,2]}"#)),
+    );
+    s.put(
+        "caps-foreign-codecs",
+        &with(&[0b1000], &caps_json(br#"{"codecs":[4096]}"#)),
+    );
+    s.put(
+        "caps-plain-to-keyed",
+        &with(&[0b1001], &server_caps(false, HeaderForm::Capnp)),
+    );
+    // Compressed bodies both ways.
+    for (role, mode, name) in [
+        (Role::Initiator, 0b0000, "client"),
+        (Role::Responder, 0b1100, "server"),
+    ] {
+        let (_, frames) =
+            after_handshake(role, false, HeaderForm::Capnp, CompressPolicy::Above(16));
+        s.put(&format!("{name}-compressed"), &with(&[mode], &frames));
+    }
+    // PONGs for the application's PINGs (its first msgIds, whatever the drawn actions): the
+    // RTT path, one file per application seed.
+    let mut pongs = Vec::new();
+    for id in 2..=8u64 {
+        let mut h = hdr(MsgType::PONG, CodecId::JSON, 100 + id, 0);
+        h.in_reply_to = id;
+        pongs.extend(frame(
+            &h,
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Control::Pong(Ping { nonce: id })
+                .encode(CodecId::JSON)
+                .expect("pong"),
+        ));
+    }
+    for seed in 0..16u8 {
+        s.put(
+            &format!("server-pongs-{seed:x}"),
+            &with(&[0b1100 | seed << 4], &pongs),
+        );
+    }
+    // DATA before any HELLO, and more half-messages than a connection keeps (ERR_BUSY).
+    let data_hdr = hdr(MsgType::DATA, CodecId::JSON, 7, 0);
+    s.put(
+        "data-before-hello",
+        &with(
+            &[0b0100],
+            &frame(&data_hdr, HeaderForm::Capnp, Flags::NONE, b"{}"),
+        ),
+    );
+    let mut halves = Vec::new();
+    for i in 0..20u32 {
+        halves.extend(frame(
+            &hdr(MsgType::DATA, CodecId::JSON, 10 + u64::from(i), i),
+            HeaderForm::Capnp,
+            Flags::MORE,
+            b"{\"payload\":",
+        ));
+    }
+    s.put("half-messages", &with(&[0], &halves));
 }
