@@ -577,37 +577,29 @@ fn write_seed_corpus() {
             &with(&[mode | 0b0100], &server_frames(keyed, form)),
         );
     }
-    let refusal = frame(
-        &hdr(MsgType::NACK, CodecId::JSON, 1, 0),
-        HeaderForm::Capnp,
-        Flags::NONE,
-        &Control::Nack(Nack {
-            msg_id: 1,
-            error_code: ErrorCode::ERR_VERSION,
-            retry_after_ms: 0,
-            detail: Some("no".into()),
-        })
-        .encode(CodecId::JSON)
-        .expect("nack"),
-    );
+    // The server's NACK of the HELLO (msgId 1).
+    let hello_nack = |error_code, retry_after_ms, detail: Option<&str>| {
+        frame(
+            &hdr(MsgType::NACK, CodecId::JSON, 1, 0),
+            HeaderForm::Capnp,
+            Flags::NONE,
+            &Control::Nack(Nack {
+                msg_id: 1,
+                error_code,
+                retry_after_ms,
+                detail: detail.map(String::from),
+            })
+            .encode(CodecId::JSON)
+            .expect("nack"),
+        )
+    };
+    let refusal = hello_nack(ErrorCode::ERR_VERSION, 0, Some("no"));
     s.put("caps-refused", &with(&[0b1000], &refusal));
     s.put("server-hello", &with(&[0b1100], &hello_frame));
     // The initiator's other ways out of the handshake: a NACK that is not about codecs or
     // versions, a CAPS that states no limits (the defaults), a plain CAPS to a keyed side, and
     // a CAPS naming no codec we offered.
-    let nack_busy = frame(
-        &hdr(MsgType::NACK, CodecId::JSON, 1, 0),
-        HeaderForm::Capnp,
-        Flags::NONE,
-        &Control::Nack(Nack {
-            msg_id: 1,
-            error_code: ErrorCode::ERR_BUSY,
-            retry_after_ms: 100,
-            detail: None,
-        })
-        .encode(CodecId::JSON)
-        .expect("nack"),
-    );
+    let nack_busy = hello_nack(ErrorCode::ERR_BUSY, 100, None);
     s.put("caps-busy", &with(&[0b1000], &nack_busy));
     let caps_json = |body: &[u8]| {
         let mut h = hdr(MsgType::CAPS, CodecId::JSON, 1, 0);
