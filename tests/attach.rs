@@ -200,6 +200,55 @@ async fn refused_handle_falls_back_to_inline() {
     assert_eq!(how, "inline");
 }
 
+/// SPEC §7: every refused URI is `ERR_ATTACHMENT`, also on connections that negotiated no
+/// handle scheme or not the one named (`shm://../../etc/passwd` on a memfd-only Unix socket
+/// and on an inline-only TCP connection), and the connection lives.
+#[tokio::test]
+async fn refused_uris_are_err_attachment_whatever_was_negotiated() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = format!("unix://{}/refused.sock", dir.path().display());
+    for (listen, schemes) in [
+        (unix.as_str(), vec![Scheme::Memfd]),
+        ("tcp://127.0.0.1:0", vec![]),
+        ("tcp://127.0.0.1:0", vec![Scheme::Shm]),
+    ] {
+        let url = checksum_server(listen, config(&schemes)).await;
+        let c = t("connect", Session::connect(&url, config(&schemes)))
+            .await
+            .unwrap();
+        for uri in [
+            "shm://../../etc/passwd#0,100",
+            "shm://passwd#0,100",
+            "memfd://0#0,10",
+            "memfd://zero#0,10",
+            "local://1#0,1",
+            "cuda-ipc://nothing#0,1",
+            "ftp://x#0,1",
+            "no scheme at all",
+        ] {
+            let mut e = Ether::text("refused");
+            e.attachments.push(Attachment {
+                id: "h".into(),
+                uri: uri.into(),
+                size_bytes: 10,
+                ..Default::default()
+            });
+            let r = t(
+                "request",
+                c.request(Outgoing::ether(&e, CodecId::JSON).unwrap()),
+            )
+            .await;
+            match r {
+                Err(xcp::Error::Nack { code, detail, .. }) => {
+                    assert_eq!(code, ErrorCode::ERR_ATTACHMENT, "{listen} {uri}: {detail}")
+                }
+                other => panic!("{listen} {uri}: {other:?}"),
+            }
+        }
+        t("ping", c.ping()).await.expect("the connection lives");
+    }
+}
+
 #[tokio::test]
 async fn hostile_uris_are_refused_and_connection_lives() {
     let url = checksum_server("tcp://127.0.0.1:0", config(&[Scheme::Shm])).await;
@@ -233,10 +282,8 @@ async fn hostile_uris_are_refused_and_connection_lives() {
         .await;
         match r {
             Err(xcp::Error::Nack { code, .. }) => {
-                assert!(
-                    code == ErrorCode::ERR_ATTACHMENT || code == ErrorCode::ERR_MALFORMED,
-                    "{uri}: {code}"
-                )
+                // SPEC §7: every refused URI is ERR_ATTACHMENT, never ERR_MALFORMED.
+                assert_eq!(code, ErrorCode::ERR_ATTACHMENT, "{uri}")
             }
             other => panic!("{uri}: {other:?}"),
         }

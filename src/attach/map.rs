@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::scheme::{ImportKey, Peer};
 use super::segment::{Mapping, Scheme};
-use super::uri::{AttachmentUri, Target};
+use super::uri::AttachmentUri;
 use crate::error::{Error, ErrorCode, Result};
 
 /// How many of the peer's segments stay mapped at most (least recently used go first).
@@ -19,20 +20,35 @@ fn attach_err(detail: impl Into<String>) -> Error {
     Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
 }
 
+/// What a [`Lease`] reports when its last view is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// The message whose views are all gone.
+    pub msg_id: u64,
+    /// The scheme of a mapping that faulted while the message's views were held (the peer
+    /// shrank the object under us; SPEC §7): the message is answered NACK `ERR_ATTACHMENT`
+    /// rather than ACK, and that scheme's handles are refused from then on. `None`: ACK.
+    pub faulted: Option<Scheme>,
+}
+
 /// Releases a message's handles when dropped: every [`View`] of the message holds it, and
-/// when the last one goes the message's msgId is reported (the session then ACKs it).
+/// when the last one goes the message is reported (the session then ACKs it, or NACKs it if
+/// one of its mappings faulted).
 pub struct Lease {
     msg_id: u64,
     armed: std::sync::atomic::AtomicBool,
-    release: Box<dyn Fn(u64) + Send + Sync>,
+    /// The mappings the message's views read, checked for faults when the lease goes.
+    maps: std::sync::Mutex<Vec<(Scheme, Arc<Mapping>)>>,
+    release: Box<dyn Fn(Released) + Send + Sync>,
 }
 
 impl Lease {
-    /// A lease on message `msg_id` that calls `release(msg_id)` once, when dropped.
-    pub fn new(msg_id: u64, release: impl Fn(u64) + Send + Sync + 'static) -> Arc<Lease> {
+    /// A lease on message `msg_id` that calls `release` once, when dropped.
+    pub fn new(msg_id: u64, release: impl Fn(Released) + Send + Sync + 'static) -> Arc<Lease> {
         Arc::new(Lease {
             msg_id,
             armed: std::sync::atomic::AtomicBool::new(true),
+            maps: std::sync::Mutex::new(Vec::new()),
             release: Box::new(release),
         })
     }
@@ -46,12 +62,29 @@ impl Lease {
     pub fn msg_id(&self) -> u64 {
         self.msg_id
     }
+
+    /// The scheme of a mapping of this message that faulted, if any did.
+    pub fn faulted(&self) -> Option<Scheme> {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.iter().find(|(_, m)| m.faulted()).map(|(s, _)| *s)
+    }
+
+    fn hold(&self, scheme: Scheme, map: &Arc<Mapping>) {
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        if !maps.iter().any(|(_, m)| Arc::ptr_eq(m, map)) {
+            maps.push((scheme, map.clone()));
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            (self.release)(self.msg_id);
+            let faulted = self.faulted();
+            (self.release)(Released {
+                msg_id: self.msg_id,
+                faulted,
+            });
         }
     }
 }
@@ -86,9 +119,18 @@ impl std::fmt::Debug for View {
 }
 
 impl View {
-    /// The bytes.
+    /// The bytes. If the peer shrinks the object while it is mapped, the pages past its new
+    /// end read as zeros: check [`View::faulted`] after reading.
     pub fn as_slice(&self) -> &[u8] {
         self.map.slice(self.off, self.len)
+    }
+
+    /// Whether the peer shrank the segment under this view (SPEC §7): some of the bytes read
+    /// so far, or to be read, are zeros that the peer never wrote. Whoever reads a view to the
+    /// end checks this before trusting what it read; the session then answers the message
+    /// NACK `ERR_ATTACHMENT` when its views are dropped.
+    pub fn faulted(&self) -> bool {
+        self.map.faulted()
     }
 
     /// The bytes as `Bytes`, without a copy; the mapping and the lease live as long as any
@@ -135,27 +177,23 @@ pub struct Mapper {
     peer_prefix: String,
     /// The peer process's user, where known: shm objects of another owner are refused.
     peer_uid: Option<u32>,
-    cache: HashMap<MapKey, Arc<Mapping>>,
-    order: VecDeque<MapKey>,
+    /// Schemes refused for the rest of the connection, with the reason (a mapping of the
+    /// peer's faulted: it shrank an object under us).
+    refused: Vec<(Scheme, String)>,
+    cache: HashMap<ImportKey, Arc<Mapping>>,
+    order: VecDeque<(Scheme, ImportKey)>,
     max: usize,
-    /// This peer's id as a producer of `cuda-ipc` handles (unique in the process): its
-    /// imports are cached under it and released when the mapper goes.
-    #[cfg(feature = "cuda")]
+    /// This peer's id as a producer of handles (unique in the process): schemes that cache
+    /// imports beyond the mappings (`cuda-ipc`) keep them under it, released when the mapper
+    /// goes ([`HandleScheme::release`](super::scheme::HandleScheme::release)).
     producer: u64,
 }
 
 /// Producer ids of sessions: from 2^63 up, so they never meet the ids an application picks
-/// for its own [`Cuda::import`](super::cuda::Cuda::import) calls (small counters).
-#[cfg(feature = "cuda")]
+/// for its own `Cuda::import` calls (small counters).
 fn next_producer() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 63);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum MapKey {
-    Shm(String),
-    Inode(u64, u64),
 }
 
 impl Mapper {
@@ -165,10 +203,10 @@ impl Mapper {
             schemes,
             peer_prefix: peer_prefix.to_string(),
             peer_uid: Some(rustix::process::getuid().as_raw()),
+            refused: Vec::new(),
             cache: HashMap::new(),
             order: VecDeque::new(),
             max: DEFAULT_MAX_MAPPINGS,
-            #[cfg(feature = "cuda")]
             producer: next_producer(),
         }
     }
@@ -183,6 +221,29 @@ impl Mapper {
         self
     }
 
+    /// Refuses every later handle of `scheme` from this peer with `ERR_ATTACHMENT` naming
+    /// `why`, and forgets its cached mappings (views already handed out stay valid). The
+    /// session calls this when a mapping of the scheme faulted (SPEC §7).
+    pub fn refuse(&mut self, scheme: Scheme, why: impl Into<String>) {
+        if !self.refused.iter().any(|(s, _)| *s == scheme) {
+            self.refused.push((scheme, why.into()));
+        }
+        let cache = &mut self.cache;
+        self.order.retain(|(s, k)| {
+            if *s == scheme {
+                cache.remove(k);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Whether `scheme` is refused for the rest of the connection.
+    pub fn is_refused(&self, scheme: Scheme) -> bool {
+        self.refused.iter().any(|(s, _)| *s == scheme)
+    }
+
     /// How many segments are mapped.
     pub fn mapped(&self) -> usize {
         self.cache.len()
@@ -190,67 +251,47 @@ impl Mapper {
 
     /// Resolves one URI. `fds` are the descriptors passed with the message (for `memfd://`).
     /// Every refusal is `ERR_ATTACHMENT` naming the reason; nothing is mapped then.
+    ///
+    /// What is common to every scheme happens here (negotiated? refused after a fault? the
+    /// cache, the range, the lease); the rest is the scheme's
+    /// [`HandleScheme`](super::scheme::HandleScheme).
     pub fn resolve(
         &mut self,
         uri: &AttachmentUri,
         fds: &[OwnedFd],
         lease: &Arc<Lease>,
     ) -> Result<View> {
-        let (key, map) = match uri.target() {
-            Target::Shm { name } => {
-                if !self.schemes.contains(&Scheme::Shm) {
-                    return Err(attach_err("shm: scheme not negotiated"));
-                }
-                if self.peer_prefix.is_empty() || !name.starts_with(&self.peer_prefix) {
-                    return Err(attach_err(format!(
-                        "shm: name {name:?} is outside the peer's prefix {:?}",
-                        self.peer_prefix
-                    )));
-                }
-                let key = MapKey::Shm(name.clone());
-                match self.cache.get(&key) {
-                    Some(m) => (key, m.clone()),
-                    None => {
-                        let Some(uid) = self.peer_uid else {
-                            return Err(attach_err(
-                                "shm: the peer's user is unknown (not a local socket of this \
-                                 network namespace), so no shm object can be trusted as its own",
-                            ));
-                        };
-                        (key, Arc::new(Mapping::open_shm_of(name, uid)?))
-                    }
-                }
-            }
-            Target::Memfd { index } => {
-                if !self.schemes.contains(&Scheme::Memfd) {
-                    return Err(attach_err("memfd: scheme not negotiated"));
-                }
-                let fd = fds.get(*index as usize).ok_or_else(|| {
-                    attach_err(format!(
-                        "memfd: index {index}, but {} descriptors came with the message",
-                        fds.len()
-                    ))
-                })?;
-                let st = rustix::fs::fstat(fd)
-                    .map_err(|e| attach_err(format!("memfd {index}: fstat: {e}")))?;
-                let key = MapKey::Inode(st.st_dev, st.st_ino);
-                match self.cache.get(&key) {
-                    // The same memfd again: its mapping is reused and the new descriptor closes.
-                    Some(m) if m.len() as i64 == st.st_size => (key, m.clone()),
-                    _ => (
-                        key,
-                        Arc::new(Mapping::map_fd(fd, &format!("memfd {index}"))?),
-                    ),
-                }
-            }
-            Target::CudaIpc { .. } => {
-                return Err(attach_err(if cfg!(feature = "cuda") {
-                    "cuda-ipc: device memory has no host view (it is resolved into a device view)"
-                } else {
-                    "cuda-ipc: not supported by this build (feature `cuda`)"
-                }));
-            }
+        let scheme = uri.scheme_id();
+        if !self.schemes.contains(&scheme) {
+            return Err(attach_err(format!(
+                "{}: scheme not negotiated",
+                scheme.name()
+            )));
+        }
+        if let Some((_, why)) = self.refused.iter().find(|(s, _)| *s == scheme) {
+            return Err(attach_err(format!(
+                "{}: refused for the rest of this connection ({why})",
+                scheme.name()
+            )));
+        }
+        let handler = scheme.handler();
+        let peer = Peer {
+            shm_prefix: &self.peer_prefix,
+            uid: self.peer_uid,
+            fds,
         };
+        let key = handler.key(uri, &peer)?;
+        let map = match self.cache.get(&key) {
+            // The same object again: its mapping is reused (a new descriptor just closes).
+            Some(m) => m.clone(),
+            None => handler.import(uri, &peer)?,
+        };
+        if map.faulted() {
+            return Err(attach_err(format!(
+                "{}: segment shrank while mapped",
+                scheme.name()
+            )));
+        }
         let end = uri.end();
         if end > map.len() as u64 {
             return Err(attach_err(format!(
@@ -260,7 +301,8 @@ impl Mapper {
                 map.len()
             )));
         }
-        self.remember(key, map.clone());
+        self.remember(scheme, key, map.clone());
+        lease.hold(scheme, &map);
         Ok(View {
             map,
             off: uri.offset() as usize,
@@ -269,11 +311,11 @@ impl Mapper {
         })
     }
 
-    fn remember(&mut self, key: MapKey, map: Arc<Mapping>) {
+    fn remember(&mut self, scheme: Scheme, key: ImportKey, map: Arc<Mapping>) {
         if self.cache.insert(key.clone(), map).is_none() {
-            self.order.push_back(key);
+            self.order.push_back((scheme, key));
             while self.order.len() > self.max {
-                if let Some(old) = self.order.pop_front() {
+                if let Some((_, old)) = self.order.pop_front() {
                     // Views still hold their mapping; only the cache entry goes.
                     self.cache.remove(&old);
                 }
@@ -285,8 +327,13 @@ impl Mapper {
     pub fn clear(&mut self) {
         self.cache.clear();
         self.order.clear();
-        #[cfg(feature = "cuda")]
-        super::cuda::release_producer(self.producer);
+        self.release_producer();
+    }
+
+    fn release_producer(&self) {
+        for s in &self.schemes {
+            s.handler().release(self.producer);
+        }
     }
 
     /// Resolves a `cuda-ipc://` URI into a view of the peer's device memory (SPEC §7): the
@@ -301,7 +348,7 @@ impl Mapper {
         uri: &AttachmentUri,
         lease: &Arc<Lease>,
     ) -> Result<super::cuda::DeviceView> {
-        let Target::CudaIpc { device_uuid, .. } = uri.target() else {
+        let super::uri::Target::CudaIpc { device_uuid, .. } = uri.target() else {
             return Err(attach_err(format!("not a cuda-ipc URI: {uri}")));
         };
         if !self.schemes.contains(&Scheme::CudaIpc) {
@@ -314,11 +361,10 @@ impl Mapper {
     }
 }
 
-#[cfg(feature = "cuda")]
 impl Drop for Mapper {
     fn drop(&mut self) {
         // The peer's session is over: its device mappings close once their last view goes.
-        super::cuda::release_producer(self.producer);
+        self.release_producer();
     }
 }
 
@@ -330,7 +376,8 @@ mod tests {
 
     fn lease(counter: &Arc<AtomicUsize>) -> Arc<Lease> {
         let c = counter.clone();
-        Lease::new(5, move |_| {
+        Lease::new(5, move |r: Released| {
+            assert_eq!(r.faulted, None);
             c.fetch_add(1, Ordering::SeqCst);
         })
     }

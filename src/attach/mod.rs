@@ -7,9 +7,14 @@
 //! - [`pool`]: the sender's pool of segments and the writable [`Region`]s it loans;
 //! - [`map`]: the receiver's mapping cache, the read-only [`View`]s it hands out, and the
 //!   [`Lease`] that ACKs a message when its last view is dropped;
+//! - [`scheme`]: the [`HandleScheme`] trait every handle scheme implements (shm, memfd,
+//!   cuda-ipc, and an in-process `local` one for tests), so callers never match on names;
+//! - [`guard`]: the SIGBUS guard over every mapping of a peer's memory (SPEC §7: a peer that
+//!   shrinks a segment under us makes its pages read as zeros, not kill the process);
 //! - [`uri`]: the attachment URIs that name handles (`shm://`, `memfd://`, `cuda-ipc://`);
 //! - [`dlpack_ffi`]: the DLPack C ABI, which needs raw pointers and a foreign deleter;
 //! - [`gc`]: removal of segments left behind by killed processes (`xcp shm gc`);
+//! - [`guard`]: the SIGBUS guard that maps zeros over a peer's segment when the peer shrinks it;
 //! - `cuda` (feature `cuda`): `cuda-ipc://` export and import of device memory, DLPack
 //!   `kDLCUDA` views, and the device kernels of `kernels/`.
 //!
@@ -29,8 +34,10 @@
 pub mod cuda;
 pub mod dlpack_ffi;
 pub mod gc;
+pub mod guard;
 pub mod map;
 pub mod pool;
+pub mod scheme;
 pub mod segment;
 pub mod uri;
 
@@ -38,6 +45,7 @@ use std::sync::OnceLock;
 
 pub use map::{Lease, Mapper, View};
 pub use pool::{Pool, PoolConfig, Region};
+pub use scheme::HandleScheme;
 pub use segment::Scheme;
 
 /// The name prefix of every shm object this process creates: `xcp-<pid>-<random>-`.

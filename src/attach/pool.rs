@@ -192,7 +192,8 @@ impl Pool {
         let name = format!("{}{n}", self.inner.cfg.prefix);
         match self.inner.cfg.scheme {
             Scheme::Shm => Segment::create_shm(&name, len),
-            Scheme::Memfd => Segment::create_memfd(&name, len),
+            // `local` hands out the descriptors of memfds inside this process.
+            Scheme::Memfd | Scheme::Local => Segment::create_memfd(&name, len),
             Scheme::CudaIpc => Err(Error::invalid(
                 "a pool holds host segments: cuda-ipc is device memory (see attach::cuda)",
             )),

@@ -7,9 +7,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::Mode;
 
+use super::guard::Guarded;
 use crate::error::{Error, ErrorCode, Result};
 
-/// Which kind of shared memory a segment is.
+/// A handle scheme (SPEC §7): how an attachment's bytes are named instead of sent. Each has
+/// an implementation of [`HandleScheme`](super::scheme::HandleScheme), found with
+/// [`Scheme::handler`].
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
     /// A named POSIX shared-memory object (`shm://`).
@@ -19,16 +23,34 @@ pub enum Scheme {
     /// Device memory by CUDA IPC handle (`cuda-ipc://`, feature `cuda`): never a host
     /// segment; offered only where a CUDA device is usable.
     CudaIpc,
+    /// Objects registered in this process (`local://`): for tests of the scheme contract;
+    /// never offered to a peer.
+    Local,
 }
 
 impl Scheme {
+    /// Every scheme.
+    pub const ALL: [Scheme; 4] = [Scheme::Shm, Scheme::Memfd, Scheme::CudaIpc, Scheme::Local];
+
     /// The URI scheme / HELLO `attach` name.
     pub fn name(self) -> &'static str {
         match self {
             Scheme::Shm => "shm",
             Scheme::Memfd => "memfd",
             Scheme::CudaIpc => "cuda-ipc",
+            Scheme::Local => "local",
         }
+    }
+
+    /// The scheme of a HELLO/CAPS `attach` name; `None` for a name this build does not know
+    /// (a newer peer's scheme: ignored in negotiation).
+    pub fn from_name(name: &str) -> Option<Scheme> {
+        Scheme::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Its implementation.
+    pub fn handler(self) -> &'static dyn super::scheme::HandleScheme {
+        super::scheme::handler(self)
     }
 }
 
@@ -36,6 +58,10 @@ impl Scheme {
 ///
 /// A shm segment's name is unlinked when the segment drops; a memfd simply closes.
 pub struct Segment {
+    /// Watches the mapping for SIGBUS (a peer of our user could truncate a shm object of
+    /// ours); dropped before `map`. `None` for a (sealed) memfd, or when the guard's table
+    /// was full.
+    guard: Option<Guarded>,
     scheme: Scheme,
     /// The object name (shm) or a label (memfd).
     name: String,
@@ -74,11 +100,19 @@ impl Segment {
         seg
     }
 
-    /// Creates a memfd of `len` bytes and maps it.
+    /// Creates a memfd of `len` bytes, seals it against shrinking and growing (SPEC §7: a
+    /// receiver refuses a memfd without `F_SEAL_SHRINK`), and maps it. No write seal: the
+    /// pool writes the region again after the peer ACKs.
     pub fn create_memfd(label: &str, len: usize) -> Result<Segment> {
-        let fd = rustix::fs::memfd_create(label, rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| io_err("memfd_create", e))?;
-        Self::finish(Scheme::Memfd, label.to_string(), fd, len)
+        let fd = rustix::fs::memfd_create(
+            label,
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| io_err("memfd_create", e))?;
+        let seg = Self::finish(Scheme::Memfd, label.to_string(), fd, len)?;
+        rustix::fs::fcntl_add_seals(&seg.fd, MEMFD_SEALS)
+            .map_err(|e| io_err("fcntl(F_ADD_SEALS)", e))?;
+        Ok(seg)
     }
 
     fn finish(scheme: Scheme, name: String, fd: OwnedFd, len: usize) -> Result<Segment> {
@@ -87,7 +121,20 @@ impl Segment {
         }
         rustix::fs::ftruncate(&fd, len as u64).map_err(|e| io_err("ftruncate", e))?;
         let map = MmapOptions::new().len(len).map_raw(&fd)?;
+        // A shm object of ours can be truncated by any process of our user; a memfd is
+        // sealed (see `create_memfd`), so only shm segments take a slot of the guard.
+        let guard = match scheme {
+            Scheme::Shm => match Guarded::register(map.as_ptr(), len, true) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::debug!("segment {name} not guarded against SIGBUS: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         Ok(Segment {
+            guard,
             scheme,
             name,
             fd,
@@ -124,6 +171,22 @@ impl Segment {
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.map.as_mut_ptr()
     }
+
+    /// Whether the object shrank under its mapping since it was created (someone truncated
+    /// it; the pages past the new end now read as zeros and writes to them are lost).
+    pub fn faulted(&self) -> bool {
+        self.guard.as_ref().is_some_and(Guarded::faulted)
+    }
+
+    /// Whether the object is no longer as long as its mapping: it [`faulted`](Self::faulted),
+    /// or someone truncated it (its pages past the new end are gone even if nothing touched
+    /// them yet). A sealed memfd never shrinks.
+    pub fn shrank(&self) -> bool {
+        self.faulted()
+            || rustix::fs::fstat(&self.fd)
+                .map(|st| st.st_size < self.len() as i64)
+                .unwrap_or(true)
+    }
 }
 
 impl Drop for Segment {
@@ -136,8 +199,16 @@ impl Drop for Segment {
     }
 }
 
-/// A segment of the peer, mapped read-only.
+/// The seals a memfd carries before its first handle leaves (SPEC §7).
+pub const MEMFD_SEALS: rustix::fs::SealFlags =
+    rustix::fs::SealFlags::SHRINK.union(rustix::fs::SealFlags::GROW);
+
+/// A segment of the peer, mapped read-only, and registered with the SIGBUS guard
+/// ([`super::guard`]): if the peer shrinks the object while it is mapped, the pages past the
+/// new end read as zeros and [`Mapping::faulted`] says so, instead of the process dying.
 pub struct Mapping {
+    /// Dropped before `map`: nothing reads the mapping once its owner goes.
+    guard: Guarded,
     map: MmapRaw,
 }
 
@@ -182,7 +253,25 @@ impl Mapping {
         Self::map_fd(&fd, &what)
     }
 
-    /// Maps all of a received descriptor read-only.
+    /// Maps a received `memfd://` descriptor read-only, after checking that it is sealed
+    /// against shrinking (SPEC §7): an unsealed memfd, or a descriptor that cannot carry seals
+    /// (not a memfd), is refused with `ERR_ATTACHMENT` and nothing is mapped.
+    pub fn map_memfd(fd: impl AsFd, what: &str) -> Result<Mapping> {
+        let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| {
+            attach_err(format!(
+                "{what}: not a memfd that can be sealed (F_GET_SEALS: {e})"
+            ))
+        })?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(attach_err(format!(
+                "{what}: memfd not sealed against shrinking (F_SEAL_SHRINK missing)"
+            )));
+        }
+        Self::map_fd(fd, what)
+    }
+
+    /// Maps all of a received descriptor read-only (no seal check: see
+    /// [`Mapping::map_memfd`] for `memfd://`).
     pub fn map_fd(fd: impl AsFd, what: &str) -> Result<Mapping> {
         let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
         // Only regular files (shm objects and memfds are): not sockets, pipes or devices.
@@ -198,7 +287,15 @@ impl Mapping {
             .len(len)
             .map_raw_read_only(&fd.as_fd())
             .map_err(|e| attach_err(format!("{what}: mmap: {e}")))?;
-        Ok(Mapping { map })
+        let guard = Guarded::register(map.as_ptr(), len, false)?;
+        Ok(Mapping { guard, map })
+    }
+
+    /// Whether the peer shrank the object while it was mapped: a read touched a page past its
+    /// new end, and the pages from there on read as zeros (SPEC §7). Whoever reads a view to
+    /// the end checks this before trusting what it read.
+    pub fn faulted(&self) -> bool {
+        self.guard.faulted()
     }
 
     /// The object's size.

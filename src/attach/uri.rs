@@ -7,6 +7,7 @@
 //! | `shm` | `shm://<name>#<off>,<size>`, `<name>` is `[A-Za-z0-9._-]{1,200}` |
 //! | `memfd` | `memfd://<index>#<off>,<size>`, `<index>` a decimal `u32` |
 //! | `cuda-ipc` | `cuda-ipc://<device-uuid>/<128 hex>[?event=<128 hex>]#<off>,<size>` |
+//! | `local` | `local://<id>#<off>,<size>`, `<id>` a decimal `u64`: an object registered in this process (not a SPEC scheme: [`LocalScheme`](super::scheme::LocalScheme), for tests; never offered to a peer) |
 //!
 //! Decisions where the SPEC leaves room:
 //!
@@ -74,6 +75,12 @@ pub enum Target {
         mem_handle: [u8; 64],
         /// The `cudaIpcEventHandle_t` the producer recorded after writing, if any.
         event: Option<[u8; 64]>,
+    },
+    /// An object registered with this process's [`LocalScheme`](super::scheme::LocalScheme)
+    /// (in-process, for tests; never negotiated with a peer).
+    Local {
+        /// The registration id.
+        id: u64,
     },
 }
 
@@ -162,12 +169,19 @@ impl AttachmentUri {
         self.offset + self.size
     }
 
-    /// The scheme name: `shm`, `memfd` or `cuda-ipc`.
+    /// The scheme name: `shm`, `memfd`, `cuda-ipc` or `local`.
     pub fn scheme(&self) -> &'static str {
+        self.scheme_id().name()
+    }
+
+    /// The scheme, as the enum sessions negotiate.
+    pub fn scheme_id(&self) -> super::Scheme {
+        use super::Scheme;
         match self.target {
-            Target::Shm { .. } => "shm",
-            Target::Memfd { .. } => "memfd",
-            Target::CudaIpc { .. } => "cuda-ipc",
+            Target::Shm { .. } => Scheme::Shm,
+            Target::Memfd { .. } => Scheme::Memfd,
+            Target::CudaIpc { .. } => Scheme::CudaIpc,
+            Target::Local { .. } => Scheme::Local,
         }
     }
 
@@ -231,6 +245,12 @@ impl AttachmentUri {
                     event,
                 }
             }
+            "local" => {
+                no_query(query, scheme)?;
+                Target::Local {
+                    id: parse_decimal(before, "local id")?,
+                }
+            }
             other => {
                 return Err(attach_err(format!(
                     "unknown scheme {other:?} (expected shm, memfd or cuda-ipc)"
@@ -246,6 +266,7 @@ impl fmt::Display for AttachmentUri {
         match &self.target {
             Target::Shm { name } => write!(f, "shm://{name}")?,
             Target::Memfd { index } => write!(f, "memfd://{index}")?,
+            Target::Local { id } => write!(f, "local://{id}")?,
             Target::CudaIpc {
                 device_uuid,
                 mem_handle,
@@ -511,6 +532,7 @@ mod tests {
                 .prop_filter("not a directory", |n| n != "." && n != "..")
                 .prop_map(|name| Target::Shm { name }),
             any::<u32>().prop_map(|index| Target::Memfd { index }),
+            any::<u64>().prop_map(|id| Target::Local { id }),
             (
                 any::<[u8; 16]>(),
                 prop::collection::vec(any::<u8>(), 64),

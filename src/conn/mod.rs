@@ -223,8 +223,17 @@ impl Incoming {
             .map(|(_, v)| v)
     }
 
+    /// Whether a mapping behind one of the message's views faulted: the peer shrank a
+    /// segment while it was mapped, and what was read past its new end are zeros (SPEC §7).
+    /// Check it after reading the views (or `Bytes` made from them) to the end; when the
+    /// views are dropped the session answers such a message NACK `ERR_ATTACHMENT`.
+    pub fn faulted(&self) -> bool {
+        self.views.iter().any(|(_, v)| v.faulted())
+    }
+
     /// The bytes of attachment `id`, wherever they came: a handle's view (no copy) or the
-    /// inline bytes of the Ether.
+    /// inline bytes of the Ether. For a handle, check [`Incoming::faulted`] after reading
+    /// them: a peer that shrinks its segment makes the rest read as zeros.
     pub fn attachment_bytes(&self, id: &str) -> Option<Bytes> {
         if let Some(v) = self.view(id) {
             return Some(v.clone().into_bytes());
@@ -779,7 +788,11 @@ impl Connection {
             .and_then(|body| encode(&hdr, self.form, Flags::NONE, body))
         {
             Ok(f) => self.transmits.push_back(f),
-            Err(e) => tracing::error!("encoding {:?} failed: {e}", ctl.msg_type()),
+            Err(e) => crate::session::ratelog::peer_log_global!(
+                WARN,
+                "encoding {:?} failed: {e}",
+                ctl.msg_type()
+            ),
         }
         id
     }
@@ -1092,7 +1105,11 @@ impl Connection {
                 for (flags, chunk) in split(msg.body, Flags::NONE, max_frame) {
                     match encode(&hdr, self.form, flags, chunk) {
                         Ok(f) => self.transmits.push_back(f),
-                        Err(e) => tracing::error!("encoding PONG failed: {e}"),
+                        // The echo of the peer's PING: the peer decides how often.
+                        Err(e) => crate::session::ratelog::peer_log_global!(
+                            WARN,
+                            "encoding PONG failed: {e}"
+                        ),
                     }
                 }
             }

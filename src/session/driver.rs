@@ -31,6 +31,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::attach::map::Released;
 use crate::attach::uri::{AttachmentUri, Target};
 use crate::attach::{Lease, Mapper, Region, Scheme};
 use crate::codec::dlpack::{DlData, DlpackDescriptor};
@@ -40,6 +41,8 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::ether::{Attachment, Ether};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
+
+use super::ratelog::{peer_log, PeerLog, PEER_FAULTS};
 
 /// Bytes read per call at least.
 const READ_CHUNK: usize = 64 * 1024;
@@ -428,7 +431,7 @@ enum Step {
     Delivered,
     ReceiverGone,
     Command(Option<Command>),
-    Release(Option<u64>),
+    Release(Option<Released>),
     Timer,
 }
 
@@ -471,8 +474,8 @@ struct Driver {
     /// Maps the peer's segments (set once handles are negotiated).
     mapper: Option<Mapper>,
     /// Leases of received messages report here when their last view is dropped.
-    release_tx: mpsc::UnboundedSender<u64>,
-    release_rx: mpsc::UnboundedReceiver<u64>,
+    release_tx: mpsc::UnboundedSender<Released>,
+    release_rx: mpsc::UnboundedReceiver<Released>,
     /// Our messages whose regions wait for the peer's ACK.
     leases: HashMap<u64, SentLease>,
     /// Handle schemes both sides take (empty after the peer refused a handle).
@@ -483,6 +486,8 @@ struct Driver {
     /// Received messages whose views are still held, and the bound on them.
     live_leases: usize,
     max_leases: usize,
+    /// Bounds the lines this peer can make us log (see [`super::ratelog`]).
+    plog: PeerLog,
 }
 
 /// Runs one connection until it is over.
@@ -540,6 +545,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         proto_bytes: 0,
         live_leases: 0,
         max_leases,
+        plog: PeerLog::new(),
     };
     d.main_loop().await;
 
@@ -549,6 +555,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         None => "closed".to_string(),
     };
     tracing::debug!(peer = %d.peer, "connection over: {reason}");
+    d.plog.flush(Instant::now(), &PEER_FAULTS, &d.peer);
     shared.set_reason(reason.clone());
     for (_, tx) in d.requests.drain() {
         let _ = tx.send(Err(Error::Closed(reason.clone())));
@@ -617,7 +624,13 @@ impl Driver {
                         self.out.bytes, self.peer
                     ),
                 ));
-                tracing::warn!(peer = %self.peer, "closing: {} bytes unsent, the peer does not read", self.out.bytes);
+                peer_log!(
+                    self.plog,
+                    self.peer,
+                    WARN,
+                    "closing: {} bytes unsent, the peer does not read",
+                    self.out.bytes
+                );
                 self.broken = true;
             }
             if self.broken {
@@ -733,14 +746,7 @@ impl Driver {
                 // No handle can receive any more: nobody will read these.
                 Step::ReceiverGone => self.backlog.clear(),
                 Step::Command(Some(cmd)) => self.on_command(cmd),
-                Step::Release(Some(id)) => {
-                    self.live_leases = self.live_leases.saturating_sub(1);
-                    if !self.conn.is_closed() {
-                        if let Err(e) = self.conn.ack(id) {
-                            tracing::debug!(peer = %self.peer, "ACK {id}: {e}");
-                        }
-                    }
-                }
+                Step::Release(Some(r)) => self.on_release(r),
                 // The driver holds a sender itself: never closed while it runs.
                 Step::Release(None) => {}
                 Step::Command(None) => {
@@ -754,6 +760,44 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// The last view of a message by handle is gone: ACK it, or, if one of its mappings
+    /// faulted (the peer shrank a segment under us, SPEC §7), NACK it `ERR_ATTACHMENT` and
+    /// refuse that scheme's handles from this peer for the rest of the connection.
+    fn on_release(&mut self, r: Released) {
+        self.live_leases = self.live_leases.saturating_sub(1);
+        if let Some(scheme) = r.faulted {
+            if let Some(mapper) = self.mapper.as_mut() {
+                if !mapper.is_refused(scheme) {
+                    peer_log!(
+                        self.plog,
+                        self.peer,
+                        WARN,
+                        "the peer shrank a {} segment while msgId {} was mapped; refusing its {} handles from now on",
+                        scheme.name(),
+                        r.msg_id,
+                        scheme.name()
+                    );
+                }
+                mapper.refuse(scheme, "a segment shrank while mapped");
+            }
+        }
+        if self.conn.is_closed() {
+            return;
+        }
+        let answered = match r.faulted {
+            Some(_) => self.conn.nack(
+                r.msg_id,
+                ErrorCode::ERR_ATTACHMENT,
+                0,
+                "segment shrank while mapped",
+            ),
+            None => self.conn.ack(r.msg_id),
+        };
+        if let Err(e) = answered {
+            tracing::debug!(peer = %self.peer, "answering msgId {}: {e}", r.msg_id);
         }
     }
 
@@ -788,12 +832,9 @@ impl Driver {
                     self.handle_schemes = neg
                         .attach
                         .iter()
-                        .filter_map(|a| match a.as_str() {
-                            "shm" => Some(Scheme::Shm),
-                            "memfd" => Some(Scheme::Memfd),
-                            "cuda-ipc" => Some(Scheme::CudaIpc),
-                            _ => None,
-                        })
+                        .filter_map(|a| Scheme::from_name(a))
+                        // Never negotiated with a peer, whatever it says.
+                        .filter(|s| *s != Scheme::Local)
                         .collect();
                     if !self.handle_schemes.is_empty() {
                         let uid = if self.handle_schemes.contains(&Scheme::Shm) {
@@ -816,7 +857,13 @@ impl Driver {
             }
             Event::Message(mut m) => {
                 if let Err(e) = self.attach_views(&mut m) {
-                    tracing::warn!(peer = %self.peer, "refused the attachments of msgId {}: {e}", m.msg_id());
+                    peer_log!(
+                        self.plog,
+                        self.peer,
+                        WARN,
+                        "refused the attachments of msgId {}: {e}",
+                        m.msg_id()
+                    );
                     let detail = match &e {
                         Error::Protocol { detail, .. } => detail.clone(),
                         other => other.to_string(),
@@ -855,10 +902,13 @@ impl Driver {
             } => {
                 if code == ErrorCode::ERR_ATTACHMENT {
                     if let Some(lease) = self.leases.remove(&msg_id) {
-                        if !matches!(lease.body, LeasedBody::Held) {
+                        // Our own segment shrank under it (someone truncated it): its bytes
+                        // are gone, so sending them inline would send zeros. The refusal goes
+                        // to the sender as it is (below), as it does for device memory.
+                        let shrank = lease.regions.iter().any(|(_, r)| r.segment().shrank());
+                        if !matches!(lease.body, LeasedBody::Held) && !shrank {
                             return self.resend_inline(msg_id, lease, &detail);
                         }
-                        // Device memory: the refusal goes to the sender as it is (below).
                     }
                 }
                 self.leases.remove(&msg_id);
@@ -873,7 +923,7 @@ impl Driver {
                 } else if let Some(tx) = self.pings.remove(&msg_id) {
                     let _ = tx.send(Err(err));
                 } else {
-                    tracing::warn!(peer = %self.peer, "{err}");
+                    peer_log!(self.plog, self.peer, WARN, "{err}");
                 }
             }
             Event::Pong { ping_id, rtt } => {
@@ -882,15 +932,21 @@ impl Driver {
                 }
             }
             Event::Refused { msg_id, error } => {
-                tracing::warn!(peer = %self.peer, "refused msgId {msg_id} from the peer: {error}");
+                peer_log!(
+                    self.plog,
+                    self.peer,
+                    WARN,
+                    "refused msgId {msg_id} from the peer: {error}"
+                );
             }
             Event::Closed(err) => {
                 match &err {
                     None => tracing::debug!(peer = %self.peer, "connection closed"),
+                    // Logged by the server's accept loop; a client gets it from `connect`.
                     Some(e) if self.connected.is_some() => {
-                        tracing::info!(peer = %self.peer, "handshake failed: {e}")
+                        tracing::debug!(peer = %self.peer, "handshake failed: {e}")
                     }
-                    Some(e) => tracing::info!(peer = %self.peer, "connection closed: {e}"),
+                    Some(e) => peer_log!(self.plog, self.peer, INFO, "connection closed: {e}"),
                 }
                 if let Some(e) = err {
                     self.note_error(e);
@@ -1033,16 +1089,7 @@ impl Driver {
         if region.len() < self.inline_threshold || !self.handle_schemes.contains(&scheme) {
             return Ok(None);
         }
-        let len = region.len() as u64;
-        Ok(Some(match scheme {
-            Scheme::Shm => AttachmentUri::shm(region.segment().name(), 0, len)?,
-            Scheme::Memfd => {
-                fds.push(region.segment().fd().try_clone()?);
-                AttachmentUri::memfd(fds.len() as u32 - 1, 0, len)?
-            }
-            // Regions are host memory: never a device handle.
-            Scheme::CudaIpc => return Ok(None),
-        }))
+        scheme.handler().export(region, fds)
     }
 
     /// Queues `out` with `fds` on its first frame, and keeps `kept` loaned until the ACK.
@@ -1077,7 +1124,12 @@ impl Driver {
     /// use inline bytes from now on.
     fn resend_inline(&mut self, old_id: u64, lease: SentLease, detail: &str) {
         if !self.handle_schemes.is_empty() {
-            tracing::warn!(peer = %self.peer, "the peer refused a handle ({detail}); sending attachments inline from now on");
+            peer_log!(
+                self.plog,
+                self.peer,
+                WARN,
+                "the peer refused a handle ({detail}); sending attachments inline from now on"
+            );
             self.handle_schemes.clear();
         }
         let SentLease {
@@ -1101,7 +1153,12 @@ impl Driver {
                 let _ = w.send(Err(e));
             }
             (Err(e), None) => {
-                tracing::warn!(peer = %self.peer, "resending msgId {old_id} inline: {e}")
+                peer_log!(
+                    self.plog,
+                    self.peer,
+                    WARN,
+                    "resending msgId {old_id} inline: {e}"
+                )
             }
         }
     }
@@ -1173,8 +1230,8 @@ impl Driver {
             ));
         }
         let tx = self.release_tx.clone();
-        let lease = Lease::new(m.msg_id(), move |id| {
-            let _ = tx.send(id);
+        let lease = Lease::new(m.msg_id(), move |r| {
+            let _ = tx.send(r);
         });
         let mut views = Vec::with_capacity(uris.len());
         #[cfg(feature = "cuda")]
@@ -1222,7 +1279,13 @@ impl Driver {
         while held > take {
             // The oldest go first: their message, if any, is long done.
             let Some(g) = self.fds.pop_front() else { break };
-            tracing::warn!(peer = %self.peer, "closing {} descriptors the peer passed unasked", g.fds.len());
+            peer_log!(
+                self.plog,
+                self.peer,
+                WARN,
+                "closing {} descriptors the peer passed unasked",
+                g.fds.len()
+            );
             held -= g.fds.len();
         }
     }

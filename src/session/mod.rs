@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 mod driver;
+pub mod ratelog;
 
 use std::fmt;
 use std::sync::Arc;
@@ -101,24 +102,10 @@ pub struct AttachConfig {
     pub max_leases_per_peer: usize,
 }
 
-/// Whether this build and machine can take `cuda-ipc` handles (feature `cuda`, a driver and
-/// a device): checked once per process.
-fn cuda_ipc_usable() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *USABLE.get_or_init(crate::attach::cuda::usable)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        false
-    }
-}
-
 impl Default for AttachConfig {
     fn default() -> Self {
         AttachConfig {
-            // `cuda-ipc` is offered only where it can work (see `cuda_ipc_usable`).
+            // `cuda-ipc` is offered only where it can work (see `attach::scheme::cuda_usable`).
             schemes: vec![Scheme::Memfd, Scheme::Shm, Scheme::CudaIpc],
             pool_cap_bytes: 1 << 30,
             alloc_timeout: Duration::from_secs(5),
@@ -546,8 +533,10 @@ async fn start(
         .schemes
         .iter()
         .copied()
-        .filter(|s| !remote && (unix || *s != Scheme::Memfd))
-        .filter(|s| *s != Scheme::CudaIpc || cuda_ipc_usable())
+        .filter(|s| {
+            s.handler()
+                .negotiate(crate::attach::scheme::Link { unix, remote })
+        })
         .collect();
     let mut conn_config = config.conn.clone();
     if !offered.is_empty() {
@@ -713,7 +702,10 @@ async fn refuse_busy(mut stream: Stream, peer: String, retry_after_ms: u32, live
             body,
         )
     });
-    tracing::info!("{peer}: refused, {live} connections already (max_connections)");
+    ratelog::peer_log_global!(
+        INFO,
+        "{peer}: refused, {live} connections already (max_connections)"
+    );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         if let Ok(f) = frame {
             stream.write_all(&f.to_vec()).await?;
@@ -746,8 +738,9 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    // Out of file descriptors and the like: wait a little, keep serving.
-                    tracing::warn!("accept on {}: {e}", listener.local_url());
+                    // Out of file descriptors and the like (a connection flood): wait a
+                    // little, keep serving.
+                    ratelog::peer_log_global!(WARN, "accept on {}: {e}", listener.local_url());
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -768,7 +761,10 @@ async fn accept_loop(
         let stream = match stream.with_ring(ring.clone()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("{peer}: could not hand the connection to io_uring: {e}");
+                ratelog::peer_log_global!(
+                    WARN,
+                    "{peer}: could not hand the connection to io_uring: {e}"
+                );
                 continue;
             }
         };
@@ -790,7 +786,7 @@ async fn accept_loop(
                     // If the server is gone, dropping the session closes it.
                     let _ = tx.send(session).await;
                 }
-                Err(e) => tracing::info!("{peer}: handshake failed: {e}"),
+                Err(e) => ratelog::peer_log_global!(INFO, "{peer}: handshake failed: {e}"),
             }
         });
     }

@@ -274,12 +274,15 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<QuicStream>) {
                 Ok(Ok(conn)) => {
                     let _ = tx.send(QuicStream::new(conn, None, peer)).await;
                 }
-                Ok(Err(e)) => tracing::info!("{peer}: QUIC handshake refused: {}", explain(&e)),
-                Err(_) => {
-                    tracing::info!(
-                        "{peer}: QUIC handshake refused: none within {HANDSHAKE_TIMEOUT:?}"
-                    )
-                }
+                Ok(Err(e)) => crate::session::ratelog::peer_log_global!(
+                    INFO,
+                    "{peer}: QUIC handshake refused: {}",
+                    explain(&e)
+                ),
+                Err(_) => crate::session::ratelog::peer_log_global!(
+                    INFO,
+                    "{peer}: QUIC handshake refused: none within {HANDSHAKE_TIMEOUT:?}"
+                ),
             }
         });
     }
@@ -506,7 +509,7 @@ impl Shared {
                                 "the peer opened more than {MAX_PEER_STREAMS} streams (XCP \
                                  channels) on one connection: refused"
                             );
-                            tracing::warn!("{}: {why}", self.peer);
+                            crate::session::ratelog::peer_log_global!(WARN, "{}: {why}", self.peer);
                             self.conn.close(
                                 quinn::VarInt::from_u32(CLOSE_TOO_MANY_STREAMS),
                                 why.as_bytes(),

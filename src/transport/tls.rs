@@ -683,7 +683,7 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!("accept on {local}: {e}");
+                    crate::session::ratelog::peer_log_global!(WARN, "accept on {local}: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -702,7 +702,8 @@ async fn accept_loop(
                     let _ = tx.send(s).await;
                 }
                 Ok(None) => {}
-                Err(_) => tracing::info!(
+                Err(_) => crate::session::ratelog::peer_log_global!(
+                    INFO,
                     "{peer}: TLS handshake refused: none within {HANDSHAKE_TIMEOUT:?}"
                 ),
             }
@@ -721,7 +722,10 @@ async fn handshake(
     let mut first = [0u8; 1];
     if let Ok(1) = tcp.peek(&mut first).await {
         if first[0] == XCP_FIRST_BYTE {
-            tracing::info!("{peer}: refused: a plaintext XCP client on a TLS port");
+            crate::session::ratelog::peer_log_global!(
+                INFO,
+                "{peer}: refused: a plaintext XCP client on a TLS port"
+            );
             refuse_plaintext(tcp).await;
             return None;
         }
@@ -736,7 +740,7 @@ async fn handshake(
                 Some(t) => explain(t),
                 None => e.to_string(),
             };
-            tracing::info!("{peer}: TLS handshake refused: {why}");
+            crate::session::ratelog::peer_log_global!(INFO, "{peer}: TLS handshake refused: {why}");
             None
         }
     }

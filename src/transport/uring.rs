@@ -56,7 +56,8 @@
 //!   notification completion.
 //!
 //! Dependencies beyond ARCHITECTURE.md's table: `libc`, because the `io-uring` crate's
-//! operations take libc's `msghdr` and `iovec` (only with the `uring` feature).
+//! operations take libc's `msghdr` and `iovec` (a dependency of every build since the SIGBUS
+//! guard of `attach::guard` needs `sigaction`).
 //!
 //! # Selection
 //! [`IoMode`](super::IoMode): `epoll`, `uring` or `auto`. [`probe`] builds a ring and runs a

@@ -9,6 +9,7 @@ mod bench;
 mod cert;
 mod demo;
 mod frame;
+mod logging;
 mod ping;
 mod send;
 mod serve;
@@ -44,6 +45,10 @@ Exit codes:
 
 Logging goes to stderr. `serve` logs at info level, the clients at warn; each -v raises it one
 step (info, debug, trace). RUST_LOG, when set, takes precedence (e.g. RUST_LOG=xcp=debug).
+Logging never blocks the work: lines go through a bounded queue to a writer thread, and when
+stderr is not being read (a stalled pipe) they are dropped and counted (\"xcp: N log lines
+dropped\"). Lines a peer can cause (bad frames, failed handshakes, connections opened and
+closed) are rate-limited, per peer and process-wide, with a summary of what was suppressed.
 
 URLs: tcp://HOST:PORT, unix:///absolute/path/to/socket, tls://HOST:PORT (TLS 1.3) or
 quic://HOST:PORT (QUIC). tls:// and quic:// authenticate both ends: give every side
@@ -341,15 +346,26 @@ fn init_logging(default: LevelFilter, verbose: u8) {
     let filter = EnvFilter::builder()
         .with_default_directive(level.into())
         .from_env_lossy();
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(verbose > 0)
-        .init();
+        .with_target(verbose > 0);
+    // A stalled stderr must not stall the runtime's workers: lines go through a queue to a
+    // writer thread (see `logging`); where that thread cannot start, straight to stderr.
+    match logging::stderr_writer() {
+        Some(writer) => builder.with_writer(writer).init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
 }
 
 fn main() -> ExitCode {
+    let code = run();
+    // What is still queued for stderr goes out now, within a bounded wait.
+    logging::flush();
+    code
+}
+
+fn run() -> ExitCode {
     let mut cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => LevelFilter::INFO,

@@ -1,7 +1,7 @@
 //! `xcp serve`: an echo server, and the checker of `xcp send --random-bytes`.
 
 use std::io::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use tokio::sync::watch;
@@ -10,6 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use xcp::codec::CodecId;
 use xcp::conn::{Incoming, Outgoing};
+use xcp::session::ratelog::{LogBudget, PeerLog, PEER_FAULTS};
 use xcp::wire::MsgType;
 use xcp::{Error, Ether, Server, Session};
 
@@ -32,7 +33,10 @@ What it does:
   answered with a message of the same type, codec, body, channel, schema key and tags, with
   inReplyTo set to its msgId. PING is answered with PONG by the library itself. One info line
   is logged on stderr when a connection opens (peer, negotiated codecs, max_frame_bytes,
-  header form, handle schemes) and one when it closes (reason, messages answered).
+  header form, handle schemes) and one when it closes (reason, messages answered): for the
+  first 50 connections at once, then 10 a second; beyond that they are counted, and the next
+  line logged says how many were suppressed. Lines a peer causes by misbehaving (bad frames,
+  failed handshakes) are limited the same way, per peer and for the whole process.
 
   Except one kind: a `blob` Ether whose payload says \"reply\": \"crc32c\" (what
   `xcp send --random-bytes N` sends) is answered with a `blob.checksum` Ether: the CRC32C of
@@ -56,6 +60,10 @@ Examples:
 
 /// How long open sessions get to close when the server stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The budget of the "connection open" and "connection closed" lines: a flood of connections
+/// must not become a flood of lines (a handful of connections still log each one).
+static CONNECTION_LINES: LogBudget = LogBudget::new("connections opened and closed", 10, 50);
 
 /// Arguments of `xcp serve`.
 #[derive(Args, Debug)]
@@ -186,7 +194,13 @@ async fn serve_session(
     hold: Duration,
 ) {
     let peer = session.peer().to_string();
-    {
+    let mut plog = PeerLog::new();
+    // A connection whose open was logged has its close logged too. Nothing is counted as
+    // suppressed where info is off anyway.
+    let info_on = tracing::enabled!(tracing::Level::INFO);
+    let open_logged = info_on.then(|| CONNECTION_LINES.admit(Instant::now()));
+    let open_logged = open_logged.flatten().inspect(|&n| {
+        CONNECTION_LINES.log_summary(n);
         let n = session.negotiated();
         info!(
             conn,
@@ -198,7 +212,7 @@ async fn serve_session(
             io = session.io(),
             "connection open"
         );
-    }
+    });
     let mut echoed: u64 = 0;
     let reason = loop {
         tokio::select! {
@@ -215,7 +229,12 @@ async fn serve_session(
                     match answer_blob(&session, msg, conn, hold).await {
                         Ok(()) => echoed += 1,
                         Err(Error::Closed(why)) => break why,
-                        Err(e) => warn!(conn, msg_id, error = %e, "blob answer failed"),
+                        Err(e) => {
+                            if let Some(pass) = plog.admit(Instant::now(), &PEER_FAULTS) {
+                                pass.log_summaries(&peer);
+                                warn!(conn, msg_id, error = %e, "blob answer failed");
+                            }
+                        }
                     }
                 }
                 Ok(msg) => {
@@ -226,7 +245,12 @@ async fn serve_session(
                     match session.reply(&msg, answer).await {
                         Ok(_) => echoed += 1,
                         Err(Error::Closed(why)) => break why,
-                        Err(e) => warn!(conn, msg_id = msg.msg_id(), error = %e, "echo failed"),
+                        Err(e) => {
+                            if let Some(pass) = plog.admit(Instant::now(), &PEER_FAULTS) {
+                                pass.log_summaries(&peer);
+                                warn!(conn, msg_id = msg.msg_id(), error = %e, "echo failed");
+                            }
+                        }
                     }
                 }
                 Err(Error::Closed(why)) => break why,
@@ -234,7 +258,18 @@ async fn serve_session(
             },
         }
     };
-    info!(conn, %peer, %reason, messages = echoed, "connection closed");
+    plog.flush(Instant::now(), &PEER_FAULTS, &peer);
+    let close_logged = match open_logged {
+        Some(_) => true,
+        None if !info_on => false,
+        None => CONNECTION_LINES
+            .admit(Instant::now())
+            .inspect(|&n| CONNECTION_LINES.log_summary(n))
+            .is_some(),
+    };
+    if close_logged {
+        info!(conn, %peer, %reason, messages = echoed, "connection closed");
+    }
 }
 
 /// Whether `msg` is a blob to check (`xcp send --random-bytes`) rather than to echo.
@@ -283,6 +318,18 @@ async fn answer_blob(
             let crc = tokio::task::spawn_blocking(move || xcp::wire::frame::crc32c(&bytes))
                 .await
                 .map_err(|e| Error::invalid(format!("checksum task failed: {e}")))?;
+            if msg.faulted() {
+                // The sender shrank its segment while we read it: what we summed is partly
+                // zeros. No answer from us: dropping the views makes the session NACK the
+                // message ERR_ATTACHMENT ("segment shrank while mapped", SPEC §7).
+                debug!(
+                    conn,
+                    msg_id = msg.msg_id(),
+                    "blob's segment shrank while mapped"
+                );
+                msg.views.clear();
+                return Ok(());
+            }
             debug!(conn, msg_id = msg.msg_id(), len, %path, crc, "blob checked");
             if !hold.is_zero() {
                 info!(
