@@ -53,6 +53,13 @@ pub use unix::SocketFile;
 /// The socket buffer size set on Unix-domain sockets (`SO_SNDBUF` and `SO_RCVBUF`).
 pub const UNIX_SOCKET_BUFFER: usize = 4 << 20;
 
+/// The accept queue a listener asks for (TCP and Unix; the kernel caps it at
+/// `net.core.somaxconn`). tokio and std ask for 128: a burst of more connects than that
+/// overflows the queue, and the kernel then drops SYNs (each costs the client a 1 s resend)
+/// or, worse, a handshake's last ACK, so a connection its client thinks open enters the queue
+/// only seconds later. 1024 absorbs a burst of a thousand clients.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
 const SUPPORTED: &str =
     "supported are tcp://host:port, unix:///absolute/path, tls://host:port and quic://host:port";
 

@@ -47,14 +47,42 @@ pub(super) async fn connect(addr: &str) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Binds a listener.
+/// Binds a listener with a [`LISTEN_BACKLOG`](super::LISTEN_BACKLOG)-deep accept queue
+/// (tokio's `TcpListener::bind` asks for 128). Each address `addr` resolves to is tried in
+/// turn, as `TcpListener::bind` does.
 pub(super) async fn bind(addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let err = |e: std::io::Error| {
         Error::Io(std::io::Error::new(
             e.kind(),
             format!("bind tcp://{addr}: {e}"),
         ))
-    })
+    };
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await.map_err(err)? {
+        match listen_on(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    })))
+}
+
+fn listen_on(a: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if a.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do for listeners: a restarted server can bind while old connections
+    // of the previous one sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    socket.listen(super::LISTEN_BACKLOG)
 }
 
 /// `TCP_NODELAY` on: frames are written whole, often in one vectored write, so Nagle only adds

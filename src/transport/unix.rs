@@ -2,6 +2,7 @@
 //! buffer sizes.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +96,18 @@ impl Drop for SocketFile {
     }
 }
 
+/// Binds and listens on `path` with a [`LISTEN_BACKLOG`](super::LISTEN_BACKLOG)-deep accept
+/// queue (tokio's `UnixListener::bind` asks for 128).
+fn listen_on(path: &Path) -> io::Result<UnixListener> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(super::LISTEN_BACKLOG as i32)?;
+    socket.set_nonblocking(true)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(OwnedFd::from(
+        socket,
+    )))
+}
+
 /// Binds `path`, first removing a stale socket file that nobody listens on.
 pub(super) fn bind(path: &Path) -> Result<(UnixListener, Arc<SocketFile>)> {
     match std::fs::symlink_metadata(path) {
@@ -135,7 +148,7 @@ pub(super) fn bind(path: &Path) -> Result<(UnixListener, Arc<SocketFile>)> {
         }
         Err(_) => {}
     }
-    let l = UnixListener::bind(path).map_err(|e| {
+    let l = listen_on(path).map_err(|e| {
         Error::Io(io::Error::new(
             e.kind(),
             format!("bind unix://{}: {e}", path.display()),
