@@ -210,8 +210,18 @@ impl Inner {
     }
 
     fn give_back(&self, seg: Segment) {
+        // A shm segment someone truncated (any process of our user can) is not reused: its
+        // pages past the new end are gone, and the guard's zeros behind them are ours alone.
+        let shrank = seg.scheme() == Scheme::Shm && seg.shrank();
         let mut s = self.lock();
         s.loaned -= seg.len() as u64;
+        if shrank {
+            s.total -= seg.len() as u64;
+            drop(s);
+            drop(seg);
+            self.returned.notify_waiters();
+            return;
+        }
         s.free.entry(seg.len()).or_default().push(seg);
         drop(s);
         self.returned.notify_waiters();
@@ -310,6 +320,32 @@ mod tests {
         drop(r2);
         drop(p);
         assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+    }
+
+    /// A shm segment truncated while loaned (by another process of our user) is not handed
+    /// out again, and its bytes leave the pool's count; a memfd cannot be truncated at all.
+    #[test]
+    fn truncated_segments_are_not_reused() {
+        let p = pool(Scheme::Shm, 1 << 20);
+        let r = p.try_alloc(1000).unwrap().unwrap();
+        let name = r.segment().name().to_string();
+        rustix::fs::ftruncate(r.segment().fd(), 10).unwrap();
+        assert!(r.segment().shrank());
+        drop(r);
+        assert_eq!(p.usage(), (0, 0), "dropped, not kept");
+        assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+        let r2 = p.try_alloc(1000).unwrap().unwrap();
+        assert_ne!(r2.segment().name(), name);
+        assert!(!r2.segment().shrank());
+
+        let m = pool(Scheme::Memfd, 1 << 20);
+        let r = m.try_alloc(1000).unwrap().unwrap();
+        assert_eq!(
+            rustix::fs::ftruncate(r.segment().fd(), 10),
+            Err(rustix::io::Errno::PERM),
+            "sealed"
+        );
+        assert!(!r.segment().shrank());
     }
 
     #[test]
