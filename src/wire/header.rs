@@ -59,6 +59,11 @@ use crate::error::{Error, Result};
 #[rustfmt::skip]
 mod frame_capnp;
 
+/// The checked-in module against `proto/frame.capnp` (node ids, struct sizes, field slots).
+#[cfg(test)]
+#[path = "capnp_pin.rs"]
+mod capnp_pin;
+
 /// The largest encoded header: HLEN is a `u16`.
 pub const MAX_HEADER_LEN: usize = u16::MAX as usize;
 
