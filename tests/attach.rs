@@ -200,6 +200,29 @@ async fn refused_handle_falls_back_to_inline() {
     assert_eq!(how, "inline");
 }
 
+/// Sends an Ether whose attachment names `uri` as a request: the peer must refuse it with
+/// NACK `ERR_ATTACHMENT` (SPEC §7: every refused URI, never `ERR_MALFORMED`).
+async fn refused_as_attachment(c: &Session, uri: &str, on: &str) {
+    let mut e = Ether::text("refused");
+    e.attachments.push(Attachment {
+        id: "h".into(),
+        uri: uri.into(),
+        size_bytes: 10,
+        ..Default::default()
+    });
+    let r = t(
+        "request",
+        c.request(Outgoing::ether(&e, CodecId::JSON).unwrap()),
+    )
+    .await;
+    match r {
+        Err(xcp::Error::Nack { code, detail, .. }) => {
+            assert_eq!(code, ErrorCode::ERR_ATTACHMENT, "{on} {uri}: {detail}")
+        }
+        other => panic!("{on} {uri}: {other:?}"),
+    }
+}
+
 /// SPEC §7: every refused URI is `ERR_ATTACHMENT`, also on connections that negotiated no
 /// handle scheme or not the one named (`shm://../../etc/passwd` on a memfd-only Unix socket
 /// and on an inline-only TCP connection), and the connection lives.
@@ -226,24 +249,7 @@ async fn refused_uris_are_err_attachment_whatever_was_negotiated() {
             "ftp://x#0,1",
             "no scheme at all",
         ] {
-            let mut e = Ether::text("refused");
-            e.attachments.push(Attachment {
-                id: "h".into(),
-                uri: uri.into(),
-                size_bytes: 10,
-                ..Default::default()
-            });
-            let r = t(
-                "request",
-                c.request(Outgoing::ether(&e, CodecId::JSON).unwrap()),
-            )
-            .await;
-            match r {
-                Err(xcp::Error::Nack { code, detail, .. }) => {
-                    assert_eq!(code, ErrorCode::ERR_ATTACHMENT, "{listen} {uri}: {detail}")
-                }
-                other => panic!("{listen} {uri}: {other:?}"),
-            }
+            refused_as_attachment(&c, uri, listen).await;
         }
         t("ping", c.ping()).await.expect("the connection lives");
     }
@@ -268,25 +274,7 @@ async fn hostile_uris_are_refused_and_connection_lives() {
         "ftp://x#0,1".to_string(),
     ];
     for uri in &cases {
-        let mut e = Ether::text("hostile");
-        e.attachments.push(Attachment {
-            id: "h".into(),
-            uri: uri.clone(),
-            size_bytes: 10,
-            ..Default::default()
-        });
-        let r = t(
-            "request",
-            c.request(Outgoing::ether(&e, CodecId::JSON).unwrap()),
-        )
-        .await;
-        match r {
-            Err(xcp::Error::Nack { code, .. }) => {
-                // SPEC §7: every refused URI is ERR_ATTACHMENT, never ERR_MALFORMED.
-                assert_eq!(code, ErrorCode::ERR_ATTACHMENT, "{uri}")
-            }
-            other => panic!("{uri}: {other:?}"),
-        }
+        refused_as_attachment(&c, uri, &url).await;
     }
     // Out of bounds on a real segment of ours.
     let region = c.alloc(100).await.unwrap();

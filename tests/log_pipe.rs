@@ -14,9 +14,9 @@
 //!
 //! Loopback only, port 0; every wait is bounded and the server is killed at the end.
 
-use std::io::{BufRead as _, BufReader, Read, Write as _};
+use std::io::{Read, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, ChildStderr, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -41,6 +41,9 @@ const HOSTILE_DEADLINE: Duration = Duration::from_secs(30);
 /// The real client's handshake and request must complete within this.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(15);
 
+#[path = "support/serve.rs"]
+mod serve;
+
 /// The server, killed when dropped.
 struct Server {
     child: Child,
@@ -52,36 +55,13 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_xcp"))
-            .args(["serve", "--listen", "tcp://127.0.0.1:0"])
+        let mut child = serve::command("tcp://127.0.0.1:0")
             .args(extra)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start xcp serve");
-        let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take();
-        // The first line says where it listens; read it on a thread so a server that never
-        // says fails the test instead of hanging it.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let mut r = BufReader::new(stdout);
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep reading stdout so it never fills.
-            let _ = std::io::copy(&mut r, &mut std::io::sink());
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("xcp serve printed no address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let url = serve::listening_url(&mut child);
         let addr = url
             .strip_prefix("tcp://")
             .and_then(|a| a.parse().ok())

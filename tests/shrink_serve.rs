@@ -9,7 +9,7 @@
 //! refused before anything is mapped; a sealed one cannot be shrunk and is answered with the
 //! right CRC32C, also when another process (`xcp send`) sends it.
 
-use std::io::{BufRead, BufReader, IoSlice};
+use std::io::IoSlice;
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ async fn t<F: std::future::Future>(what: &str, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+#[path = "support/serve.rs"]
+mod serve;
+
 /// An `xcp serve` process; killed when dropped.
 struct Serve {
     child: Child,
@@ -47,21 +50,11 @@ impl Serve {
     fn start(listen: &str) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let listen = listen.replace("DIR", &dir.path().display().to_string());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_xcp"))
-            .args(["serve", "--listen", &listen])
-            .stdout(Stdio::piped())
+        let mut child = serve::command(&listen)
             .stderr(Stdio::null())
             .spawn()
             .expect("xcp serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line: {line:?}"))
-            .to_string();
+        let url = serve::listening_url(&mut child);
         Serve {
             child,
             url,
