@@ -223,16 +223,18 @@ fn inode_key(fd: impl AsFd, what: &str) -> Result<ImportKey> {
 }
 
 impl MemfdScheme {
-    fn fd<'a>(&self, uri: &AttachmentUri, peer: &Peer<'a>) -> Result<&'a OwnedFd> {
+    /// The descriptor `uri` names among those passed, with its index.
+    fn fd<'a>(&self, uri: &AttachmentUri, peer: &Peer<'a>) -> Result<(u32, &'a OwnedFd)> {
         let Target::Memfd { index } = uri.target() else {
             return Err(wrong_target("memfd", uri));
         };
-        peer.fds.get(*index as usize).ok_or_else(|| {
+        let fd = peer.fds.get(*index as usize).ok_or_else(|| {
             attach_err(format!(
                 "memfd: index {index}, but {} descriptors came with the message",
                 peer.fds.len()
             ))
-        })
+        })?;
+        Ok((*index, fd))
     }
 }
 
@@ -254,20 +256,13 @@ impl HandleScheme for MemfdScheme {
     }
 
     fn key(&self, uri: &AttachmentUri, peer: &Peer<'_>) -> Result<ImportKey> {
-        let fd = self.fd(uri, peer)?;
-        inode_key(fd, &format!("memfd {}", uri_index(uri)))
+        let (index, fd) = self.fd(uri, peer)?;
+        inode_key(fd, &format!("memfd {index}"))
     }
 
     fn import(&self, uri: &AttachmentUri, peer: &Peer<'_>) -> Result<Arc<Mapping>> {
-        let fd = self.fd(uri, peer)?;
-        Mapping::map_memfd(fd, &format!("memfd {}", uri_index(uri))).map(Arc::new)
-    }
-}
-
-fn uri_index(uri: &AttachmentUri) -> u32 {
-    match uri.target() {
-        Target::Memfd { index } => *index,
-        _ => 0,
+        let (index, fd) = self.fd(uri, peer)?;
+        Mapping::map_memfd(fd, &format!("memfd {index}")).map(Arc::new)
     }
 }
 
@@ -400,7 +395,8 @@ impl HandleScheme for LocalScheme {
     }
 
     fn key(&self, uri: &AttachmentUri, _peer: &Peer<'_>) -> Result<ImportKey> {
-        self.with_fd(uri, |fd| inode_key(fd, "local").map(|_| ()))?;
+        // Registered? (Mapping waits for `import`.)
+        self.with_fd(uri, |_| Ok(()))?;
         match uri.target() {
             Target::Local { id } => Ok(ImportKey::Local(*id)),
             _ => Err(wrong_target("local", uri)),

@@ -199,15 +199,18 @@ impl PeerLog {
         if let Some(global) = budget.admit(now) {
             budget.log_summary(global);
             let n = std::mem::take(&mut self.suppressed);
-            tracing::warn!(
-                peer = %peer,
-                suppressed = n,
-                "{n} more log lines about this peer suppressed (at most {} per {:?})",
-                self.lines,
-                self.window
-            );
+            peer_summary(peer, n, self.lines, self.window);
         }
     }
+}
+
+/// The warn line that says how many lines about `peer` were suppressed.
+fn peer_summary(peer: &str, n: u64, lines: u32, window: Duration) {
+    tracing::warn!(
+        peer = %peer,
+        suppressed = n,
+        "{n} more log lines about this peer suppressed (at most {lines} per {window:?})"
+    );
 }
 
 /// A line let through by [`PeerLog::admit`], with what was suppressed before it.
@@ -236,14 +239,7 @@ impl Pass<'_> {
     pub fn log_summaries(&self, peer: &str) {
         self.budget.log_summary(self.global_suppressed);
         if self.peer_suppressed > 0 {
-            let n = self.peer_suppressed;
-            tracing::warn!(
-                peer = %peer,
-                suppressed = n,
-                "{n} more log lines about this peer suppressed (at most {} per {:?})",
-                self.lines,
-                self.window
-            );
+            peer_summary(peer, self.peer_suppressed, self.lines, self.window);
         }
     }
 }
