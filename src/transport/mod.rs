@@ -25,9 +25,55 @@
 //! ```
 #![deny(unsafe_code)]
 
+/// `AsyncRead` and `AsyncWrite` for the uninhabited stream types of a build without `tls` or
+/// `quic` (`tls_off.rs`, `quic_off.rs`).
+#[cfg(not(all(feature = "tls", feature = "quic")))]
+macro_rules! never_io {
+    ($($ty:ty),*) => {$(
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.0 {}
+            }
+        }
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.0 {}
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.0 {}
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.0 {}
+            }
+        }
+    )*};
+}
+
 pub mod peer;
+#[cfg(feature = "quic")]
+pub mod quic;
+#[cfg(not(feature = "quic"))]
+#[path = "quic_off.rs"]
 pub mod quic;
 mod tcp;
+#[cfg(feature = "tls")]
+pub mod tls;
+#[cfg(not(feature = "tls"))]
+#[path = "tls_off.rs"]
 pub mod tls;
 mod unix;
 #[cfg(feature = "uring")]

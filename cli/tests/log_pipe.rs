@@ -41,7 +41,7 @@ const HOSTILE_DEADLINE: Duration = Duration::from_secs(30);
 /// The real client's handshake and request must complete within this.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(15);
 
-#[path = "support/serve.rs"]
+#[path = "../../tests/support/serve.rs"]
 mod serve;
 
 /// The server, killed when dropped.

@@ -17,7 +17,7 @@ use xcp::conn::Outgoing;
 use xcp::session::AttachConfig;
 use xcp::{Ether, Session, SessionConfig};
 
-use crate::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::args::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
 /// What one load run does.
 pub struct LoadPlan {

@@ -629,7 +629,7 @@ fn key_files_are_checked_by_every_subcommand() {
     }
 }
 
-#[path = "support/hex.rs"]
+#[path = "../../tests/support/hex.rs"]
 mod hex;
 use hex::parse_hex;
 
@@ -637,7 +637,7 @@ use hex::parse_hex;
 fn golden_ping_vectors_decode_to_their_description() {
     for (file, form) in [("ping_capnp.hex", "capnp"), ("ping_json.hex", "json")] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/vectors")
+            .join("../tests/vectors")
             .join(file);
         let bytes = parse_hex(&std::fs::read_to_string(path).unwrap());
         let expected = json!({

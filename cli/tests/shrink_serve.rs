@@ -36,7 +36,7 @@ async fn t<F: std::future::Future>(what: &str, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
-#[path = "support/serve.rs"]
+#[path = "../../tests/support/serve.rs"]
 mod serve;
 
 /// An `xcp serve` process; killed when dropped.

@@ -1,6 +1,12 @@
 //! `xcp bench`: latency and throughput of XCP's paths against raw TCP, HTTP/2 and gRPC, each
 //! server in its own process (the same binary, `xcp bench-server`).
+//!
+//! The bench package of the workspace (`xcp-bench`): the only place hyper, tonic and the
+//! generated gRPC stubs are compiled, so the library's users never build them. The `xcp`
+//! binary (`cli/`) runs [`run`] and [`server::run`] as its `bench` and `bench-server`
+//! subcommands; [`args`] holds the connection options both packages share.
 
+pub mod args;
 pub mod client;
 mod io;
 mod load;
@@ -19,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use client::{Client, Env, PathId, Payload};
 use report::{Latency, Row, Throughput};
 
-use crate::{parse_bytes, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::args::{parse_bytes, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
 const AFTER_HELP: &str = "\
 What is measured (every row, every path):

@@ -62,7 +62,7 @@ pub async fn run(phase: Duration, json: Option<&std::path::Path>) -> u8 {
             Ok(f) => results.push((mode, f)),
             Err(e) => {
                 eprintln!("error: {}: {e}", mode.name());
-                return crate::EXIT_FAILED;
+                return crate::args::EXIT_FAILED;
             }
         }
     }
@@ -71,10 +71,10 @@ pub async fn run(phase: Duration, json: Option<&std::path::Path>) -> u8 {
         let doc = to_json(&results, phase);
         if let Err(e) = std::fs::write(path, doc) {
             eprintln!("error: {}: {e}", path.display());
-            return crate::EXIT_FAILED;
+            return crate::args::EXIT_FAILED;
         }
     }
-    crate::EXIT_OK
+    crate::args::EXIT_OK
 }
 
 fn start_server(mode: IoMode) -> Result<ServerProc, String> {

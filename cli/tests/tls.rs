@@ -3,7 +3,7 @@
 //! client on a plaintext port), the certificate files' errors, and `xcp cert dev` end to end
 //! with `xcp serve` and `xcp ping`.
 
-#[path = "support/across.rs"]
+#[path = "../../tests/support/across.rs"]
 mod across;
 
 use std::io::{BufRead, BufReader};

@@ -32,7 +32,7 @@ use xcp::session::AttachConfig;
 use xcp::wire::frame::crc32c;
 use xcp::Server;
 
-use crate::{parse_bytes, ConnArgs, EXIT_USAGE};
+use crate::args::{parse_bytes, ConnArgs, EXIT_USAGE};
 
 /// The generated gRPC stubs (`proto/bench.proto`).
 pub mod pb {
@@ -194,7 +194,7 @@ pub async fn run(args: BenchServerArgs) -> u8 {
         },
     };
     match r {
-        Ok(()) => crate::EXIT_OK,
+        Ok(()) => crate::args::EXIT_OK,
         Err(e) => {
             eprintln!(
                 "error: bench-server {:?} on {}: {e}",
