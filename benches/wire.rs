@@ -30,10 +30,7 @@ fn label(n: usize) -> String {
 }
 
 fn wire(c: &mut Criterion) {
-    let limits = Limits {
-        max_frame_bytes: 4 << 20,
-        ..Default::default()
-    };
+    let limits = Limits::default().with_max_frame_bytes(4 << 20);
     let mut g = c.benchmark_group("wire");
     g.measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500));

@@ -227,12 +227,10 @@ fn session_config(opts: &Opts, schemes: Vec<Scheme>, pool_cap: u64) -> SessionCo
     c.request_timeout = Duration::from_secs(600);
     // Few messages queued: back-pressure instead of gigabytes waiting in memory.
     c.max_in_flight = 2;
-    c.attach = AttachConfig {
-        schemes,
-        pool_cap_bytes: pool_cap,
-        alloc_timeout: Duration::from_secs(120),
-        ..AttachConfig::default()
-    };
+    c.attach = AttachConfig::default()
+        .with_schemes(schemes)
+        .with_pool_cap_bytes(pool_cap)
+        .with_alloc_timeout(Duration::from_secs(120));
     c
 }
 

@@ -5,6 +5,23 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// `with_*` methods for a `#[non_exhaustive]` config: each takes the value of one field and
+/// returns the config, so users build one as `SessionConfig::default().with_…(…)`.
+macro_rules! with_fields {
+    ($ty:ty { $($(#[$doc:meta])* $method:ident => $field:ident: $fty:ty;)* }) => {
+        impl $ty {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $method(mut self, value: $fty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
 pub mod attach;
 pub mod codec;
 pub mod conn;

@@ -10,6 +10,9 @@ use xcp::conn::Outgoing;
 use xcp::session::AttachConfig;
 use xcp::{Attachment, ErrorCode, Ether, Server, Session, SessionConfig};
 
+#[path = "support/io_env.rs"]
+mod io_env;
+
 const T: Duration = Duration::from_secs(20);
 
 async fn t<F: std::future::Future>(what: &str, f: F) -> F::Output {
@@ -19,14 +22,11 @@ async fn t<F: std::future::Future>(what: &str, f: F) -> F::Output {
 }
 
 fn config(schemes: &[Scheme]) -> SessionConfig {
-    SessionConfig {
-        attach: AttachConfig {
-            schemes: schemes.to_vec(),
-            alloc_timeout: Duration::from_millis(300),
-            ..AttachConfig::default()
-        },
-        ..SessionConfig::default()
-    }
+    io_env::config().with_attach(
+        AttachConfig::default()
+            .with_schemes(schemes.to_vec())
+            .with_alloc_timeout(Duration::from_millis(300)),
+    )
 }
 
 /// A server that answers each message with the CRC32C of each attachment's bytes and how
@@ -115,7 +115,7 @@ async fn shm_over_tcp_64_mib() {
     )
     .await
     .unwrap();
-    assert_eq!(c.negotiated().attach, vec!["shm".to_string()]);
+    assert_eq!(c.negotiated().attach, vec![Scheme::Shm]);
     let (how, got, want) = round_trip(&c, 64 << 20).await;
     assert_eq!((how.as_str(), got), ("handle", want));
     wait_returned(&c).await;
@@ -134,7 +134,7 @@ async fn memfd_over_unix_64_mib() {
     let c = t("connect", Session::connect(&url, config(&[Scheme::Memfd])))
         .await
         .unwrap();
-    assert_eq!(c.negotiated().attach, vec!["memfd".to_string()]);
+    assert_eq!(c.negotiated().attach, vec![Scheme::Memfd]);
     for _ in 0..3 {
         let (how, got, want) = round_trip(&c, 64 << 20).await;
         assert_eq!((how.as_str(), got), ("handle", want));

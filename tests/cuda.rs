@@ -269,9 +269,9 @@ fn sessions_offer_cuda_ipc_only_where_cuda_works() {
             .await
             .unwrap();
         let attach = s.negotiated().attach.clone();
-        assert!(attach.iter().any(|a| a == "memfd"), "{attach:?}");
+        assert!(attach.contains(&xcp::attach::Scheme::Memfd), "{attach:?}");
         assert_eq!(
-            attach.iter().any(|a| a == "cuda-ipc"),
+            attach.contains(&xcp::attach::Scheme::CudaIpc),
             cuda::usable(),
             "{attach:?}, CUDA usable: {}",
             cuda::usable()
@@ -361,7 +361,9 @@ fn session_handoff() {
             .await
             .unwrap();
         assert!(
-            s.negotiated().attach.iter().any(|a| a == "cuda-ipc"),
+            s.negotiated()
+                .attach
+                .contains(&xcp::attach::Scheme::CudaIpc),
             "{:?}",
             s.negotiated().attach
         );

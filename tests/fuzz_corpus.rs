@@ -272,12 +272,12 @@ fn after_handshake(
     compress: CompressPolicy,
 ) -> (Vec<u8>, Vec<u8>) {
     let now = Instant::now();
-    let cfg = |keyed: bool| Config {
-        limits: common::CONN_LIMITS,
-        header_form: form,
-        sealer: keyed.then(|| Sealer::new(&common::CONN_KEY)),
-        compress,
-        ..Config::default()
+    let cfg = |keyed: bool| {
+        Config::default()
+            .with_limits(common::CONN_LIMITS)
+            .with_header_form(form)
+            .with_sealer(keyed.then(|| Sealer::new(&common::CONN_KEY)))
+            .with_compress(compress)
     };
     let mut client = Connection::new(Role::Initiator, cfg(keyed), now);
     let mut server = Connection::new(Role::Responder, cfg(keyed), now);

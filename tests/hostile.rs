@@ -33,6 +33,9 @@ use xcp::wire::seal::{self, Direction, Sealer};
 use xcp::wire::{Flags, FrameHeader, HeaderForm, Limits, MsgType, Tag, MAGIC_BYTES};
 use xcp::{Attachment, Error, ErrorCode, Ether, Server, Session, SessionConfig};
 
+#[path = "support/io_env.rs"]
+mod io_env;
+
 /// The longest any single step may take.
 const STEP: Duration = Duration::from_secs(10);
 /// How much VmRSS may grow over one case.
@@ -157,7 +160,7 @@ impl Srv {
     }
 
     async fn bind(url: &str, cfg: SessionConfig, dir: Option<tempfile::TempDir>) -> Srv {
-        let mut client = SessionConfig::default();
+        let mut client = io_env::config();
         client.conn.sealer = cfg.conn.sealer.clone();
         let server = t("bind", Server::bind(url, cfg)).await.expect("bind");
         let url = server.local_url();
@@ -425,7 +428,7 @@ impl Peer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_one_byte_a_second() {
     let mem = Mem::start();
-    let mut cfg = SessionConfig::default();
+    let mut cfg = io_env::config();
     cfg.conn.frame_timeout = Duration::from_millis(2500);
     let srv = Srv::tcp(cfg).await;
     let mut p = Peer::plain(&srv.url).await;
@@ -462,10 +465,7 @@ async fn slowloris_one_byte_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_hello_is_cut_by_the_handshake_timeout() {
     let mem = Mem::start();
-    let mut cfg = SessionConfig {
-        connect_timeout: Duration::from_secs(2),
-        ..SessionConfig::default()
-    };
+    let mut cfg = io_env::config().with_connect_timeout(Duration::from_secs(2));
     cfg.conn.handshake_timeout = Duration::from_secs(2);
     let srv = Srv::tcp(cfg).await;
     let p = Peer::connect(&srv.url).await;
@@ -515,10 +515,7 @@ async fn two_thousand_connections_without_hello() {
     /// How long past its handshake deadline a connection may stay open.
     const SLACK: Duration = Duration::from_secs(5);
     let mem = Mem::start();
-    let mut cfg = SessionConfig {
-        connect_timeout: HANDSHAKE,
-        ..SessionConfig::default()
-    };
+    let mut cfg = io_env::config().with_connect_timeout(HANDSHAKE);
     cfg.conn.handshake_timeout = HANDSHAKE;
     let srv = Srv::tcp(cfg).await;
     let addr = srv.url.trim_start_matches("tcp://").to_string();
@@ -620,11 +617,8 @@ fn unaccepted(port: u16) -> u64 {
 }
 
 fn small_limits(frame: u64, message: u64) -> SessionConfig {
-    let mut cfg = SessionConfig::default();
-    cfg.conn.limits = Limits {
-        max_frame_bytes: frame,
-        max_message_bytes: message,
-    };
+    let mut cfg = io_env::config();
+    cfg.conn.limits = Limits::new(frame, message);
     cfg
 }
 
@@ -781,7 +775,7 @@ async fn interleaved_half_messages_on_1000_channels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_hello() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let id = p.id();
     p.write(&control_frame(&Control::Hello(plain_hello()), id))
@@ -803,7 +797,7 @@ async fn second_hello() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_msg_types() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     for t in [0x0042, 0x00FF] {
         let id = p.id();
@@ -842,7 +836,7 @@ async fn unknown_msg_types() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_and_nacks_for_msg_ids_never_sent() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let mut wire = Vec::new();
     for msg_id in [0, 1, 424_242, u64::MAX] {
@@ -871,7 +865,7 @@ async fn acks_and_nacks_for_msg_ids_never_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pong_never_asked_for() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let mut wire = Vec::new();
     for in_reply_to in [0, 999, u64::MAX] {
@@ -973,7 +967,7 @@ fn zstd_rle_bomb(size: u64) -> Vec<u8> {
 }
 
 fn keyed(key: [u8; 32]) -> SessionConfig {
-    let mut cfg = SessionConfig::default();
+    let mut cfg = io_env::config();
     cfg.conn.sealer = Some(Sealer::new(&key));
     cfg
 }
@@ -989,11 +983,7 @@ async fn keyed_server_refuses_a_client_without_key() {
         .await;
     p.expect_nack(ErrorCode::ERR_DECRYPT, 1).await;
     p.expect_closed().await;
-    let r = t(
-        "connect",
-        Session::connect(&srv.url, SessionConfig::default()),
-    )
-    .await;
+    let r = t("connect", Session::connect(&srv.url, io_env::config())).await;
     assert!(r.is_err(), "{r:?}");
     // A client with another key completes the handshake (keys are not compared there) but
     // every message it seals is refused.
@@ -1075,7 +1065,7 @@ async fn keyed_server_refuses_plaintext_and_wrong_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crypt_on_a_server_without_key() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let id = p.id();
     let ad = seal::aad(MsgType::DATA, CodecId::JSON, 0, id);
@@ -1093,7 +1083,7 @@ async fn crypt_on_a_server_without_key() {
 }
 
 fn handles_config(schemes: &[Scheme]) -> SessionConfig {
-    let mut cfg = SessionConfig::default();
+    let mut cfg = io_env::config();
     cfg.attach.schemes = schemes.to_vec();
     cfg.attach.inline_threshold = 0;
     cfg.attach.alloc_timeout = Duration::from_millis(300);
@@ -1300,12 +1290,10 @@ async fn a_receiver_that_never_acks_leases() {
     let count = received.clone();
     let hostile = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
-        let cfg = Config {
-            shared_mem: true,
-            attach: vec!["shm".into()],
-            host_id: xcp::attach::host_id().to_string(),
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.shared_mem = true;
+        cfg.attach = vec![xcp::attach::Scheme::Shm];
+        cfg.host_id = xcp::attach::host_id().to_string();
         let mut conn = Connection::new(Role::Responder, cfg, Instant::now());
         let mut buf = BytesMut::with_capacity(1 << 16);
         loop {
@@ -1335,7 +1323,7 @@ async fn a_receiver_that_never_acks_leases() {
     let c = t("connect", Session::connect(&format!("tcp://{addr}"), cfg))
         .await
         .expect("connect");
-    assert_eq!(c.negotiated().attach, vec!["shm".to_string()]);
+    assert_eq!(c.negotiated().attach, vec![xcp::attach::Scheme::Shm]);
     let mut sent = 0;
     let err = loop {
         match t("alloc", c.alloc(1 << 20)).await {
@@ -1364,7 +1352,7 @@ async fn a_receiver_that_never_acks_leases() {
     t("close", c.close()).await.expect("close");
     assert_eq!(c.pool().usage().1, 0, "closing returns every region");
     hostile.abort();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     srv.assert_serves().await;
     mem.check("a_receiver_that_never_acks_leases");
 }
@@ -1373,7 +1361,7 @@ async fn a_receiver_that_never_acks_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clarify_with_garbage_bodies() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let nested = "[".repeat(100_000);
     let garbage: [(MsgType, CodecId, &[u8]); 7] = [
@@ -1414,7 +1402,7 @@ async fn clarify_with_garbage_bodies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_with_absurd_max_frame_bytes() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     for (mfb, want) in [(0, 1 << 20), (u64::MAX, 1 << 20), (256, 256)] {
         let hello = Hello {
             max_frame_bytes: mfb,
@@ -1457,7 +1445,7 @@ async fn hello_with_absurd_max_frame_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_with_100000_codecs() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let codecs: Vec<CodecId> = (0..100_000u32).map(|i| CodecId(i as u16)).collect();
     let hello = Control::Hello(Hello {
         codecs,
@@ -1498,7 +1486,7 @@ async fn hello_with_100000_codecs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hlen_65535_of_garbage() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     for first in [0xAB, b'{'] {
         let mut garbage = vec![0xABu8; 65535];
@@ -1539,7 +1527,7 @@ async fn plen_at_and_over_max_frame_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_flag_with_small_plen() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let id = p.id();
     let body = text_body("large flag", 0);
@@ -1563,7 +1551,7 @@ async fn large_flag_with_small_plen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_json() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let header = format!(
         "{{\"msgType\":256,\"msgId\":77,\"tags\":{}",
@@ -1588,7 +1576,7 @@ async fn deeply_nested_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_thousand_tiny_tags() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let body = text_body("tagged", 0);
     let id = p.id();
@@ -1657,7 +1645,7 @@ async fn peer_closes_mid_chunked_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_that_changes_its_header() {
     let mem = Mem::start();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let body = text_body("changing", 0);
     let id = p.id();
@@ -1692,7 +1680,7 @@ async fn chunk_that_changes_its_header() {
 async fn ping_flood_from_a_peer_that_never_reads() {
     // Its bound (32 MiB) is tight: measured with no other case of the binary running.
     let mem = Mem::start_alone();
-    let srv = Srv::tcp(SessionConfig::default()).await;
+    let srv = Srv::tcp(io_env::config()).await;
     let mut p = Peer::plain(&srv.url).await;
     let mut batch = Vec::new();
     for i in 0..10_000u64 {

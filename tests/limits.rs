@@ -10,6 +10,9 @@ use xcp::conn::Outgoing;
 use xcp::session::AttachConfig;
 use xcp::{Attachment, Error, ErrorCode, Ether, Server, Session, SessionConfig};
 
+#[path = "support/io_env.rs"]
+mod io_env;
+
 const T: Duration = Duration::from_secs(20);
 
 async fn t<F: std::future::Future>(what: &str, f: F) -> F::Output {
@@ -39,18 +42,15 @@ async fn hoarding_echo(cfg: SessionConfig) -> String {
 
 #[tokio::test]
 async fn max_connections() {
-    let cfg = SessionConfig {
-        max_connections: 2,
-        ..SessionConfig::default()
-    };
+    let cfg = io_env::config().with_max_connections(2);
     let url = hoarding_echo(cfg).await;
-    let a = t("a", Session::connect(&url, SessionConfig::default()))
+    let a = t("a", Session::connect(&url, io_env::config()))
         .await
         .unwrap();
-    let b = t("b", Session::connect(&url, SessionConfig::default()))
+    let b = t("b", Session::connect(&url, io_env::config()))
         .await
         .unwrap();
-    let c = t("c", Session::connect(&url, SessionConfig::default())).await;
+    let c = t("c", Session::connect(&url, io_env::config())).await;
     match c {
         Err(Error::Nack {
             code,
@@ -66,7 +66,7 @@ async fn max_connections() {
     t("close", a.close()).await.unwrap();
     let mut ok = None;
     for _ in 0..100 {
-        if let Ok(s) = Session::connect(&url, SessionConfig::default()).await {
+        if let Ok(s) = Session::connect(&url, io_env::config()).await {
             ok = Some(s);
             break;
         }
@@ -79,13 +79,10 @@ async fn max_connections() {
 
 #[tokio::test]
 async fn server_wide_reassembly_budget() {
-    let mut cfg = SessionConfig {
-        server_reassembly_bytes: 64 << 10,
-        ..SessionConfig::default()
-    };
+    let mut cfg = io_env::config().with_server_reassembly_bytes(64 << 10);
     cfg.conn.limits.max_frame_bytes = 16 << 10;
     let url = hoarding_echo(cfg).await;
-    let c = t("connect", Session::connect(&url, SessionConfig::default()))
+    let c = t("connect", Session::connect(&url, io_env::config()))
         .await
         .unwrap();
     // Far below the per-connection max_message_bytes, but above the server's budget.
@@ -114,14 +111,11 @@ async fn server_wide_reassembly_budget() {
 
 #[tokio::test]
 async fn max_leases_per_peer() {
-    let mut cfg = SessionConfig {
-        attach: AttachConfig {
-            schemes: vec![Scheme::Shm],
-            max_leases_per_peer: 2,
-            ..AttachConfig::default()
-        },
-        ..SessionConfig::default()
-    };
+    let mut cfg = io_env::config().with_attach(
+        AttachConfig::default()
+            .with_schemes(vec![Scheme::Shm])
+            .with_max_leases_per_peer(2),
+    );
     cfg.request_timeout = Duration::from_secs(10);
     let url = hoarding_echo(cfg.clone()).await;
     let c = t("connect", Session::connect(&url, cfg)).await.unwrap();

@@ -11,8 +11,11 @@ use xcp::wire::seal::{CompressPolicy, Sealer};
 use xcp::wire::Flags;
 use xcp::{Server, Session, SessionConfig};
 
+#[path = "support/io_env.rs"]
+mod io_env;
+
 fn keyed() -> SessionConfig {
-    let mut c = SessionConfig::default();
+    let mut c = io_env::config();
     c.conn.sealer = Some(Sealer::new(&[42; 32]));
     c.conn.compress = CompressPolicy::Auto;
     c.conn.limits.max_frame_bytes = 4096;

@@ -5,4 +5,9 @@ const IO: xcp::transport::IoMode = xcp::transport::IoMode::Epoll;
 
 include!("support/session_suite.rs");
 
+/// No certificates: this binary runs the suite over TCP and Unix sockets only.
+fn suite_tls() -> Option<xcp::transport::TlsConfig> {
+    None
+}
+
 for_each_case!(suite);

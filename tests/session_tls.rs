@@ -4,7 +4,7 @@
 //! hand-built frames travel inside it), so what the server's connection sees is the same as
 //! over TCP.
 //!
-//! Every session of this binary carries one TLS configuration (set once, process-wide): the
+//! Every session of this binary carries one TLS configuration (made once, `suite_tls`): the
 //! client side presents the development client certificate, the server side the server
 //! certificate, both signed by one development CA made for the run.
 
@@ -12,9 +12,11 @@ const IO: xcp::transport::IoMode = xcp::transport::IoMode::Epoll;
 
 include!("support/session_suite.rs");
 
-/// Makes the development set once and installs it as the process's default.
-fn tls_once() {
-    static SET: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+/// The development set, made once: its directory and the configuration with both sides'
+/// certificates.
+fn dev_set() -> &'static (tempfile::TempDir, xcp::transport::TlsConfig) {
+    static SET: std::sync::OnceLock<(tempfile::TempDir, xcp::transport::TlsConfig)> =
+        std::sync::OnceLock::new();
     SET.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let set = xcp::transport::tls::write_dev_set(dir.path(), &[], 1).expect("dev set");
@@ -28,9 +30,13 @@ fn tls_once() {
             client.rustls_client(),
             server.rustls_server(),
         );
-        xcp::transport::set_default_tls(Some(both));
-        dir
-    });
+        (dir, both)
+    })
+}
+
+/// The certificates every session of this binary carries.
+fn suite_tls() -> Option<xcp::transport::TlsConfig> {
+    Some(dev_set().1.clone())
 }
 
 macro_rules! tls_suite {
@@ -40,7 +46,6 @@ macro_rules! tls_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    tls_once();
                     cases::$name(Addr::across("tls")).await
                 }
             )*
@@ -55,7 +60,6 @@ macro_rules! quic_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    tls_once();
                     cases::$name(Addr::across("quic")).await
                 }
             )*

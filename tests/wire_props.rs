@@ -138,7 +138,7 @@ proptest! {
             input.push(0x02);
         }
         input.extend(bytes);
-        let mut dec = FrameDecoder::new(Limits { max_frame_bytes: 4096, max_message_bytes: 1 << 16 });
+        let mut dec = FrameDecoder::new(Limits::new(4096, 1 << 16));
         let mut buf = BytesMut::from(&input[..]);
         for _ in 0..64 {
             match dec.decode(&mut buf) {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use xcp::conn::Config;
+use xcp::transport::{IoMode, TransportConfig};
 use xcp::wire::seal::{load_key_file, CompressPolicy, Sealer, MIN_COMPRESS_BYTES};
 use xcp::wire::{HeaderForm, Limits, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use xcp::SessionConfig;
@@ -139,44 +140,71 @@ pub struct ConnArgs {
     /// `auto` (io_uring where a probe at start-up shows it works, else epoll with one log
     /// line). epoll is the default: it has the lower small-message latency; io_uring moves
     /// large messages and many connections faster (`xcp bench --io-compare` measures both).
-    #[arg(long, value_name = "epoll|uring|auto", default_value = "epoll")]
-    pub io: xcp::transport::IoMode,
+    /// Setting `XCP_URING_DISABLE=1` makes this process behave as if the kernel refused
+    /// io_uring (`uring` fails, `auto` falls back), to try that path.
+    #[arg(
+        long,
+        value_name = "epoll|uring|auto",
+        default_value = "epoll",
+        env = "XCP_IO"
+    )]
+    pub io: IoMode,
 }
 
 impl ConnArgs {
     /// Loads the files the options name (static key, certificates); the error is a usage error.
     pub fn load(&mut self) -> Result<(), String> {
         self.key.load()?;
-        self.tls.load()
+        self.tls.load()?;
+        self.io = io_allowed(self.io, uring_disabled_by_env())?;
+        Ok(())
     }
 
     /// The session configuration these options describe, with `request_timeout` for every
     /// request and PING.
     pub fn session_config(&self, request_timeout: Duration) -> SessionConfig {
-        let conn = Config {
-            limits: Limits {
-                max_frame_bytes: self.max_frame_bytes,
-                max_message_bytes: self.max_message_bytes,
-            },
-            header_form: if self.json_header {
+        let conn = Config::default()
+            .with_limits(Limits::new(self.max_frame_bytes, self.max_message_bytes))
+            .with_header_form(if self.json_header {
                 HeaderForm::Json
             } else {
                 HeaderForm::Capnp
-            },
-            sealer: self.key.sealer.clone(),
-            compress: self.compress,
-            ..Config::default()
-        };
-        SessionConfig {
-            conn,
-            request_timeout,
-            transport: xcp::transport::TransportConfig {
-                io: self.io,
-                tls: self.tls.loaded.clone(),
-                ..Default::default()
-            },
-            ..SessionConfig::default()
+            })
+            .with_sealer(self.key.sealer.clone())
+            .with_compress(self.compress);
+        SessionConfig::default()
+            .with_conn(conn)
+            .with_request_timeout(request_timeout)
+            .with_transport(
+                TransportConfig::default()
+                    .with_io(self.io)
+                    .with_tls(self.tls.loaded.clone()),
+            )
+    }
+}
+
+/// Whether `XCP_URING_DISABLE` asks this process to behave as if io_uring were refused.
+pub fn uring_disabled_by_env() -> bool {
+    std::env::var_os("XCP_URING_DISABLE").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The I/O mode to use when io_uring is `disabled` (by `XCP_URING_DISABLE`): an explicit
+/// `uring` is refused with the reason and what to do, `auto` becomes epoll with one log line.
+pub fn io_allowed(io: IoMode, disabled: bool) -> Result<IoMode, String> {
+    if !disabled {
+        return Ok(io);
+    }
+    const WHY: &str = "disabled by the environment variable XCP_URING_DISABLE";
+    match io {
+        IoMode::Uring => Err(format!(
+            "io_uring is not available: {WHY}; use --io epoll (or auto), or unset \
+             XCP_URING_DISABLE"
+        )),
+        IoMode::Auto => {
+            tracing::warn!("io_uring unavailable ({WHY}); using epoll");
+            Ok(IoMode::Epoll)
         }
+        other => Ok(other),
     }
 }
 
@@ -229,6 +257,19 @@ pub fn parse_compress(s: &str) -> Result<CompressPolicy, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uring_disabled_refuses_uring_and_turns_auto_to_epoll() {
+        assert_eq!(io_allowed(IoMode::Uring, false), Ok(IoMode::Uring));
+        assert_eq!(io_allowed(IoMode::Auto, false), Ok(IoMode::Auto));
+        let e = io_allowed(IoMode::Uring, true).unwrap_err();
+        assert!(
+            e.contains("XCP_URING_DISABLE") && e.contains("--io epoll"),
+            "{e}"
+        );
+        assert_eq!(io_allowed(IoMode::Auto, true), Ok(IoMode::Epoll));
+        assert_eq!(io_allowed(IoMode::Epoll, true), Ok(IoMode::Epoll));
+    }
 
     #[test]
     fn byte_counts() {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -379,16 +381,10 @@ impl Payload {
     }
 }
 
-/// Fills `buf` with xorshift bytes from `seed`.
+/// Fills `buf` with pseudo-random (incompressible) bytes from `seed`: the same seed gives
+/// the same bytes, from [`SmallRng`].
 pub fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+    SmallRng::seed_from_u64(seed).fill_bytes(buf);
 }
 
 /// A connected client of one path. Shared by the tasks of a throughput run.
@@ -486,11 +482,9 @@ impl Client {
                 Ok(Client::Grpc(c))
             }
             _ => {
-                let mut cfg = SessionConfig {
-                    request_timeout: Duration::from_secs(60),
-                    attach: path.attach().config(),
-                    ..SessionConfig::default()
-                };
+                let mut cfg = SessionConfig::default()
+                    .with_request_timeout(Duration::from_secs(60))
+                    .with_attach(path.attach().config());
                 cfg.transport.io = env.io;
                 if path == PathId::Sealed {
                     cfg.conn.sealer = Some(env.sealer.clone());
@@ -606,5 +600,28 @@ fn check(ok: bool, what: &'static str) -> Result<(), BoxError> {
         Ok(())
     } else {
         Err(what.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fill, Payload};
+
+    #[test]
+    fn fill_is_seeded_and_payloads_are_incompressible() {
+        let (mut a, mut b, mut c) = (vec![0u8; 1001], vec![0u8; 1001], vec![0u8; 1001]);
+        fill(&mut a, 5);
+        fill(&mut b, 5);
+        fill(&mut c, 6);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a[993..].iter().any(|&x| x != 0), "the tail is filled");
+        let p = Payload::new(4096);
+        assert_eq!((p.size, p.raw.len(), p.tensor.len()), (4096, 4096, 4096));
+        // The tensor form carries the raw bytes after its 32-byte header.
+        assert_eq!(p.tensor[32..], p.raw[32..]);
+        let mut seen = [false; 256];
+        p.raw.iter().for_each(|&x| seen[usize::from(x)] = true);
+        assert!(seen.iter().filter(|&&s| s).count() > 200);
     }
 }

@@ -130,16 +130,10 @@ impl Cpu {
 }
 
 fn config(mode: IoMode, ring: Option<xcp::transport::uring::Ring>) -> SessionConfig {
-    SessionConfig {
-        attach: xcp::AttachConfig::inline_only(),
-        transport: TransportConfig {
-            io: mode,
-            ring,
-            tls: None,
-        },
-        request_timeout: Duration::from_secs(60),
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_attach(xcp::AttachConfig::inline_only())
+        .with_transport(TransportConfig::default().with_io(mode).with_ring(ring))
+        .with_request_timeout(Duration::from_secs(60))
 }
 
 /// A TENSOR_QNT8 body of `size` bytes in all, pseudo-random (as the matrix's XCP rows).

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, RngCore as _, SeedableRng as _};
 use serde_json::json;
 
 use xcp::codec::CodecId;
@@ -60,44 +62,24 @@ impl Tally {
     }
 }
 
-/// xorshift64*: deterministic per client and message, no allocation.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// A size from 64 B to 1 MiB, weighted toward small: 60% under 1 KiB, 25% to 16 KiB, 10% to
 /// 256 KiB, 5% to 1 MiB.
-fn pick_size(r: &mut Rng) -> usize {
-    let (lo, hi) = match r.below(100) {
+fn pick_size(r: &mut SmallRng) -> usize {
+    let (lo, hi) = match r.random_range(0..100) {
         0..60 => (64, 1 << 10),
         60..85 => (1 << 10, 16 << 10),
         85..95 => (16 << 10, 256 << 10),
         _ => (256 << 10, 1 << 20),
     };
-    lo + r.below((hi - lo) as u64) as usize
+    r.random_range(lo..hi)
 }
 
-fn text_of(r: &mut Rng, prefix: &str, len: usize) -> String {
+fn text_of(r: &mut SmallRng, prefix: &str, len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789 ";
     let mut s = String::with_capacity(len + prefix.len());
     s.push_str(prefix);
     while s.len() < len {
-        s.push(ALPHABET[r.below(ALPHABET.len() as u64) as usize] as char);
+        s.push(char::from(ALPHABET[r.random_range(0..ALPHABET.len())]));
     }
     s
 }
@@ -105,9 +87,10 @@ fn text_of(r: &mut Rng, prefix: &str, len: usize) -> String {
 /// The request `index` of client `client`: its codec slot and the message (about `size` bytes
 /// of body; an Arrow batch is kept small, at most 64 rows).
 fn make_request(client: usize, index: u64) -> xcp::Result<(usize, Outgoing)> {
-    let mut r = Rng::new(((client as u64) << 32) ^ index ^ 0xC0FFEE);
+    // Deterministic per client and message: every run sends the same requests.
+    let mut r = SmallRng::seed_from_u64(((client as u64) << 32) ^ index ^ 0xC0FFEE);
     let size = pick_size(&mut r);
-    let slot = r.below(CODECS.len() as u64) as usize;
+    let slot = r.random_range(0..CODECS.len());
     let prefix = format!("c{client}-m{index} ");
     let out = match CODECS[slot].0 {
         CodecId::JSON | CodecId::PROTOBUF => {
@@ -116,7 +99,7 @@ fn make_request(client: usize, index: u64) -> xcp::Result<(usize, Outgoing)> {
         }
         CodecId::TENSOR_F32 => {
             let n = (size / 4).max(1);
-            let values: Vec<f32> = (0..n).map(|_| (r.next() >> 40) as f32 / 7.0).collect();
+            let values: Vec<f32> = (0..n).map(|_| (r.next_u64() >> 40) as f32 / 7.0).collect();
             let body = xcp::codec::tensor::encode_f32(&[n as u32], &values, false)?;
             Outgoing::data(CodecId::TENSOR_F32, body)
         }
@@ -156,11 +139,9 @@ async fn run_client(
     tally: Arc<Tally>,
     done: Arc<AtomicU64>,
 ) -> Result<Histogram<u64>, String> {
-    let config = SessionConfig {
-        attach: AttachConfig::inline_only(),
-        request_timeout: Duration::from_secs(60),
-        ..SessionConfig::default()
-    };
+    let config = SessionConfig::default()
+        .with_attach(AttachConfig::inline_only())
+        .with_request_timeout(Duration::from_secs(60));
     let session = Session::connect(&url, config)
         .await
         .map_err(|e| format!("client {client}: connect {url}: {e}"))?;

@@ -4,7 +4,13 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
 
 use super::client::PathId;
 
@@ -219,26 +225,17 @@ impl Machine {
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (the era-based algorithm of H. Hinnant).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    rfc3339_seconds(OffsetDateTime::now_utc())
+}
+
+/// `t` in UTC as RFC 3339 to the second (`YYYY-MM-DDTHH:MM:SSZ`); a year outside 0..=9999,
+/// which RFC 3339 cannot write, gives `unknown (...)` with the reason.
+fn rfc3339_seconds(t: OffsetDateTime) -> String {
+    // Whole seconds: RFC 3339 writes a fraction only when there is one.
+    let t = t.to_offset(UtcOffset::UTC);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&Rfc3339)
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 #[derive(Serialize)]
@@ -297,134 +294,76 @@ pub fn json(
     serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-const COLORS: [&str; 10] = [
-    "#000000", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#9467bd", "#2ca02c", "#98df8a",
-    "#8c564b", "#e377c2",
+/// The chart's width and height in pixels.
+const CHART_SIZE: (u32, u32) = (1000, 470);
+
+/// One colour a path, in [`PathId::ALL`]'s order (raw-tcp black).
+const COLORS: [RGBColor; PathId::ALL.len()] = [
+    RGBColor(0x00, 0x00, 0x00),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x98, 0xdf, 0x8a),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x39, 0x3b, 0x79),
 ];
 
-/// A log-log panel: x = size, y = a value; one polyline per path.
-struct Panel<'a> {
-    x0: f64,
-    y0: f64,
-    w: f64,
-    h: f64,
-    title: &'a str,
-    unit: &'a str,
+/// The font of every label (an SVG `font-family`: the viewer picks the face, nothing is read
+/// here).
+const FONT: &str = "sans-serif";
+
+/// The plotters font size that the SVG writes as `px` pixels (plotters divides by 1.24).
+fn font_px(px: f64) -> f64 {
+    px * 1.24
 }
 
-fn decades(lo: f64, hi: f64) -> (f64, f64) {
-    let lo = lo.max(1e-9).log10().floor();
-    let mut hi = hi.max(1e-9).log10().ceil();
-    if hi <= lo {
-        hi = lo + 1.0;
-    }
+/// The drawing surface of the chart.
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// The colour of path `i` of [`PathId::ALL`].
+fn color_of(i: usize) -> RGBColor {
+    COLORS[i % COLORS.len()]
+}
+
+/// A path's line is dashed when the bytes went by handle and the receiver did not touch them.
+fn dashed(p: PathId) -> bool {
+    p.by_handle() && !p.touched()
+}
+
+/// One log-log panel: x = size, y = `value` of each row.
+struct Panel {
+    title: &'static str,
+    unit: &'static str,
+    value: fn(&Row) -> f64,
+}
+
+/// The decade exponents that hold `lo..=hi` (at least one decade).
+fn decades(lo: f64, hi: f64) -> (i32, i32) {
+    let lo = lo.max(1e-9).log10().floor() as i32;
+    let hi = (hi.max(1e-9).log10().ceil() as i32).max(lo + 1);
     (lo, hi)
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// The smallest and largest of `values` (`None` when there are none).
+fn bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    values.fold(None, |acc, v| match acc {
+        None => Some((v, v)),
+        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+    })
 }
 
-impl Panel<'_> {
-    fn draw(&self, svg: &mut String, rows: &[Row], value: impl Fn(&Row) -> f64) {
-        let sizes: Vec<f64> = rows.iter().map(|r| r.size as f64).collect();
-        let vals: Vec<f64> = rows.iter().map(&value).filter(|v| *v > 0.0).collect();
-        if sizes.is_empty() || vals.is_empty() {
-            return;
-        }
-        let (xl, xh) = decades(
-            sizes.iter().copied().fold(f64::MAX, f64::min),
-            sizes.iter().copied().fold(0.0, f64::max),
-        );
-        let (yl, yh) = decades(
-            vals.iter().copied().fold(f64::MAX, f64::min),
-            vals.iter().copied().fold(0.0, f64::max),
-        );
-        let px = |x: f64| self.x0 + (x.log10() - xl) / (xh - xl) * self.w;
-        let py = |y: f64| self.y0 + self.h - (y.log10() - yl) / (yh - yl) * self.h;
-        let _ = writeln!(
-            svg,
-            r##"<rect x="{}" y="{}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
-            self.x0, self.y0, self.w, self.h
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" font-size="14" text-anchor="middle">{}</text>"#,
-            self.x0 + self.w / 2.0,
-            self.y0 - 10.0,
-            esc(self.title)
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" font-size="11" text-anchor="middle" transform="rotate(-90 {} {})">{}</text>"#,
-            self.x0 - 48.0,
-            self.y0 + self.h / 2.0,
-            self.x0 - 48.0,
-            self.y0 + self.h / 2.0,
-            esc(self.unit)
-        );
-        let mut e = yl;
-        while e <= yh + 1e-9 {
-            let y = py(10f64.powf(e));
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
-                self.x0,
-                self.x0 + self.w,
-                self.x0 - 4.0,
-                y + 3.0,
-                tick(10f64.powf(e))
-            );
-            e += 1.0;
-        }
-        let mut sizes_seen: Vec<usize> = rows.iter().map(|r| r.size).collect();
-        sizes_seen.sort_unstable();
-        sizes_seen.dedup();
-        for s in sizes_seen {
-            let x = px(s as f64);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" font-size="10" text-anchor="middle">{}</text>"##,
-                self.y0,
-                self.y0 + self.h,
-                self.y0 + self.h + 14.0,
-                size_label(s)
-            );
-        }
-        for (i, p) in PathId::ALL.iter().enumerate() {
-            let pts: Vec<String> = rows
-                .iter()
-                .filter(|r| r.path == p.name() && value(r) > 0.0)
-                .map(|r| format!("{:.1},{:.1}", px(r.size as f64), py(value(r))))
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            let dash = if p.by_handle() && !p.touched() {
-                r#" stroke-dasharray="5,3""#
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
-                pts.join(" "),
-                COLORS[i % COLORS.len()]
-            );
-            for pt in &pts {
-                let (x, y) = pt.split_once(',').unwrap_or(("0", "0"));
-                let _ = writeln!(
-                    svg,
-                    r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"#,
-                    COLORS[i % COLORS.len()]
-                );
-            }
-        }
-    }
+/// A value worth a point on a log axis.
+fn plottable(v: f64) -> bool {
+    v.is_finite() && v > 0.0
 }
 
+/// A y axis label: `20`, `5k`, `1.5M`, `0.050`.
 fn tick(v: f64) -> String {
     if v >= 1e6 {
         format!("{}M", v / 1e6)
@@ -437,63 +376,404 @@ fn tick(v: f64) -> String {
     }
 }
 
-/// The chart: p50 latency and throughput by size (log-log), one line per path, a legend.
-pub fn svg(rows: &[Row], machine: &Machine) -> String {
-    let (w, h) = (1000.0, 470.0);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let lat = Panel {
-        x0: 70.0,
-        y0: 40.0,
-        w: 340.0,
-        h: 330.0,
-        title: "p50 round-trip latency by size",
-        unit: "µs (log)",
-    };
-    lat.draw(&mut s, rows, |r| r.latency.p50_us);
-    let thr = Panel {
-        x0: 500.0,
-        y0: 40.0,
-        w: 340.0,
-        h: 330.0,
-        title: "throughput by size (many in flight)",
-        unit: "MB/s (log)",
-    };
-    thr.draw(&mut s, rows, |r| r.throughput.mb_per_s);
-    let mut y = 50.0;
-    for (i, p) in PathId::ALL.iter().enumerate() {
-        if !rows.iter().any(|r| r.path == p.name()) {
-            continue;
+/// The paths that have rows, in the table's order, each with its index in [`PathId::ALL`].
+fn paths_shown(rows: &[Row]) -> Vec<(usize, PathId)> {
+    PathId::ALL
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, p)| rows.iter().any(|r| r.path == p.name()))
+        .collect()
+}
+
+impl Panel {
+    /// Draws the panel into `area`: log axes (x ticks at the sizes measured, y at decades), one
+    /// line with its points a path.
+    fn draw(&self, area: &Area<'_>, rows: &[Row]) -> Result<(), String> {
+        let mut sizes: Vec<usize> = rows.iter().map(|r| r.size).filter(|&s| s > 0).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let (xl, xh) =
+            bounds(sizes.iter().map(|&s| s as f64)).map_or((0, 1), |(lo, hi)| decades(lo, hi));
+        let (yl, yh) = bounds(rows.iter().map(self.value).filter(|&v| plottable(v)))
+            .map_or((0, 1), |(lo, hi)| decades(lo, hi));
+        let x = (10f64.powi(xl)..10f64.powi(xh))
+            .log_scale()
+            .with_key_points(sizes.iter().map(|&s| s as f64).collect());
+        let y = (10f64.powi(yl)..10f64.powi(yh))
+            .log_scale()
+            .with_key_points((yl..=yh).map(|e| 10f64.powi(e)).collect());
+        let mut chart = ChartBuilder::on(area)
+            .caption(self.title, (FONT, font_px(14.0)))
+            .margin(12)
+            .x_label_area_size(34)
+            .y_label_area_size(58)
+            .build_cartesian_2d(x, y)
+            .map_err(|e| format!("the panel \"{}\": {e}", self.title))?;
+        chart
+            .configure_mesh()
+            .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+            .light_line_style(TRANSPARENT)
+            .label_style((FONT, font_px(10.0)))
+            .axis_desc_style((FONT, font_px(11.0)))
+            .x_desc("payload size (log)")
+            .y_desc(self.unit)
+            .x_label_formatter(&|v| size_label(v.round() as usize))
+            .y_label_formatter(&|v| tick(*v))
+            .draw()
+            .map_err(|e| format!("the axes of \"{}\": {e}", self.title))?;
+        for (i, p) in paths_shown(rows) {
+            let mut points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.path == p.name() && r.size > 0)
+                .map(|r| (r.size as f64, (self.value)(r)))
+                .filter(|&(_, v)| plottable(v))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if points.is_empty() {
+                continue;
+            }
+            let color = color_of(i);
+            let line = color.stroke_width(2);
+            let failed = |e: DrawingAreaErrorKind<_>| {
+                format!("the line of {} in \"{}\": {e}", p.name(), self.title)
+            };
+            if dashed(p) {
+                chart
+                    .draw_series(DashedLineSeries::new(points.clone(), 5, 3, line))
+                    .map_err(failed)?;
+            } else {
+                chart
+                    .draw_series(LineSeries::new(points.clone(), line))
+                    .map_err(failed)?;
+            }
+            chart
+                .draw_series(points.iter().map(|&pt| Circle::new(pt, 3, color.filled())))
+                .map_err(failed)?;
         }
-        let dash = if p.by_handle() && !p.touched() {
-            r#" stroke-dasharray="5,3""#
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            s,
-            r#"<line x1="860" y1="{y}" x2="885" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="890" y="{}" font-size="11">{}</text>"#,
-            COLORS[i % COLORS.len()],
-            y + 4.0,
-            p.name()
-        );
-        y += 18.0;
+        Ok(())
     }
-    let _ = writeln!(
-        s,
-        r#"<text x="20" y="{}" font-size="10">xcp bench: SIZE bytes one way, tiny reply; dashed = handle, receiver did not touch the bytes. {}</text>"#,
-        h - 40.0,
-        esc(&machine.one_line())
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="20" y="{}" font-size="10">XCP rows over epoll unless --io says otherwise; xcp bench --io-compare puts epoll and io_uring side by side.</text>"#,
-        h - 24.0
-    );
-    s.push_str("</svg>\n");
-    s
+}
+
+/// The legend: a line sample and the name of each path that has rows.
+fn draw_legend(area: &Area<'_>, rows: &[Row]) -> Result<(), String> {
+    let label =
+        TextStyle::from((FONT, font_px(11.0)).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let mut y = 40;
+    for (i, p) in paths_shown(rows) {
+        let line = color_of(i).stroke_width(2);
+        let sample = [(0, y), (25, y)];
+        let drawn = if dashed(p) {
+            area.draw(&DashedPathElement::new(sample, 5, 3, line))
+        } else {
+            area.draw(&PathElement::new(sample, line))
+        };
+        drawn
+            .and_then(|_| area.draw(&Text::new(p.name(), (30, y), label.clone())))
+            .map_err(|e| format!("the legend of {}: {e}", p.name()))?;
+        y += 18;
+    }
+    Ok(())
+}
+
+/// The whole chart into `out` (an SVG document).
+fn draw_chart(out: &mut String, rows: &[Row], machine: &Machine) -> Result<(), String> {
+    let root = SVGBackend::with_string(out, CHART_SIZE).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| format!("the background: {e}"))?;
+    let body = root
+        .titled(
+            &format!("xcp bench: {}", machine.one_line()),
+            (FONT, font_px(12.0)),
+        )
+        .map_err(|e| format!("the title: {e}"))?;
+    let (_, height) = body.dim_in_pixel();
+    let (charts, notes) = body.split_vertically(height.saturating_sub(40));
+    let columns = charts.split_by_breakpoints([430, 860], [0; 0]);
+    let [latency, throughput, legend] = columns.as_slice() else {
+        return Err(format!("{} chart columns, not 3", columns.len()));
+    };
+    let panels = [
+        (
+            latency,
+            Panel {
+                title: "p50 round-trip latency by size",
+                unit: "µs (log)",
+                value: |r| r.latency.p50_us,
+            },
+        ),
+        (
+            throughput,
+            Panel {
+                title: "throughput by size (many in flight)",
+                unit: "MB/s (log)",
+                value: |r| r.throughput.mb_per_s,
+            },
+        ),
+    ];
+    for (area, panel) in &panels {
+        panel.draw(area, rows)?;
+    }
+    draw_legend(legend, rows)?;
+    let note = TextStyle::from((FONT, font_px(10.0)).into_font());
+    for (i, line) in [
+        "SIZE bytes one way, tiny reply; dashed = handle, receiver did not touch the bytes.",
+        "XCP rows over epoll unless --io says otherwise; xcp bench --io-compare puts epoll and \
+         io_uring side by side.",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        notes
+            .draw(&Text::new(line, (20, 6 + 16 * i as i32), note.clone()))
+            .map_err(|e| format!("the notes: {e}"))?;
+    }
+    root.present().map_err(|e| format!("writing the SVG: {e}"))
+}
+
+/// The chart: p50 latency and throughput by size (log-log), one line per path, a legend, the
+/// machine in the title. An SVG document, drawn with plotters' SVG backend (its text as
+/// `<text>` elements: the viewer picks the font).
+pub fn svg(rows: &[Row], machine: &Machine) -> String {
+    let mut out = String::new();
+    if let Err(e) = draw_chart(&mut out, rows, machine) {
+        eprintln!("warning: the --svg chart could not be drawn: {e}");
+        // A document that says so, rather than a half-written one.
+        out.clear();
+        let root = SVGBackend::with_string(&mut out, CHART_SIZE).into_drawing_area();
+        let message = format!("xcp bench: the chart could not be drawn: {e}");
+        let _ = root
+            .fill(&WHITE)
+            .and_then(|_| root.draw(&Text::new(message, (20, 20), (FONT, font_px(13.0)))))
+            .and_then(|_| root.present());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(cpu: &str) -> Machine {
+        Machine {
+            cpu_model: cpu.to_string(),
+            cores: 2,
+            memory_mib: 24_000,
+            kernel: "6.1.0-test".into(),
+            date: "2000-02-29T12:34:56Z".into(),
+            xcp_version: "0.1.0".into(),
+            release_build: true,
+        }
+    }
+
+    fn row(path: PathId, size: usize, p50_us: f64, mb_per_s: f64) -> Row {
+        Row {
+            path: path.name().to_string(),
+            size,
+            by_handle: path.by_handle(),
+            receiver_touched_bytes: path.touched(),
+            latency: Latency {
+                samples: 10,
+                p50_us,
+                p95_us: p50_us * 1.5,
+                p99_us: p50_us * 2.0,
+                max_us: p50_us * 3.0,
+                mean_us: p50_us,
+            },
+            throughput: Throughput {
+                window: 8,
+                messages: 100,
+                seconds: 1.0,
+                mb_per_s,
+                msg_per_s: 100.0,
+            },
+            ratio_vs_raw_tcp: None,
+        }
+    }
+
+    /// Checks that `svg` nests its tags properly (every opened tag closed in order, nothing
+    /// left open) and returns the names of its elements, in document order.
+    fn elements(svg: &str) -> Vec<String> {
+        let mut open: Vec<String> = Vec::new();
+        let mut names = Vec::new();
+        let mut rest = svg;
+        while let Some(start) = rest.find('<') {
+            let end = rest[start..].find('>').expect("an unterminated tag") + start;
+            let tag = &rest[start + 1..end];
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(
+                    open.pop().as_deref(),
+                    Some(name.trim()),
+                    "a stray </{name}>"
+                );
+            } else if !tag.starts_with('?') && !tag.starts_with('!') {
+                let name = tag
+                    .split(|c: char| c.is_whitespace() || c == '/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(!name.is_empty(), "a tag with no name: <{tag}>");
+                if !tag.ends_with('/') {
+                    open.push(name.clone());
+                }
+                names.push(name);
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(open.is_empty(), "left open: {open:?}");
+        names
+    }
+
+    /// The contents of the `<text>` elements, trimmed, entities decoded.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                let body = &t[t.find('>')? + 1..t.find("</text>")?];
+                Some(
+                    body.trim()
+                        .replace("&lt;", "<")
+                        .replace("&gt;", ">")
+                        .replace("&quot;", "\"")
+                        .replace("&apos;", "'")
+                        .replace("&amp;", "&"),
+                )
+            })
+            .collect()
+    }
+
+    /// The `<name ...>` elements whose attributes include every one of `attrs`.
+    fn count(svg: &str, name: &str, attrs: &[&str]) -> usize {
+        svg.split(&format!("<{name} "))
+            .skip(1)
+            .filter(|e| {
+                let e = &e[..e.find('>').unwrap_or(e.len())];
+                attrs.iter().all(|a| e.contains(a))
+            })
+            .count()
+    }
+
+    /// `color` as plotters writes it in an SVG attribute.
+    fn hex(color: RGBColor) -> String {
+        format!("\"#{:02X}{:02X}{:02X}\"", color.0, color.1, color.2)
+    }
+
+    #[test]
+    fn chart_is_well_formed_with_one_line_a_path_and_a_legend() {
+        let shown = [PathId::RawTcp, PathId::Tcp, PathId::Shm];
+        let mut rows = Vec::new();
+        for (k, p) in shown.into_iter().enumerate() {
+            for (j, size) in [64usize, 16 << 10, 1 << 20].into_iter().enumerate() {
+                let f = (k + 1) as f64;
+                rows.push(row(
+                    p,
+                    size,
+                    20.0 * f * (j + 1) as f64,
+                    50.0 * f * 10f64.powi(j as i32),
+                ));
+            }
+        }
+        let svg = svg(&rows, &machine("Test CPU <8 cores> & more"));
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        let names = elements(&svg);
+        assert_eq!(names.iter().filter(|n| *n == "svg").count(), 1);
+
+        // A path's line is a 2-pixel polyline in its colour (the axes are 1 pixel): one in each
+        // panel and one in the legend, or many dashes where it is dashed (shm: by handle,
+        // untouched); its three points are circles in each panel. A path without rows draws
+        // nothing.
+        for (i, c) in COLORS.iter().enumerate() {
+            assert!(!COLORS[i + 1..].contains(c), "one colour a path");
+        }
+        for (i, &p) in PathId::ALL.iter().enumerate() {
+            let (stroke, fill) = (
+                format!("stroke={}", hex(color_of(i))),
+                format!("fill={}", hex(color_of(i))),
+            );
+            let lines = count(&svg, "polyline", &[&stroke, "stroke-width=\"2\""]);
+            let points = count(&svg, "circle", &[&fill]);
+            if p == PathId::Shm {
+                assert!(dashed(p));
+                assert!(lines > 10, "{}: {lines} dashes", p.name());
+                assert_eq!(points, 6, "{}", p.name());
+            } else if shown.contains(&p) {
+                assert_eq!((lines, points), (3, 6), "{}", p.name());
+            } else {
+                assert_eq!((lines, points), (0, 0), "{} has no rows", p.name());
+            }
+        }
+
+        let texts = texts(&svg);
+        for p in PathId::ALL {
+            let in_legend = texts.iter().any(|t| t == p.name());
+            assert_eq!(in_legend, shown.contains(&p), "{} in the legend", p.name());
+        }
+        let title = texts
+            .iter()
+            .find(|t| t.starts_with("xcp bench:"))
+            .expect("a title");
+        assert!(title.contains("Test CPU <8 cores> & more") && title.contains("2000-02-29"));
+        for want in [
+            "p50 round-trip latency by size",
+            "throughput by size (many in flight)",
+            "µs (log)",
+            "MB/s (log)",
+            // The sizes measured on the x axes; decades on the y axes.
+            "64 B",
+            "16 KiB",
+            "1 MiB",
+            "10",
+            "100",
+            "1k",
+            "100k",
+        ] {
+            assert!(texts.iter().any(|t| t == want), "no {want:?} in {texts:?}");
+        }
+    }
+
+    #[test]
+    fn chart_without_rows_or_values_is_still_a_document() {
+        let mut zero = row(PathId::Tcp, 4096, 0.0, f64::NAN);
+        zero.latency.p50_us = 0.0;
+        for rows in [vec![], vec![zero]] {
+            let svg = svg(&rows, &machine("cpu"));
+            assert!(svg.starts_with("<svg"));
+            elements(&svg);
+            assert!(texts(&svg).iter().any(|t| t.starts_with("xcp bench: cpu")));
+        }
+    }
+
+    #[test]
+    fn dates_are_rfc3339_to_the_second() {
+        let at = |s: i64| OffsetDateTime::from_unix_timestamp(s).unwrap();
+        assert_eq!(rfc3339_seconds(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(at(951_827_696)), "2000-02-29T12:34:56Z");
+        assert_eq!(rfc3339_seconds(at(1_700_000_000)), "2023-11-14T22:13:20Z");
+        // The fraction is dropped, not rounded; an offset is turned into UTC.
+        let t = at(1_700_000_000).replace_nanosecond(999_999_999).unwrap();
+        assert_eq!(rfc3339_seconds(t), "2023-11-14T22:13:20Z");
+        let plus2 = UtcOffset::from_hms(2, 0, 0).unwrap();
+        assert_eq!(
+            rfc3339_seconds(at(0).to_offset(plus2)),
+            "1970-01-01T00:00:00Z"
+        );
+        // Out of RFC 3339's range: said so, not a wrong date.
+        let far = OffsetDateTime::from_unix_timestamp(-100_000_000_000).unwrap();
+        assert!(rfc3339_seconds(far).starts_with("unknown ("));
+        let now = utc_now();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(now.ends_with('Z') && now.as_bytes()[10] == b'T', "{now}");
+    }
+
+    #[test]
+    fn size_labels() {
+        assert_eq!(size_label(64), "64 B");
+        assert_eq!(size_label(1000), "1000 B");
+        assert_eq!(size_label(16 << 10), "16 KiB");
+        assert_eq!(size_label(1 << 20), "1 MiB");
+        assert_eq!(size_label(3 << 19), "1536 KiB");
+        assert_eq!(decades(20.0, 900.0), (1, 3));
+        assert_eq!(decades(100.0, 100.0), (2, 3));
+    }
 }

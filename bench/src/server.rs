@@ -83,15 +83,13 @@ impl AttachMode {
     pub fn config(self) -> AttachConfig {
         match self {
             AttachMode::None => AttachConfig::inline_only(),
-            AttachMode::Shm | AttachMode::Memfd => AttachConfig {
-                schemes: vec![if self == AttachMode::Shm {
+            AttachMode::Shm | AttachMode::Memfd => AttachConfig::default()
+                .with_schemes(vec![if self == AttachMode::Shm {
                     Scheme::Shm
                 } else {
                     Scheme::Memfd
-                }],
-                inline_threshold: 0,
-                ..AttachConfig::default()
-            },
+                }])
+                .with_inline_threshold(0),
         }
     }
 }

@@ -77,17 +77,12 @@ pub async fn run(args: DemoArgs) -> u8 {
 }
 
 fn config(scheme: Option<Scheme>) -> SessionConfig {
-    SessionConfig {
-        request_timeout: Duration::from_secs(60),
-        attach: match scheme {
-            Some(s) => AttachConfig {
-                schemes: vec![s],
-                ..AttachConfig::default()
-            },
+    SessionConfig::default()
+        .with_request_timeout(Duration::from_secs(60))
+        .with_attach(match scheme {
+            Some(s) => AttachConfig::default().with_schemes(vec![s]),
             None => AttachConfig::inline_only(),
-        },
-        ..SessionConfig::default()
-    }
+        })
 }
 
 fn server(listen: String, attach: &str) -> R<ServerProc> {
@@ -233,7 +228,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
         let s = Session::connect(&srv.url, config(Some(scheme)))
             .await
             .map_err(err("connect"))?;
-        if s.negotiated().attach != [scheme.name().to_string()] {
+        if s.negotiated().attach != [scheme] {
             return Err(format!("{name}: {} not negotiated", scheme.name()));
         }
         let mut times = Vec::new();

@@ -884,10 +884,7 @@ fn decode_all(input: &[u8], args: &DecodeArgs) -> Vec<Line> {
         skipping: HashSet::new(),
         reassembler: Reassembler::new(args.max_message_bytes),
     };
-    let mut dec = FrameDecoder::new(Limits {
-        max_frame_bytes: args.max_frame_bytes,
-        max_message_bytes: args.max_message_bytes,
-    });
+    let mut dec = FrameDecoder::new(Limits::new(args.max_frame_bytes, args.max_message_bytes));
     let total = input.len();
     let mut buf = BytesMut::from(input);
     loop {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{ArgGroup, Args, ValueEnum};
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 
 use xcp::attach::Scheme;
 use xcp::codec::CodecId;
@@ -131,10 +133,7 @@ pub enum AttachMode {
 impl AttachMode {
     /// The attachment settings for a connection to (or a listener on) `url`.
     pub fn config(self, url: &str) -> Result<AttachConfig, String> {
-        let only = |scheme| AttachConfig {
-            schemes: vec![scheme],
-            ..AttachConfig::default()
-        };
+        let only = |scheme| AttachConfig::default().with_schemes(vec![scheme]);
         let remote = url.starts_with("tls://") || url.starts_with("quic://");
         match self {
             AttachMode::Shm | AttachMode::Memfd if remote => Err(format!(
@@ -345,23 +344,10 @@ async fn send_random(session: &Session, len: usize) -> Result<u8, Error> {
     Ok(EXIT_OK)
 }
 
-/// Fills `buf` with pseudo-random bytes from `seed` (xorshift64*: fast, and good enough to
-/// make every byte count in a checksum).
+/// Fills `buf` with pseudo-random bytes from `seed` (the project's one seeded generator,
+/// [`SmallRng`]: fast, and good enough to make every byte count in a checksum).
 fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    let mut next = || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    };
-    let mut words = buf.chunks_exact_mut(8);
-    for w in &mut words {
-        w.copy_from_slice(&next().to_le_bytes());
-    }
-    let tail = words.into_remainder();
-    let last = next().to_le_bytes();
-    tail.copy_from_slice(&last[..tail.len()]);
+    SmallRng::seed_from_u64(seed).fill_bytes(buf);
 }
 
 /// The Ether to send, from `--text` or `--ether`; the error names the problem.
@@ -406,7 +392,31 @@ fn parse_ether(source: &str, raw: &[u8]) -> Result<Ether, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_ether;
+    use super::{fill_random, parse_ether};
+
+    #[test]
+    fn random_fill_is_seeded_and_covers_every_byte() {
+        // Lengths that are not a multiple of the generator's word, so the tail is filled too.
+        for len in [0usize, 1, 7, 9, 4099] {
+            let (mut a, mut b, mut c) = (vec![0u8; len], vec![0u8; len], vec![0u8; len]);
+            fill_random(&mut a, 42);
+            fill_random(&mut b, 42);
+            fill_random(&mut c, 43);
+            assert_eq!(a, b, "same seed, same bytes ({len})");
+            if len >= 8 {
+                assert_ne!(a, c, "another seed, other bytes ({len})");
+                // The last bytes are written as well (a zeroed tail would pass the checksum
+                // check on both sides and test nothing).
+                assert!(a[len - 8..].iter().any(|&x| x != 0), "tail of {len}");
+            }
+        }
+        // Not a constant pattern: a 4 KiB fill uses most byte values.
+        let mut buf = vec![0u8; 4096];
+        fill_random(&mut buf, 7);
+        let mut seen = [false; 256];
+        buf.iter().for_each(|&x| seen[usize::from(x)] = true);
+        assert!(seen.iter().filter(|&&s| s).count() > 200);
+    }
 
     #[test]
     fn ether_input_errors_name_the_problem() {

@@ -208,8 +208,8 @@ async fn serve_session(
             codecs = ?n.codecs,
             max_frame_bytes = n.max_frame_bytes,
             header_form = ?n.header_form,
-            attach = ?n.attach,
-            io = session.io(),
+            attach = ?n.attach.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            io = session.io().name(),
             "connection open"
         );
     });

@@ -102,11 +102,9 @@ impl Drop for Server {
 }
 
 fn config() -> SessionConfig {
-    SessionConfig {
-        connect_timeout: DEADLINE,
-        request_timeout: DEADLINE,
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_connect_timeout(DEADLINE)
+        .with_request_timeout(DEADLINE)
 }
 
 /// Deterministic pseudo-random floats in [-1, 1) (xorshift64).

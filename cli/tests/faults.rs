@@ -34,6 +34,9 @@ use xcp::wire::frame::{crc32c, encode, FrameDecoder};
 use xcp::wire::{Flags, Frame, FrameHeader, HeaderForm, Limits, MsgType};
 use xcp::{Attachment, Error, ErrorCode, Ether, Server, Session, SessionConfig};
 
+#[path = "../../tests/support/io_env.rs"]
+mod io_env;
+
 /// The bound of any one step.
 const STEP: Duration = Duration::from_secs(20);
 
@@ -174,10 +177,7 @@ fn spawn_echo(server: Server, delay: Duration) -> tokio::task::JoinHandle<()> {
 }
 
 fn inline_config() -> SessionConfig {
-    SessionConfig {
-        attach: AttachConfig::inline_only(),
-        ..SessionConfig::default()
-    }
+    io_env::config().with_attach(AttachConfig::inline_only())
 }
 
 /// A JSON text Ether of about `len` bytes whose reply must equal it.
@@ -329,13 +329,8 @@ fn sender_killed_while_views_are_held() {
         return;
     }
     runtime().block_on(async {
-        let cfg = SessionConfig {
-            attach: AttachConfig {
-                schemes: vec![Scheme::Shm],
-                ..AttachConfig::default()
-            },
-            ..SessionConfig::default()
-        };
+        let cfg =
+            io_env::config().with_attach(AttachConfig::default().with_schemes(vec![Scheme::Shm]));
         let (server, url) = echo_server(cfg).await;
         let mut sender = Guard(
             xcp()
@@ -427,10 +422,7 @@ fn server_killed_while_requests_wait() {
         // The server holds every blob 30 s before answering: the requests are surely pending
         // when it dies.
         let (mut serve, url) = spawn_serve(&["--attach", "inline", "--hold-ms", "30000"]);
-        let cfg = SessionConfig {
-            request_timeout: Duration::from_secs(120),
-            ..inline_config()
-        };
+        let cfg = inline_config().with_request_timeout(Duration::from_secs(120));
         let c = t("connect", Session::connect(&url, cfg))
             .await
             .expect("connect");
@@ -514,10 +506,7 @@ fn slow_receiver_applies_back_pressure() {
     const RSS_BOUND: u64 = 64 << 20;
     runtime().block_on(async {
         let window = 64;
-        let cfg = SessionConfig {
-            max_in_flight: window,
-            ..inline_config()
-        };
+        let cfg = inline_config().with_max_in_flight(window);
         let (server, url) = echo_server(cfg.clone()).await;
         let _echo = spawn_echo(server, Duration::from_millis(1));
         let c = t("connect", Session::connect(&url, cfg))

@@ -238,11 +238,9 @@ fn real_client(url: &str) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let config = SessionConfig {
-            connect_timeout: CLIENT_DEADLINE,
-            request_timeout: CLIENT_DEADLINE,
-            ..SessionConfig::default()
-        };
+        let config = SessionConfig::default()
+            .with_connect_timeout(CLIENT_DEADLINE)
+            .with_request_timeout(CLIENT_DEADLINE);
         let r = tokio::time::timeout(CLIENT_DEADLINE, async {
             let s = Session::connect(url, config).await?;
             let out = Outgoing::ether(&Ether::text("hello"), CodecId::JSON)?;

@@ -27,6 +27,9 @@ use xcp::wire::frame::{crc32c, encode_frame, FrameDecoder};
 use xcp::wire::{Flags, FrameHeader, HeaderForm, Limits, MsgType};
 use xcp::{Attachment, Error, ErrorCode, Ether, Session, SessionConfig};
 
+#[path = "../../tests/support/io_env.rs"]
+mod io_env;
+
 const BLOB: usize = 256 << 20;
 const STEP: Duration = Duration::from_secs(30);
 
@@ -90,14 +93,9 @@ impl Drop for Serve {
 }
 
 fn config(schemes: &[Scheme]) -> SessionConfig {
-    SessionConfig {
-        attach: AttachConfig {
-            schemes: schemes.to_vec(),
-            ..AttachConfig::default()
-        },
-        request_timeout: STEP,
-        ..SessionConfig::default()
-    }
+    io_env::config()
+        .with_attach(AttachConfig::default().with_schemes(schemes.to_vec()))
+        .with_request_timeout(STEP)
 }
 
 fn blob_ether() -> Ether {

@@ -37,14 +37,12 @@ fn skip() -> bool {
 }
 
 fn config(io: IoMode, ring: Option<uring::Ring>) -> SessionConfig {
-    SessionConfig {
-        transport: TransportConfig {
-            io,
-            ring,
-            tls: None,
-        },
-        ..SessionConfig::default()
-    }
+    SessionConfig::default().with_transport(
+        TransportConfig::default()
+            .with_io(io)
+            .with_ring(ring)
+            .with_tls(None),
+    )
 }
 
 /// Echoes every message (same codec, same body) until the peer goes.
@@ -135,12 +133,8 @@ async fn memfd_handles_through_the_ring() {
     .into_iter()
     .enumerate()
     {
-        let memfd = |io| SessionConfig {
-            attach: AttachConfig {
-                schemes: vec![Scheme::Memfd],
-                ..AttachConfig::default()
-            },
-            ..config(io, None)
+        let memfd = |io| {
+            config(io, None).with_attach(AttachConfig::default().with_schemes(vec![Scheme::Memfd]))
         };
         let url = unix_url(&dir, &format!("m{i}"));
         let server = t("bind", Server::bind(&url, memfd(sio)))

@@ -150,10 +150,7 @@ impl Splits {
 // ----- frame_decoder -----------------------------------------------------------------------
 
 /// The limits of the `frame_decoder` target: small, so the fuzzer reaches them.
-pub const FRAME_LIMITS: Limits = Limits {
-    max_frame_bytes: 512,
-    max_message_bytes: 2048,
-};
+pub const FRAME_LIMITS: Limits = Limits::new(512, 2048);
 /// Messages pending reassembly at once in the `frame_decoder` target.
 pub const FRAME_MAX_PENDING: usize = 8;
 
@@ -497,24 +494,19 @@ pub fn attach_uri(data: &[u8]) {
 // ----- connection --------------------------------------------------------------------------
 
 /// The limits of the `connection` target's responder.
-pub const CONN_LIMITS: Limits = Limits {
-    max_frame_bytes: 1024,
-    max_message_bytes: 4096,
-};
+pub const CONN_LIMITS: Limits = Limits::new(1024, 4096);
 /// The static key of the `connection` target's keyed runs.
 pub const CONN_KEY: [u8; 32] = [0x42; 32];
 
 fn conn_config(keyed: bool) -> Config {
-    Config {
-        limits: CONN_LIMITS,
-        max_pending_messages: 16,
-        handshake_timeout: Duration::from_secs(5),
-        frame_timeout: Duration::from_secs(2),
-        idle_timeout: Duration::from_secs(60),
-        keepalive_interval: Duration::from_secs(1),
-        sealer: keyed.then(|| Sealer::new(&CONN_KEY)),
-        ..Config::default()
-    }
+    Config::default()
+        .with_limits(CONN_LIMITS)
+        .with_max_pending_messages(16)
+        .with_handshake_timeout(Duration::from_secs(5))
+        .with_frame_timeout(Duration::from_secs(2))
+        .with_idle_timeout(Duration::from_secs(60))
+        .with_keepalive_interval(Duration::from_secs(1))
+        .with_sealer(keyed.then(|| Sealer::new(&CONN_KEY)))
 }
 
 /// What the `connection` target puts under test, from bits 2 and 3 of its mode byte.

@@ -22,6 +22,7 @@ const POW2_LIMIT: usize = 64 << 20;
 const LARGE_STEP: usize = 2 << 20;
 
 /// Settings of a [`Pool`].
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
     /// Shared memory kind of the segments.

@@ -78,7 +78,9 @@ pub enum Role {
     Responder,
 }
 
-/// Connection settings. `Default` gives the SPEC's defaults.
+/// Connection settings. `Default` gives the SPEC's defaults; change what differs with the
+/// `with_*` methods (or assign the public fields).
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Our receive limits, advertised in HELLO/CAPS.
@@ -105,8 +107,8 @@ pub struct Config {
     pub decode_ethers: bool,
     /// Capabilities beyond the core: `shared_mem`, `attach`, `host_id`, `shm_prefix`, `crypt`.
     pub shared_mem: bool,
-    /// Handle schemes supported (`shm`, `memfd`, `cuda-ipc`).
-    pub attach: Vec<String>,
+    /// Handle schemes supported, in order of preference (advertised by name in `attach`).
+    pub attach: Vec<crate::attach::Scheme>,
     /// Host identifier (empty: unknown).
     pub host_id: String,
     /// Name prefix of announced shm objects.
@@ -125,6 +127,35 @@ pub struct Config {
     /// The `retry_after_ms` sent with `ERR_BUSY`.
     pub busy_retry_after_ms: u32,
 }
+
+with_fields!(Config {
+    /// These receive limits (advertised in HELLO/CAPS).
+    with_limits => limits: Limits;
+    /// These body codecs decoded (JSON is always added).
+    with_codecs => codecs: Vec<CodecId>;
+    /// This header form for an initiator's frames.
+    with_header_form => header_form: HeaderForm;
+    /// The handshake within this long.
+    with_handshake_timeout => handshake_timeout: Duration;
+    /// A PING after this long without input (zero: never).
+    with_keepalive_interval => keepalive_interval: Duration;
+    /// Closed after this long without input (zero: never).
+    with_idle_timeout => idle_timeout: Duration;
+    /// A started frame complete within this long.
+    with_frame_timeout => frame_timeout: Duration;
+    /// At most this many messages pending reassembly.
+    with_max_pending_messages => max_pending_messages: usize;
+    /// Whether DATA bodies are checked with their codec on arrival.
+    with_decode_ethers => decode_ethers: bool;
+    /// The static key (SPEC §3): seal what is sent, require CRYPT from the peer.
+    with_sealer => sealer: Option<Sealer>;
+    /// When to compress bodies sent.
+    with_compress => compress: CompressPolicy;
+    /// This zstd level.
+    with_compress_level => compress_level: i32;
+    /// This `retry_after_ms` with `ERR_BUSY`.
+    with_busy_retry_after_ms => busy_retry_after_ms: u32;
+});
 
 impl Default for Config {
     fn default() -> Self {
@@ -162,12 +193,27 @@ pub struct Negotiated {
     pub peer_max_message_bytes: u64,
     /// Both sides take handles and are on the same host.
     pub shared_mem: bool,
-    /// Handle schemes both support.
-    pub attach: Vec<String>,
+    /// Handle schemes both support, in this side's order of preference. A name neither
+    /// side's build knows is dropped (it is still in `peer.attach`).
+    pub attach: Vec<crate::attach::Scheme>,
     /// The header form used on this connection.
     pub header_form: HeaderForm,
     /// What the peer announced (its HELLO, or its CAPS).
     pub peer: Hello,
+}
+
+/// The schemes of `names` that this build knows, in order, once each.
+fn schemes_named<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<crate::attach::Scheme> {
+    let mut out = Vec::new();
+    for s in names
+        .into_iter()
+        .filter_map(|n| crate::attach::Scheme::from_name(n))
+    {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
 }
 
 /// A message for the application: DATA (or a msgType above DATA), or CLARIFY_REQ/RES.
@@ -334,6 +380,7 @@ impl Outgoing {
 // Events are moved once, from the connection to its driver; boxing the message would cost an
 // allocation per message for nothing.
 #[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
 #[derive(Debug)]
 pub enum Event {
     /// The handshake finished.
@@ -428,7 +475,7 @@ impl Connection {
             emits: Vec::new(),
             shared_mem: config.shared_mem,
             version: negotiate::VERSION_STRING.to_string(),
-            attach: config.attach.clone(),
+            attach: config.attach.iter().map(|s| s.name().to_string()).collect(),
             host_id: config.host_id.clone(),
             shm_prefix: config.shm_prefix.clone(),
             crypt: config.sealer.is_some(),
@@ -995,7 +1042,7 @@ impl Connection {
                             max_frame_bytes: caps.max_frame_bytes,
                             peer_max_message_bytes: caps.max_message_bytes,
                             shared_mem: caps.shared_mem,
-                            attach: caps.attach.clone(),
+                            attach: schemes_named(&caps.attach),
                             header_form: self.form,
                             peer,
                         };
@@ -1048,12 +1095,11 @@ impl Connection {
                     max_frame_bytes: mfb.min(self.local_hello.max_frame_bytes),
                     peer_max_message_bytes: mmb,
                     shared_mem: caps.shared_mem && self.local_hello.shared_mem,
-                    attach: caps
-                        .attach
-                        .iter()
-                        .filter(|s| self.local_hello.attach.contains(s))
-                        .cloned()
-                        .collect(),
+                    attach: schemes_named(
+                        caps.attach
+                            .iter()
+                            .filter(|s| self.local_hello.attach.contains(s)),
+                    ),
                     header_form: self.form,
                     peer: caps,
                 };

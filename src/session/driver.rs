@@ -832,7 +832,7 @@ impl Driver {
                     self.handle_schemes = neg
                         .attach
                         .iter()
-                        .filter_map(|a| Scheme::from_name(a))
+                        .copied()
                         // Never negotiated with a peer, whatever it says.
                         .filter(|s| *s != Scheme::Local)
                         .collect();

@@ -54,6 +54,19 @@ pub use driver::DLPACK_VIEW;
 use driver::{Channels, Command, Shared, LINGER};
 
 /// Settings of a [`Session`] or of every session of a [`Server`].
+///
+/// Start from `Default` and change what differs with the `with_*` methods (or assign the
+/// public fields); new fields can be added without breaking callers:
+///
+/// ```
+/// use std::time::Duration;
+/// use xcp::{AttachConfig, SessionConfig};
+/// let config = SessionConfig::default()
+///     .with_request_timeout(Duration::from_secs(5))
+///     .with_attach(AttachConfig::inline_only());
+/// assert!(config.attach.schemes.is_empty());
+/// ```
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// The connection's own settings: limits, codecs, handshake/idle/frame timeouts.
@@ -84,6 +97,7 @@ pub struct SessionConfig {
 /// Handles are used only when both sides offer the same scheme and report the same
 /// `host_id`; otherwise, after an `ERR_ATTACHMENT` from the peer, and for regions smaller than
 /// `inline_threshold`, the bytes go inline in the Ether (chunked like any message).
+#[non_exhaustive]
 #[derive(Clone, Debug)]
 pub struct AttachConfig {
     /// Schemes offered, in order of preference. `memfd` is offered on Unix sockets only
@@ -112,6 +126,61 @@ impl Default for AttachConfig {
             inline_threshold: 64 << 10,
             max_leases_per_peer: 1024,
         }
+    }
+}
+
+with_fields!(AttachConfig {
+    /// These schemes offered, in order of preference (empty: everything inline).
+    with_schemes => schemes: Vec<Scheme>;
+    /// At most this many bytes of shared segments in the pool.
+    with_pool_cap_bytes => pool_cap_bytes: u64;
+    /// [`Session::alloc`] waits this long for room in the pool.
+    with_alloc_timeout => alloc_timeout: Duration;
+    /// Regions smaller than this go inline.
+    with_inline_threshold => inline_threshold: usize;
+    /// At most this many received messages whose views the application holds.
+    with_max_leases_per_peer => max_leases_per_peer: usize;
+});
+
+with_fields!(SessionConfig {
+    /// The connection's own settings (limits, codecs, timeouts, key, compression).
+    with_conn => conn: conn::Config;
+    /// Connect and handshake within this long.
+    with_connect_timeout => connect_timeout: Duration;
+    /// Requests and PINGs wait this long for their answer.
+    with_request_timeout => request_timeout: Duration;
+    /// At most this many commands queued for the driver, and received messages for `recv`.
+    with_max_in_flight => max_in_flight: usize;
+    /// How attachments travel.
+    with_attach => attach: AttachConfig;
+    /// A server's limit on connections at once.
+    with_max_connections => max_connections: usize;
+    /// A server's limit on bytes pending reassembly across its connections.
+    with_server_reassembly_bytes => server_reassembly_bytes: u64;
+    /// How streams are opened (epoll or io_uring; TLS).
+    with_transport => transport: crate::transport::TransportConfig;
+});
+
+impl SessionConfig {
+    /// This configuration with its connection's receive limits set to `limits`.
+    #[must_use]
+    pub fn with_limits(mut self, limits: crate::wire::Limits) -> Self {
+        self.conn.limits = limits;
+        self
+    }
+
+    /// This configuration with I/O mode `io` (epoll, io_uring, or io_uring where available).
+    #[must_use]
+    pub fn with_io(mut self, io: crate::transport::IoMode) -> Self {
+        self.transport.io = io;
+        self
+    }
+
+    /// This configuration with certificates for `tls://` and `quic://`.
+    #[must_use]
+    pub fn with_tls(mut self, tls: crate::transport::TlsConfig) -> Self {
+        self.transport.tls = Some(tls);
+        self
     }
 }
 
@@ -150,7 +219,7 @@ struct Inner {
     recv: Mutex<mpsc::Receiver<Incoming>>,
     done: watch::Receiver<bool>,
     shared: Arc<Shared>,
-    io: &'static str,
+    io: crate::transport::Io,
 }
 
 /// One XCP connection. Cloning gives another handle to the same connection; any number of
@@ -205,9 +274,8 @@ impl Session {
         &self.inner.peer
     }
 
-    /// The kernel interface that moves this connection's bytes: `"epoll"` or `"io_uring"`
-    /// (what `auto` settled on).
-    pub fn io(&self) -> &'static str {
+    /// The kernel interface that moves this connection's bytes (what `auto` settled on).
+    pub fn io(&self) -> crate::transport::Io {
         self.inner.io
     }
 
@@ -446,7 +514,7 @@ impl Session {
         exports: Vec<(Attachment, crate::attach::cuda::DeviceExport)>,
     ) -> Result<(Outgoing, Vec<Box<dyn std::any::Any + Send>>)> {
         let n = &self.inner.negotiated;
-        if !(n.shared_mem && n.attach.iter().any(|a| a == Scheme::CudaIpc.name())) {
+        if !(n.shared_mem && n.attach.contains(&Scheme::CudaIpc)) {
             return Err(Error::protocol(
                 ErrorCode::ERR_ATTACHMENT,
                 format!(
@@ -522,9 +590,9 @@ async fn start(
     let shared = Arc::new(Shared::default());
     let unix = stream.is_unix();
     let io = if stream.is_uring() {
-        "io_uring"
+        crate::transport::Io::Uring
     } else {
-        "epoll"
+        crate::transport::Io::Epoll
     };
     // Across hosts (TLS, QUIC) no handle can work: everything goes inline, chunked.
     let remote = stream.is_remote();
@@ -541,7 +609,7 @@ async fn start(
     let mut conn_config = config.conn.clone();
     if !offered.is_empty() {
         conn_config.shared_mem = true;
-        conn_config.attach = offered.iter().map(|s| s.name().to_string()).collect();
+        conn_config.attach = offered.clone();
         conn_config.host_id = crate::attach::host_id().to_string();
         conn_config.shm_prefix = crate::attach::process_prefix().to_string();
     }
@@ -581,8 +649,8 @@ async fn start(
     };
     // Regions come from memfd when the peer takes memfd (or when no handle was negotiated:
     // then they are plain memory with no name in /dev/shm), else from POSIX shm.
-    let scheme = if negotiated.attach.iter().any(|a| a == "memfd")
-        || !negotiated.attach.iter().any(|a| a == "shm")
+    let scheme = if negotiated.attach.contains(&Scheme::Memfd)
+        || !negotiated.attach.contains(&Scheme::Shm)
     {
         Scheme::Memfd
     } else {

@@ -163,9 +163,11 @@ impl std::str::FromStr for Url {
 }
 
 /// Which kernel interface moves a stream's bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IoMode {
-    /// Readiness-based I/O through tokio's reactor (epoll).
+    /// Readiness-based I/O through tokio's reactor (epoll): the default.
+    #[default]
     Epoll,
     /// Completion-based I/O through io_uring; fails with a clear error where the kernel
     /// refuses it.
@@ -199,52 +201,40 @@ impl std::str::FromStr for IoMode {
     }
 }
 
-/// The process-wide default I/O mode: 0 unset, else `1 + IoMode as u8`.
-static DEFAULT_IO: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Sets the I/O mode that [`TransportConfig::default`] (and so `SessionConfig::default`)
-/// uses from now on in this process. Without it, the default is read once from the
-/// environment variable `XCP_IO` (`epoll`, `uring` or `auto`), else [`IoMode::Epoll`].
-pub fn set_default_io(mode: IoMode) {
-    let v = match mode {
-        IoMode::Epoll => 1,
-        IoMode::Uring => 2,
-        IoMode::Auto => 3,
-    };
-    DEFAULT_IO.store(v, std::sync::atomic::Ordering::Relaxed);
+/// The kernel interface that moves an open stream's bytes: what [`IoMode`] settled on.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Io {
+    /// Readiness through tokio's reactor (epoll); TLS and QUIC streams too.
+    Epoll,
+    /// Completions through io_uring.
+    Uring,
 }
 
-/// The I/O mode [`TransportConfig::default`] uses (see [`set_default_io`]).
-pub fn default_io() -> IoMode {
-    match DEFAULT_IO.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => IoMode::Epoll,
-        2 => IoMode::Uring,
-        3 => IoMode::Auto,
-        _ => {
-            static FROM_ENV: std::sync::OnceLock<IoMode> = std::sync::OnceLock::new();
-            *FROM_ENV.get_or_init(|| match std::env::var("XCP_IO") {
-                Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| {
-                    tracing::warn!("XCP_IO: {e}; using epoll");
-                    IoMode::Epoll
-                }),
-                _ => IoMode::Epoll,
-            })
+impl Io {
+    /// `"epoll"` or `"io_uring"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Io::Epoll => "epoll",
+            Io::Uring => "io_uring",
         }
     }
 }
 
-/// The TLS configuration [`TransportConfig::default`] carries (see [`set_default_tls`]).
-static DEFAULT_TLS: std::sync::Mutex<Option<TlsConfig>> = std::sync::Mutex::new(None);
-
-/// Sets the TLS configuration that [`TransportConfig::default`] (and so
-/// `SessionConfig::default`) carries from now on in this process: one place to give every
-/// session of a program its certificates. `None` (the start) carries none.
-pub fn set_default_tls(tls: Option<TlsConfig>) {
-    *DEFAULT_TLS.lock().unwrap_or_else(|p| p.into_inner()) = tls;
+impl fmt::Display for Io {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How streams are opened: the I/O interface (and, across hosts, the TLS settings).
-#[derive(Clone, Debug)]
+///
+/// `Default` is epoll with no ring and no certificates; nothing here is read from the
+/// environment or from process-wide state (the CLI maps `XCP_IO` and `--io` onto [`io`]).
+///
+/// [`io`]: TransportConfig::io
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
 pub struct TransportConfig {
     /// epoll, io_uring, or io_uring where available.
     pub io: IoMode,
@@ -256,6 +246,24 @@ pub struct TransportConfig {
 }
 
 impl TransportConfig {
+    /// This configuration with I/O mode `io`.
+    pub fn with_io(mut self, io: IoMode) -> Self {
+        self.io = io;
+        self
+    }
+
+    /// This configuration with `ring` shared by the connections it opens (io_uring only).
+    pub fn with_ring(mut self, ring: Option<uring::Ring>) -> Self {
+        self.ring = ring;
+        self
+    }
+
+    /// This configuration with certificates for `tls://` and `quic://`.
+    pub fn with_tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// The io_uring ring its `io` mode calls for: none for epoll (or where `auto` falls
     /// back), the configured shared ring, else a new one (see [`uring::resolve`]).
     pub fn ring_for_io(&self) -> Result<Option<uring::Ring>> {
@@ -263,19 +271,6 @@ impl TransportConfig {
             (_, IoMode::Epoll) => Ok(None),
             (Some(r), _) => Ok(Some(r.clone())),
             (None, mode) => uring::resolve(mode),
-        }
-    }
-}
-
-impl Default for TransportConfig {
-    fn default() -> Self {
-        TransportConfig {
-            io: default_io(),
-            ring: None,
-            tls: DEFAULT_TLS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
         }
     }
 }

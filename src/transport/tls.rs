@@ -54,10 +54,11 @@ pub const MAX_PENDING_HANDSHAKES: usize = 256;
 ///
 /// ```no_run
 /// # fn main() -> xcp::Result<()> {
-/// use xcp::transport::{TlsConfig, TransportConfig};
+/// use xcp::transport::TlsConfig;
+/// use xcp::SessionConfig;
 /// let tls = TlsConfig::from_files("dev/client.pem", "dev/client.key", "dev/ca.pem")?;
-/// let transport = TransportConfig { tls: Some(tls), ..TransportConfig::default() };
-/// # drop(transport); Ok(()) }
+/// let config = SessionConfig::default().with_tls(tls);
+/// # drop(config); Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct TlsConfig {

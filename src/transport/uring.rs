@@ -63,8 +63,8 @@
 //! [`IoMode`](super::IoMode): `epoll`, `uring` or `auto`. [`probe`] builds a ring and runs a
 //! NOP through it once per process; `auto` falls back to epoll with one log line where that
 //! fails (old kernels, `kernel.io_uring_disabled`, seccomp profiles of containers), and an
-//! explicit `uring` fails with the reason and how to proceed. Setting the environment variable
-//! `XCP_URING_DISABLE=1` makes the probe fail, to try that path.
+//! explicit `uring` fails with the reason and how to proceed. (The library reads no
+//! environment variable; the CLI simulates a refusing kernel with `XCP_URING_DISABLE=1`.)
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -122,9 +122,6 @@ pub fn probe() -> std::result::Result<(), String> {
 }
 
 fn run_probe() -> std::result::Result<(), String> {
-    if std::env::var_os("XCP_URING_DISABLE").is_some_and(|v| !v.is_empty() && v != "0") {
-        return Err("disabled by the environment variable XCP_URING_DISABLE".to_string());
-    }
     let ring = IoUring::new(8).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS; it needs Linux 5.6 or later)".to_string(),
         Some(libc::EPERM) => "the kernel refused io_uring_setup (EPERM): the sysctl kernel.io_uring_disabled or a seccomp profile (common in containers) forbids it".to_string(),
@@ -987,11 +984,10 @@ impl Drop for RingInner {
 
 impl Ring {
     /// A new ring with its reaper task on the current tokio runtime, and up to
-    /// [`DEFAULT_PROVIDED_BUFFERS`] provided receive buffers (none with the environment
-    /// variable `XCP_URING_RECV=direct`).
+    /// [`DEFAULT_PROVIDED_BUFFERS`] provided receive buffers ([`Ring::with_provided_buffers`]
+    /// with 0 gives a ring whose receives all go direct).
     pub fn new() -> Result<Ring> {
-        let direct = std::env::var("XCP_URING_RECV").is_ok_and(|v| v == "direct");
-        Ring::with_provided_buffers(if direct { 0 } else { DEFAULT_PROVIDED_BUFFERS })
+        Ring::with_provided_buffers(DEFAULT_PROVIDED_BUFFERS)
     }
 
     /// A new ring whose receives use up to `max` provided buffers of 16 KiB (rounded up to a
@@ -1079,7 +1075,8 @@ impl Ring {
     }
 
     /// How many provided receive buffers this ring has (0 where it has none: the kernel
-    /// cannot register buffer rings, or `XCP_URING_RECV=direct`), and their size.
+    /// cannot register buffer rings, or it was made with `with_provided_buffers(0)`), and
+    /// their size.
     pub fn provided_buffers(&self) -> (usize, usize) {
         let st = self.inner.lock();
         match &st.pool {
@@ -1268,8 +1265,8 @@ impl UringRead {
     ///   when it has none). With `fds`, descriptors passed with the bytes (`SCM_RIGHTS`,
     ///   close-on-exec) are appended to it.
     ///
-    /// Where the kernel has no buffer rings (before Linux 6.0), or with the environment
-    /// variable `XCP_URING_RECV=direct`, every receive is direct.
+    /// Where the kernel has no buffer rings (before Linux 6.0), or on a ring made with
+    /// `with_provided_buffers(0)`, every receive is direct.
     ///
     /// Cancel-safe: while a direct receive is in flight the kernel owns the buffer and `buf`
     /// is left empty; if this future is dropped, the next call waits for the same receive and

@@ -221,6 +221,7 @@ pub enum HeaderForm {
 }
 
 /// Receiver limits (SPEC §1), checked before anything is allocated.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// The largest frame payload (PLEN) accepted.
@@ -229,6 +230,23 @@ pub struct Limits {
     /// per connection.
     pub max_message_bytes: u64,
 }
+
+impl Limits {
+    /// Frames of at most `max_frame_bytes` payload, messages of at most `max_message_bytes`.
+    pub const fn new(max_frame_bytes: u64, max_message_bytes: u64) -> Limits {
+        Limits {
+            max_frame_bytes,
+            max_message_bytes,
+        }
+    }
+}
+
+with_fields!(Limits {
+    /// Frames of at most this many payload bytes.
+    with_max_frame_bytes => max_frame_bytes: u64;
+    /// Messages of at most this many bytes.
+    with_max_message_bytes => max_message_bytes: u64;
+});
 
 impl Default for Limits {
     fn default() -> Self {

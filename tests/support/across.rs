@@ -196,14 +196,9 @@ impl Pki {
 }
 
 pub fn config(tls: TlsConfig) -> SessionConfig {
-    SessionConfig {
-        transport: TransportConfig {
-            tls: Some(tls),
-            ..TransportConfig::default()
-        },
-        connect_timeout: STEP,
-        ..SessionConfig::default()
-    }
+    SessionConfig::default()
+        .with_transport(TransportConfig::default().with_tls(Some(tls)))
+        .with_connect_timeout(STEP)
 }
 
 /// An echo server running in the background; stops when dropped.
@@ -484,10 +479,7 @@ pub mod cases {
         let pki = Pki::new();
         let srv = echo_server(listen, config(pki.server_tls())).await;
         let mut cfg = config(pki.client_tls());
-        cfg.attach = AttachConfig {
-            inline_threshold: 0,
-            ..AttachConfig::default()
-        };
+        cfg.attach = AttachConfig::default().with_inline_threshold(0);
         let c = t("connect", Session::connect(&srv.url, cfg))
             .await
             .expect("connect");

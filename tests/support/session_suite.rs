@@ -41,16 +41,22 @@ struct Addr {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// The transport settings every session of the binary uses (`SessionConfig::default()`
-/// carries them): for `tls://`, the process-wide default TLS configuration.
+/// The transport settings every session of the binary uses: its I/O mode (`IO`) and, for
+/// `tls://` and `quic://`, the certificates the binary made (`suite_tls`).
 fn transport() -> xcp::transport::TransportConfig {
     xcp::transport::TransportConfig::default()
+        .with_io(IO)
+        .with_tls(suite_tls())
+}
+
+/// The session settings every case starts from: the defaults on this binary's transport.
+fn config() -> SessionConfig {
+    SessionConfig::default().with_transport(transport())
 }
 
 #[allow(dead_code)] // each binary uses some of the transports
 impl Addr {
     fn tcp() -> Addr {
-        xcp::transport::set_default_io(IO);
         Addr {
             url: "tcp://127.0.0.1:0".into(),
             _dir: None,
@@ -58,10 +64,8 @@ impl Addr {
     }
 
     /// TLS 1.3 with mutual authentication over loopback TCP (`scheme` `tls`), or QUIC
-    /// (`quic`); the binary must have set a default TLS configuration
-    /// (`xcp::transport::set_default_tls`).
+    /// (`quic`); the binary's `suite_tls` must give the certificates.
     fn across(scheme: &str) -> Addr {
-        xcp::transport::set_default_io(IO);
         Addr {
             url: format!("{scheme}://127.0.0.1:0"),
             _dir: None,
@@ -69,7 +73,6 @@ impl Addr {
     }
 
     fn unix() -> Addr {
-        xcp::transport::set_default_io(IO);
         let dir = tempfile::tempdir().expect("tempdir");
         Addr {
             url: format!("unix://{}/xcp.sock", dir.path().display()),
@@ -151,7 +154,7 @@ fn text_request(text: &str) -> Outgoing {
 
 /// A new client connects, and a request is answered.
 async fn assert_serves(url: &str) {
-    let c = t("connect", Session::connect(url, SessionConfig::default()))
+    let c = t("connect", Session::connect(url, config()))
         .await
         .expect("a new client is served");
     let r = t("request", c.request(text_request("still alive")))
@@ -317,7 +320,7 @@ mod cases {
     use super::*;
 
     pub async fn handshake(addr: Addr) {
-        let server = t("bind", Server::bind(&addr.url, SessionConfig::default()))
+        let server = t("bind", Server::bind(&addr.url, config()))
             .await
             .expect("bind");
         let url = server.local_url();
@@ -330,7 +333,7 @@ mod cases {
             let s = server.accept().await.expect("accept");
             (server, s)
         });
-        let c = t("connect", Session::connect(&url, SessionConfig::default()))
+        let c = t("connect", Session::connect(&url, config()))
             .await
             .expect("connect");
         let (_server, s) = t("accept", accept).await.expect("join");
@@ -345,10 +348,10 @@ mod cases {
     }
 
     pub async fn echo_json_and_protobuf(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -379,10 +382,10 @@ mod cases {
     }
 
     pub async fn ping(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -393,10 +396,10 @@ mod cases {
     }
 
     pub async fn concurrent_requests(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -416,12 +419,12 @@ mod cases {
     }
 
     pub async fn chunked_message(addr: Addr) {
-        let mut cfg = SessionConfig::default();
+        let mut cfg = config();
         cfg.conn.limits.max_frame_bytes = 4096;
         let srv = echo_server(&addr.url, cfg).await;
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -446,10 +449,10 @@ mod cases {
     /// (echoed back) is still on its way, since both ends interleave their channels' frames.
     pub async fn channels_interleave(addr: Addr) {
         use xcp::codec::tensor::{DType, TensorHeader};
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -488,12 +491,12 @@ mod cases {
     }
 
     pub async fn many_connections(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let tasks: Vec<_> = (0..40)
             .map(|i| {
                 let url = srv.url.clone();
                 tokio::spawn(async move {
-                    let c = Session::connect(&url, SessionConfig::default())
+                    let c = Session::connect(&url, config())
                         .await
                         .expect("connect");
                     for j in 0..5 {
@@ -511,11 +514,11 @@ mod cases {
     }
 
     pub async fn graceful_close(addr: Addr) {
-        let server = t("bind", Server::bind(&addr.url, SessionConfig::default()))
+        let server = t("bind", Server::bind(&addr.url, config()))
             .await
             .expect("bind");
         let url = server.local_url();
-        let c = t("connect", Session::connect(&url, SessionConfig::default()))
+        let c = t("connect", Session::connect(&url, config()))
             .await
             .expect("connect");
         let s = t("accept", server.accept()).await.expect("accept");
@@ -540,7 +543,7 @@ mod cases {
         t("close twice", c.close()).await.expect("close twice");
 
         // A server-side close ends the client's pending request and recv.
-        let c2 = t("connect", Session::connect(&url, SessionConfig::default()))
+        let c2 = t("connect", Session::connect(&url, config()))
             .await
             .expect("connect");
         let s2 = t("accept", server.accept()).await.expect("accept");
@@ -557,11 +560,8 @@ mod cases {
     }
 
     pub async fn request_nack_and_timeout(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
-        let cfg = SessionConfig {
-            request_timeout: Duration::from_millis(300),
-            ..SessionConfig::default()
-        };
+        let srv = echo_server(&addr.url, config()).await;
+        let cfg = config().with_request_timeout(Duration::from_millis(300));
         let c = t("connect", Session::connect(&srv.url, cfg))
             .await
             .expect("connect");
@@ -603,10 +603,7 @@ mod cases {
     /// The application reads slowly: nothing is lost, the order is kept, memory stays bounded
     /// by the channels (the driver stops reading the socket meanwhile).
     pub async fn slow_receiver(addr: Addr) {
-        let cfg = SessionConfig {
-            max_in_flight: 16,
-            ..SessionConfig::default()
-        };
+        let cfg = config().with_max_in_flight(16);
         let server = t("bind", Server::bind(&addr.url, cfg.clone()))
             .await
             .expect("bind");
@@ -639,10 +636,7 @@ mod cases {
     /// the bounded queues and socket buffers are full, instead of memory growing; when the
     /// receiver starts reading, everything arrives in order.
     pub async fn backpressure(addr: Addr) {
-        let cfg = SessionConfig {
-            max_in_flight: 16,
-            ..SessionConfig::default()
-        };
+        let cfg = config().with_max_in_flight(16);
         let server = t("bind", Server::bind(&addr.url, cfg.clone()))
             .await
             .expect("bind");
@@ -689,12 +683,12 @@ mod cases {
 
     /// Dropping every handle of a session closes the connection.
     pub async fn drop_closes(addr: Addr) {
-        let server = t("bind", Server::bind(&addr.url, SessionConfig::default()))
+        let server = t("bind", Server::bind(&addr.url, config()))
             .await
             .expect("bind");
         let c = t(
             "connect",
-            Session::connect(&server.local_url(), SessionConfig::default()),
+            Session::connect(&server.local_url(), config()),
         )
         .await
         .expect("connect");
@@ -741,7 +735,7 @@ mod cases {
             let _ = s.read_to_end(&mut rest).await;
             l
         });
-        let r = t("connect", Session::connect(&url, SessionConfig::default())).await;
+        let r = t("connect", Session::connect(&url, config())).await;
         match r {
             Err(Error::Incompatible { code, .. }) => {
                 assert_eq!(code, ErrorCode::ERR_CODEC_UNSUPPORTED)
@@ -756,10 +750,7 @@ mod cases {
             tokio::time::sleep(Duration::from_secs(3)).await;
             drop(s);
         });
-        let cfg = SessionConfig {
-            connect_timeout: Duration::from_millis(300),
-            ..SessionConfig::default()
-        };
+        let cfg = config().with_connect_timeout(Duration::from_millis(300));
         let r = t("connect", Session::connect(&url, cfg)).await;
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
         silent.abort();
@@ -769,11 +760,11 @@ mod cases {
             None => addr.url.replace(":0", ":1"),
             Some(_) => addr.sibling("nobody"),
         };
-        let r = t("connect", Session::connect(&dead, SessionConfig::default())).await;
+        let r = t("connect", Session::connect(&dead, config())).await;
         assert!(matches!(r, Err(Error::Io(_))), "{r:?}");
         let r = t(
             "connect",
-            Session::connect("http://x:1", SessionConfig::default()),
+            Session::connect("http://x:1", config()),
         )
         .await;
         assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
@@ -782,7 +773,7 @@ mod cases {
     // ----- adversarial input over a raw socket ---------------------------------------------
 
     pub async fn bad_magic(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let mut f = control_frame(&Control::Ping(Ping { nonce: 1 }), id);
@@ -794,7 +785,7 @@ mod cases {
     }
 
     pub async fn version_too_high(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let mut f = control_frame(&Control::Ping(Ping { nonce: 1 }), id);
@@ -806,7 +797,7 @@ mod cases {
     }
 
     pub async fn higher_minor_accepted(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let mut f = control_frame(&Control::Ping(Ping { nonce: 1 }), id);
@@ -818,7 +809,7 @@ mod cases {
     }
 
     pub async fn reserved_flags(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let mut f = control_frame(&Control::Ping(Ping { nonce: 1 }), id);
@@ -831,7 +822,7 @@ mod cases {
     }
 
     pub async fn garbage_header(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let mut f = MAGIC_BYTES.to_vec();
         f.extend_from_slice(&[0x02, 0x00]);
@@ -846,7 +837,7 @@ mod cases {
     }
 
     pub async fn plen_over_limit(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let h = header(MsgType::DATA, CodecId::JSON, 2);
         let over = (1u64 << 20) + 1;
         let cases: [(u8, Vec<u8>); 4] = [
@@ -866,7 +857,7 @@ mod cases {
     }
 
     pub async fn crc_mismatch(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let body = xcp::codec::encode_ether(&Ether::text("x"), CodecId::JSON).expect("body");
@@ -881,7 +872,7 @@ mod cases {
     }
 
     pub async fn codec_not_negotiated(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         for codec in [CodecId(0x0002), CodecId(0x0077)] {
             let id = r.id();
@@ -899,7 +890,7 @@ mod cases {
     }
 
     pub async fn undecodable_json(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
         let f = raw_frame(
@@ -927,7 +918,7 @@ mod cases {
     }
 
     pub async fn data_before_hello(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut r = Raw::connect(&srv.url).await;
         let body = xcp::codec::encode_ether(&Ether::text("early"), CodecId::JSON).expect("body");
         r.write(&raw_frame(
@@ -942,11 +933,8 @@ mod cases {
     }
 
     pub async fn message_over_limit(addr: Addr) {
-        let mut cfg = SessionConfig::default();
-        cfg.conn.limits = Limits {
-            max_frame_bytes: 16 * 1024,
-            max_message_bytes: 64 * 1024,
-        };
+        let mut cfg = config();
+        cfg.conn.limits = Limits::new(16 * 1024, 64 * 1024);
         let srv = echo_server(&addr.url, cfg).await;
         let mut r = Raw::handshaken(&srv.url).await;
         let id = r.id();
@@ -963,7 +951,7 @@ mod cases {
         // A session client refuses locally to send over the peer's advertised limit.
         let c = t(
             "connect",
-            Session::connect(&srv.url, SessionConfig::default()),
+            Session::connect(&srv.url, config()),
         )
         .await
         .expect("connect");
@@ -973,7 +961,7 @@ mod cases {
     }
 
     pub async fn stall_mid_frame(addr: Addr) {
-        let mut cfg = SessionConfig::default();
+        let mut cfg = config();
         cfg.conn.frame_timeout = Duration::from_millis(300);
         let srv = echo_server(&addr.url, cfg).await;
         let mut r = Raw::handshaken(&srv.url).await;
@@ -993,7 +981,7 @@ mod cases {
 
     /// A handshake that never happens does not block other clients.
     pub async fn slow_handshake_does_not_block(addr: Addr) {
-        let srv = echo_server(&addr.url, SessionConfig::default()).await;
+        let srv = echo_server(&addr.url, config()).await;
         let mut idle = Raw::connect(&srv.url).await;
         idle.write(&MAGIC_BYTES).await;
         assert_serves(&srv.url).await;
@@ -1087,25 +1075,24 @@ async fn unix_socket_file_lifecycle() {
     if unavailable() {
         return;
     }
-    xcp::transport::set_default_io(IO);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("life.sock");
     let url = format!("unix://{}", path.display());
     // A stale socket file (nobody listening) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&path).expect("std bind"));
     assert!(path.exists());
-    let server = t("bind", Server::bind(&url, SessionConfig::default()))
+    let server = t("bind", Server::bind(&url, config()))
         .await
         .expect("bind over a stale file");
     // A live one is not.
-    let second = t("bind", Server::bind(&url, SessionConfig::default())).await;
+    let second = t("bind", Server::bind(&url, config())).await;
     assert!(second.is_err(), "{second:?}");
     assert!(path.exists());
     drop(server);
     assert!(!path.exists(), "socket file removed when the server drops");
     // A path that is not a socket is never removed.
     std::fs::write(&path, b"data").expect("write");
-    let r = t("bind", Server::bind(&url, SessionConfig::default())).await;
+    let r = t("bind", Server::bind(&url, config())).await;
     assert!(r.is_err(), "{r:?}");
     assert_eq!(std::fs::read(&path).expect("still there"), b"data");
 }
