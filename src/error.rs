@@ -108,12 +108,22 @@ pub enum Error {
     /// The caller asked for something invalid (bad URL, value out of range, wrong state).
     #[error("invalid use: {0}")]
     Invalid(String),
-    /// A deadline passed: handshake, request, idle keep-alive.
-    #[error("timed out: {0}")]
-    Timeout(String),
-    /// The connection is closed; the string says why.
-    #[error("connection closed: {0}")]
-    Closed(String),
+    /// A deadline passed: `deadline` says which (connect, handshake, reply, idle, ...).
+    #[error("timed out: {detail}")]
+    Timeout {
+        /// Which deadline passed.
+        deadline: Deadline,
+        /// What was waited for, naming the peer and the limit.
+        detail: String,
+    },
+    /// The connection is closed: `reason` says why, `detail` in words.
+    #[error("connection closed: {detail}")]
+    Closed {
+        /// Why the connection ended.
+        reason: CloseReason,
+        /// The same, in words (the error that ended it, when one did).
+        detail: String,
+    },
     /// TLS or QUIC security failed: a certificate, key or CA file that is missing, unreadable,
     /// expired or mismatched, or a peer whose certificate the handshake refused (or that
     /// refused ours). The string names the file or the peer and what to do.
@@ -124,7 +134,94 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Which deadline an [`Error::Timeout`] is about.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Deadline {
+    /// Opening a connection: the socket connect and the handshake (`connect_timeout`).
+    Connect,
+    /// The handshake of the connection itself (`conn::Config::handshake_timeout`).
+    Handshake,
+    /// A frame that started arriving and did not complete (`frame_timeout`).
+    Frame,
+    /// Nothing received for `idle_timeout`.
+    Idle,
+    /// A request's reply or a PING's PONG (`request_timeout`).
+    Reply,
+    /// Room in the pool for [`Session::alloc`](crate::Session::alloc) (`alloc_timeout`).
+    Alloc,
+    /// Flushing the last frames, or the whole close, when a connection ends.
+    Close,
+    /// Another wait (a transport's own, a device's).
+    Other,
+}
+
+/// Why a connection ended, in an [`Error::Closed`].
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The peer closed the stream between messages.
+    PeerClosed,
+    /// The peer closed the stream in the middle of a frame.
+    PeerClosedMidFrame,
+    /// The connection ended before its handshake finished.
+    Handshake,
+    /// This side closed it (`close`, or the last handle dropped).
+    Local,
+    /// A server stopped accepting connections.
+    ServerStopped,
+    /// A deadline passed (see [`Deadline`]).
+    TimedOut(Deadline),
+    /// The peer broke the SPEC; the code is what we answered with.
+    PeerMisbehaved(ErrorCode),
+    /// The peer cannot talk to us (no common codec, a newer version, no key).
+    Incompatible(ErrorCode),
+    /// The peer refused the connection with a NACK (`ERR_BUSY` from a full server, ...).
+    Refused(ErrorCode),
+    /// TLS or QUIC security failed.
+    Tls,
+    /// An operating-system error on the stream.
+    Io(std::io::ErrorKind),
+}
+
+impl CloseReason {
+    /// The reason a connection that failed with `e` is closed for.
+    pub fn of(e: &Error) -> CloseReason {
+        match e {
+            Error::Closed { reason, .. } => *reason,
+            Error::Timeout { deadline, .. } => CloseReason::TimedOut(*deadline),
+            Error::Protocol { code, .. } => CloseReason::PeerMisbehaved(*code),
+            Error::Incompatible { code, .. } => CloseReason::Incompatible(*code),
+            Error::Nack { code, .. } => CloseReason::Refused(*code),
+            Error::Tls(_) => CloseReason::Tls,
+            Error::Io(e) => CloseReason::Io(e.kind()),
+            Error::Invalid(_) => CloseReason::Local,
+        }
+    }
+}
+
 impl Error {
+    /// A timeout of `deadline`, saying what was waited for.
+    pub fn timeout(deadline: Deadline, detail: impl Into<String>) -> Self {
+        Error::Timeout {
+            deadline,
+            detail: detail.into(),
+        }
+    }
+
+    /// A closed connection, for `reason`, in words.
+    pub fn closed(reason: CloseReason, detail: impl Into<String>) -> Self {
+        Error::Closed {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether the peer is at fault: it broke the SPEC ([`Error::Protocol`]).
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(self, Error::Protocol { .. })
+    }
+
     /// The SPEC NACK code that describes this error.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -132,8 +229,8 @@ impl Error {
             | Error::Nack { code, .. }
             | Error::Incompatible { code, .. } => *code,
             Error::Invalid(_)
-            | Error::Timeout(_)
-            | Error::Closed(_)
+            | Error::Timeout { .. }
+            | Error::Closed { .. }
             | Error::Tls(_)
             | Error::Io(_) => ErrorCode::ERR_INTERNAL,
         }
@@ -178,6 +275,27 @@ mod tests {
         assert_eq!(ErrorCode(0x0A).name(), Some("ERR_BUSY"));
         assert_eq!(ErrorCode(0x77).name(), None);
         assert_eq!(format!("{}", ErrorCode(0x77)), "UNKNOWN(0x0077)");
+    }
+
+    #[test]
+    fn close_reasons_follow_the_error() {
+        let t = Error::timeout(Deadline::Idle, "nothing received for 1s");
+        assert_eq!(CloseReason::of(&t), CloseReason::TimedOut(Deadline::Idle));
+        assert_eq!(t.to_string(), "timed out: nothing received for 1s");
+        let m = Error::malformed("bad magic");
+        assert_eq!(
+            CloseReason::of(&m),
+            CloseReason::PeerMisbehaved(ErrorCode::ERR_MALFORMED)
+        );
+        assert!(m.is_peer_fault() && !t.is_peer_fault());
+        let io = Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(
+            CloseReason::of(&io),
+            CloseReason::Io(std::io::ErrorKind::ConnectionReset)
+        );
+        let c = Error::closed(CloseReason::PeerClosed, "peer closed the stream");
+        assert_eq!(CloseReason::of(&c), CloseReason::PeerClosed);
+        assert_eq!(c.to_string(), "connection closed: peer closed the stream");
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub async fn run(args: PingArgs) -> u8 {
                 );
                 rtts.push(rtt);
             }
-            Err(Error::Closed(why)) => {
+            Err(Error::Closed { detail: why, .. }) => {
                 eprintln!("error: connection to {} closed: {why}", args.url);
                 break;
             }

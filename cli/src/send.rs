@@ -244,7 +244,7 @@ fn request_failed(args: &SendArgs, e: Error) -> u8 {
                 eprintln!("error: peer refused message {msg_id} with {name}: {detail}");
             }
         }
-        Error::Timeout(what) => {
+        Error::Timeout { detail: what, .. } => {
             eprintln!(
                 "error: no reply from {} within {} ms ({what})",
                 args.url, args.timeout_ms

@@ -141,7 +141,7 @@ pub async fn run(args: ServeArgs) -> u8 {
                     sessions.spawn(serve_session(session, next_conn, stop_rx.clone(), hold));
                     next_conn += 1;
                 }
-                Err(Error::Closed(why)) => break Err(why),
+                Err(Error::Closed { detail: why, .. }) => break Err(why),
                 Err(e) => {
                     // Handshake failures are logged by the library and never returned here;
                     // anything else is a listener-level error: back off instead of spinning.
@@ -228,7 +228,7 @@ async fn serve_session(
                     let msg_id = msg.msg_id();
                     match answer_blob(&session, msg, conn, hold).await {
                         Ok(()) => echoed += 1,
-                        Err(Error::Closed(why)) => break why,
+                        Err(Error::Closed { detail: why, .. }) => break why,
                         Err(e) => {
                             if let Some(pass) = plog.admit(Instant::now(), &PEER_FAULTS) {
                                 pass.log_summaries(&peer);
@@ -244,7 +244,7 @@ async fn serve_session(
                     };
                     match session.reply(&msg, answer).await {
                         Ok(_) => echoed += 1,
-                        Err(Error::Closed(why)) => break why,
+                        Err(Error::Closed { detail: why, .. }) => break why,
                         Err(e) => {
                             if let Some(pass) = plog.admit(Instant::now(), &PEER_FAULTS) {
                                 pass.log_summaries(&peer);
@@ -253,7 +253,7 @@ async fn serve_session(
                         }
                     }
                 }
-                Err(Error::Closed(why)) => break why,
+                Err(Error::Closed { detail: why, .. }) => break why,
                 Err(e) => break e.to_string(),
             },
         }

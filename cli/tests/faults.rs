@@ -459,7 +459,7 @@ fn server_killed_while_requests_wait() {
                     // A large echo may have finished before the kill.
                     Ok(m) if what.starts_with("echo") => assert!(m.body.len() > 4 << 20),
                     Ok(m) => panic!("{what}: a reply from a dead server: {m:?}"),
-                    Err(Error::Closed(_)) | Err(Error::Io(_)) => failed += 1,
+                    Err(Error::Closed { .. }) | Err(Error::Io(_)) => failed += 1,
                     Err(e) => panic!("{what}: expected Closed or Io, got {e}"),
                 }
             }
@@ -477,7 +477,7 @@ fn server_killed_while_requests_wait() {
         // New requests fail at once too.
         let late = t("late request", c.request(big_text(10, 0))).await;
         assert!(
-            matches!(late, Err(Error::Closed(_)) | Err(Error::Io(_))),
+            matches!(late, Err(Error::Closed { .. }) | Err(Error::Io(_))),
             "{late:?}"
         );
     });

@@ -60,7 +60,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::codec::CodecId;
 use crate::control::{Ack, Control, Hello, Nack, Ping};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result};
 use crate::ether::{Ether, SchemaKey};
 use crate::wire::chunk::{split, Message, Reassembler};
 use crate::wire::frame::{encode, EncodedFrame, FrameDecoder, FrameError};
@@ -441,6 +441,8 @@ pub struct Connection {
     role: Role,
     config: Config,
     state: State,
+    /// Why the connection closed, once it has (the first reason wins).
+    closed_for: Option<CloseReason>,
     decoder: FrameDecoder,
     reassembler: Reassembler,
     /// The header form of our frames.
@@ -485,6 +487,7 @@ impl Connection {
         reassembler.set_max_pending_messages(config.max_pending_messages);
         reassembler.set_shared_budget(config.reassembly_budget.clone());
         let mut conn = Connection {
+            closed_for: None,
             role,
             state: match role {
                 Role::Initiator => State::AwaitCaps,
@@ -559,24 +562,24 @@ impl Connection {
                 Role::Initiator => "no CAPS from the peer",
                 Role::Responder => "no HELLO from the peer",
             };
-            return self.fail(Error::Timeout(format!(
-                "handshake: {what} within {:?}",
-                c.handshake_timeout
-            )));
+            return self.fail(Error::timeout(
+                Deadline::Handshake,
+                format!("handshake: {what} within {:?}", c.handshake_timeout),
+            ));
         }
         if let Some(t) = self.frame_started {
             if !c.frame_timeout.is_zero() && now >= t + c.frame_timeout {
-                return self.fail(Error::Timeout(format!(
-                    "peer stalled mid-frame for {:?}",
-                    c.frame_timeout
-                )));
+                return self.fail(Error::timeout(
+                    Deadline::Frame,
+                    format!("peer stalled mid-frame for {:?}", c.frame_timeout),
+                ));
             }
         }
         if !c.idle_timeout.is_zero() && now >= self.last_rx + c.idle_timeout {
-            return self.fail(Error::Timeout(format!(
-                "nothing received for {:?}",
-                c.idle_timeout
-            )));
+            return self.fail(Error::timeout(
+                Deadline::Idle,
+                format!("nothing received for {:?}", c.idle_timeout),
+            ));
         }
         if self.keepalive_due(now) {
             let id = self.queue_control(&Control::Ping(Ping { nonce: 0 }), 0, 0);
@@ -592,13 +595,17 @@ impl Connection {
         // `frame_started` is also set while the start of a frame shorter than its prefix
         // waits in the caller's buffer.
         if self.decoder.is_mid_frame() || self.frame_started.is_some() {
-            self.fail(Error::Closed("peer closed the stream mid-frame".into()));
+            self.fail(Error::closed(
+                CloseReason::PeerClosedMidFrame,
+                "peer closed the stream mid-frame",
+            ));
         } else if self.state != State::Established {
-            self.fail(Error::Closed(
-                "peer closed the stream during the handshake".into(),
+            self.fail(Error::closed(
+                CloseReason::Handshake,
+                "peer closed the stream during the handshake",
             ));
         } else {
-            self.finish(None);
+            self.finish(None, CloseReason::PeerClosed);
         }
     }
 
@@ -703,7 +710,7 @@ impl Connection {
     /// and [`Event::Closed`]`(None)` is emitted.
     pub fn close(&mut self) {
         if self.state != State::Closed {
-            self.finish(None);
+            self.finish(None, CloseReason::Local);
         }
     }
 
@@ -796,10 +803,20 @@ impl Connection {
 
     // ----- internals ----------------------------------------------------------------------
 
+    /// Why the connection closed, once it has.
+    pub fn closed_for(&self) -> Option<CloseReason> {
+        self.closed_for
+    }
+
+    /// Why the connection is closed (this side's close when it is not).
+    fn close_reason(&self) -> CloseReason {
+        self.closed_for.unwrap_or(CloseReason::Local)
+    }
+
     fn established(&self) -> Result<&Negotiated> {
         match self.state {
             State::Established => Ok(self.negotiated.as_ref().expect("set when established")),
-            State::Closed => Err(Error::Closed("connection is closed".into())),
+            State::Closed => Err(Error::closed(self.close_reason(), "connection is closed")),
             _ => Err(Error::invalid("the handshake has not finished")),
         }
     }
@@ -1256,11 +1273,13 @@ impl Connection {
     }
 
     fn fail(&mut self, err: Error) {
-        self.finish(Some(err));
+        let reason = CloseReason::of(&err);
+        self.finish(Some(err), reason);
     }
 
-    fn finish(&mut self, err: Option<Error>) {
+    fn finish(&mut self, err: Option<Error>, reason: CloseReason) {
         self.state = State::Closed;
+        self.closed_for.get_or_insert(reason);
         self.reassembler.clear();
         self.pings.clear();
         self.frame_started = None;

@@ -37,7 +37,7 @@ use crate::attach::{Lease, Mapper, Region, Scheme};
 use crate::codec::dlpack::{DlData, DlpackDescriptor};
 use crate::codec::CodecId;
 use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result};
 use crate::ether::{Attachment, Ether};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
@@ -187,8 +187,8 @@ impl LeasedBody {
 /// State shared between the driver and the handles.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Why the connection ended, once it has.
-    pub(crate) close_reason: Mutex<Option<String>>,
+    /// Why the connection ended, once it has, and the same in words.
+    pub(crate) close_reason: Mutex<Option<(CloseReason, String)>>,
 }
 
 impl Shared {
@@ -197,10 +197,13 @@ impl Shared {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        Error::Closed(reason.unwrap_or_else(|| "connection is closed".to_string()))
+        match reason {
+            Some((why, words)) => Error::closed(why, words),
+            None => Error::closed(CloseReason::Local, "connection is closed"),
+        }
     }
 
-    fn set_reason(&self, reason: String) {
+    fn set_reason(&self, reason: (CloseReason, String)) {
         let mut g = match self.close_reason.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -551,23 +554,29 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
 
     // The connection is over: tell everyone waiting.
     let reason = match &d.close_error {
-        Some(e) => e.to_string(),
-        None => "closed".to_string(),
+        Some(e) => (CloseReason::of(e), e.to_string()),
+        None => match d.conn.closed_for() {
+            Some(CloseReason::PeerClosed) => (
+                CloseReason::PeerClosed,
+                "the peer closed the connection".into(),
+            ),
+            Some(why) => (why, "closed".into()),
+            None => (CloseReason::Local, "closed by this side".into()),
+        },
     };
-    tracing::debug!(peer = %d.peer, "connection over: {reason}");
+    tracing::debug!(peer = %d.peer, "connection over: {}", reason.1);
     d.plog.flush(Instant::now(), &PEER_FAULTS, &d.peer);
     shared.set_reason(reason.clone());
     for (_, tx) in d.requests.drain() {
-        let _ = tx.send(Err(Error::Closed(reason.clone())));
+        let _ = tx.send(Err(Error::closed(reason.0, reason.1.clone())));
     }
     for (_, tx) in d.pings.drain() {
-        let _ = tx.send(Err(Error::Closed(reason.clone())));
+        let _ = tx.send(Err(Error::closed(reason.0, reason.1.clone())));
     }
     if let Some(tx) = d.connected.take() {
-        let err = d
-            .close_error
-            .take()
-            .unwrap_or_else(|| Error::Closed("closed during the handshake".to_string()));
+        let err = d.close_error.take().unwrap_or_else(|| {
+            Error::closed(CloseReason::Handshake, "closed during the handshake")
+        });
         let _ = tx.send(Err(err));
     }
     d.cmd_rx.close();
@@ -595,8 +604,8 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
     }
 }
 
-fn fail_command(cmd: Command, reason: &str) {
-    let e = || Error::Closed(reason.to_string());
+fn fail_command(cmd: Command, reason: &(CloseReason, String)) {
+    let e = || Error::closed(reason.0, reason.1.clone());
     match cmd {
         Command::Send { done, .. } => drop(done.send(Err(e()))),
         Command::Request { done, .. } => drop(done.send(Err(e()))),
@@ -643,10 +652,13 @@ impl Driver {
                 let now = Instant::now();
                 let deadline = *self.flush_deadline.get_or_insert(now + LINGER);
                 if now >= deadline {
-                    self.note_error(Error::Timeout(format!(
-                        "could not flush the last frames to {} within {LINGER:?}",
-                        self.peer
-                    )));
+                    self.note_error(Error::timeout(
+                        Deadline::Close,
+                        format!(
+                            "could not flush the last frames to {} within {LINGER:?}",
+                            self.peer
+                        ),
+                    ));
                     return;
                 }
             }
@@ -816,7 +828,7 @@ impl Driver {
                     self.backlog.push_front(m);
                     break;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(mpsc::error::TrySendError::Closed { .. }) => {
                     self.backlog.clear();
                     break;
                 }

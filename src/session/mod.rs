@@ -46,7 +46,7 @@ use crate::attach::{Pool, PoolConfig, Region, Scheme};
 use crate::codec::dlpack::DlpackDescriptor;
 use crate::codec::CodecId;
 use crate::conn::{self, Connection, Incoming, Negotiated, Outgoing, Role};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result};
 use crate::ether::Attachment;
 use crate::ether::Ether;
 use crate::transport::{Listener, SocketFile, Stream};
@@ -254,10 +254,13 @@ impl Session {
             {
                 Ok(r) => r?,
                 Err(_) => {
-                    return Err(Error::Timeout(format!(
-                        "connect {url}: no connection within {:?}",
-                        config.connect_timeout
-                    )))
+                    return Err(Error::timeout(
+                        Deadline::Connect,
+                        format!(
+                            "connect {url}: no connection within {:?}",
+                            config.connect_timeout
+                        ),
+                    ))
                 }
             };
         let peer = stream.peer_label();
@@ -305,10 +308,13 @@ impl Session {
     async fn await_reply(&self, rx: oneshot::Receiver<Result<Incoming>>) -> Result<Incoming> {
         match tokio::time::timeout(self.inner.request_timeout, rx).await {
             Ok(r) => r.map_err(|_| self.closed())?,
-            Err(_) => Err(Error::Timeout(format!(
-                "request to {}: no reply within {:?}",
-                self.inner.peer, self.inner.request_timeout
-            ))),
+            Err(_) => Err(Error::timeout(
+                Deadline::Reply,
+                format!(
+                    "request to {}: no reply within {:?}",
+                    self.inner.peer, self.inner.request_timeout
+                ),
+            )),
         }
     }
 
@@ -336,10 +342,13 @@ impl Session {
         self.command(Command::Ping { done }).await?;
         match tokio::time::timeout(self.inner.request_timeout, rx).await {
             Ok(r) => r.map_err(|_| self.closed())?,
-            Err(_) => Err(Error::Timeout(format!(
-                "ping {}: no PONG within {:?}",
-                self.inner.peer, self.inner.request_timeout
-            ))),
+            Err(_) => Err(Error::timeout(
+                Deadline::Reply,
+                format!(
+                    "ping {}: no PONG within {:?}",
+                    self.inner.peer, self.inner.request_timeout
+                ),
+            )),
         }
     }
 
@@ -551,11 +560,14 @@ impl Session {
         .is_ok();
         match finished {
             true => Ok(()),
-            false => Err(Error::Timeout(format!(
-                "close {}: the connection did not finish within {:?}",
-                self.inner.peer,
-                LINGER * 2
-            ))),
+            false => Err(Error::timeout(
+                Deadline::Close,
+                format!(
+                    "close {}: the connection did not finish within {:?}",
+                    self.inner.peer,
+                    LINGER * 2
+                ),
+            )),
         }
     }
 
@@ -635,16 +647,17 @@ async fn start(
         Ok(Ok(Ok(n))) => n,
         Ok(Ok(Err(e))) => return Err(e),
         Ok(Err(_)) => {
-            return Err(Error::Closed(format!(
-                "{peer}: the connection ended during the handshake"
-            )))
+            return Err(Error::closed(
+                CloseReason::Handshake,
+                format!("{peer}: the connection ended during the handshake"),
+            ))
         }
         Err(_) => {
             task.abort();
-            return Err(Error::Timeout(format!(
-                "{peer}: no handshake within {:?}",
-                config.connect_timeout
-            )));
+            return Err(Error::timeout(
+                Deadline::Connect,
+                format!("{peer}: no handshake within {:?}", config.connect_timeout),
+            ));
         }
     };
     // Regions come from memfd when the peer takes memfd (or when no handle was negotiated:
@@ -722,9 +735,12 @@ impl Server {
     /// are logged and never returned.
     pub async fn accept(&self) -> Result<Session> {
         let mut rx = self.sessions.lock().await;
-        rx.recv()
-            .await
-            .ok_or_else(|| Error::Closed(format!("server {} stopped accepting", self.local_url)))
+        rx.recv().await.ok_or_else(|| {
+            Error::closed(
+                CloseReason::ServerStopped,
+                format!("server {} stopped accepting", self.local_url),
+            )
+        })
     }
 }
 

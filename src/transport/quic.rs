@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::tls::{self, TlsConfig, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
-use crate::error::{Error, Result};
+use crate::error::{CloseReason, Deadline, Error, Result};
 use crate::wire::{Flags, MAGIC_BYTES, PREFIX_LEN, TRAILER_LEN};
 
 /// The most bidirectional streams (channels) a peer may open on one connection.
@@ -170,7 +170,9 @@ pub(super) async fn connect(addr: &str, tls: &TlsConfig) -> Result<QuicStream> {
         .connect_with(client, remote, &name.to_str())
         .map_err(|e| Error::invalid(format!("{url}: {e}")))?;
     let conn = connecting.await.map_err(|e| match e {
-        quinn::ConnectionError::TimedOut => Error::Timeout(format!("{url}: {}", explain(&e))),
+        quinn::ConnectionError::TimedOut => {
+            Error::timeout(Deadline::Other, format!("{url}: {}", explain(&e)))
+        }
         e => Error::tls(format!("{url}: handshake refused: {}", explain(&e))),
     })?;
     Ok(QuicStream::new(
@@ -241,7 +243,10 @@ impl QuicListener {
                 let label = s.peer_label();
                 Ok((s, label))
             }
-            None => Err(Error::Closed(format!("{} stopped accepting", self.local))),
+            None => Err(Error::closed(
+                CloseReason::ServerStopped,
+                format!("{} stopped accepting", self.local),
+            )),
         }
     }
 }

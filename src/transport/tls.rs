@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
+use crate::error::{CloseReason, Error, Result};
 
 /// The rustls version these types come from, for [`TlsConfig::from_rustls`].
 pub use rustls;
@@ -663,7 +663,10 @@ impl TlsListener {
                 let label = s.peer_label();
                 Ok((s, label))
             }
-            None => Err(Error::Closed(format!("{} stopped accepting", self.local))),
+            None => Err(Error::closed(
+                CloseReason::ServerStopped,
+                format!("{} stopped accepting", self.local),
+            )),
         }
     }
 }

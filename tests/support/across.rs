@@ -574,7 +574,7 @@ pub mod cases {
             next[ch] += 1;
         }
         let end = t("recv end", s.recv()).await;
-        assert!(matches!(end, Err(Error::Closed(_))), "{end:?}");
+        assert!(matches!(end, Err(Error::Closed { .. })), "{end:?}");
     }
 
     pub async fn no_client_certificate(listen: &str) {
