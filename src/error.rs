@@ -228,6 +228,11 @@ impl Error {
             Error::Protocol { code, .. }
             | Error::Nack { code, .. }
             | Error::Incompatible { code, .. } => *code,
+            // No room in the pool in time: this side is overloaded (SPEC §4 `ERR_BUSY`).
+            Error::Timeout {
+                deadline: Deadline::Alloc,
+                ..
+            } => ErrorCode::ERR_BUSY,
             Error::Invalid(_)
             | Error::Timeout { .. }
             | Error::Closed { .. }

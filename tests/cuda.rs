@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::f16;
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use xcp::attach::cuda::kernels::{pattern_word, Kernels};
 use xcp::attach::cuda::{self, Cuda};
 use xcp::attach::uri::{AttachmentUri, Target};
@@ -542,13 +544,10 @@ fn zero_row(rows: usize, len: usize, zero: usize) -> Vec<f32> {
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
+    let mut rng = SmallRng::seed_from_u64(seed);
     (0..n)
         .map(|i| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let b = (s >> 32) as u32;
+            let b = rng.next_u32();
             match i % 5 {
                 // Any finite value.
                 0 => f32::from_bits(if b & 0x7f80_0000 == 0x7f80_0000 {

@@ -1344,6 +1344,16 @@ async fn a_receiver_that_never_acks_leases() {
             Err(e) => break e,
         }
     };
+    assert!(
+        matches!(
+            err,
+            xcp::Error::Timeout {
+                deadline: xcp::Deadline::Alloc,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.code(), ErrorCode::ERR_BUSY, "{err}");
     assert_eq!(sent, 4);
     t("ping", c.ping()).await.expect("the connection lives");

@@ -5,6 +5,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use xcp::codec::CodecId;
 use xcp::conn::Outgoing;
 use xcp::wire::seal::{CompressPolicy, Sealer};
@@ -43,15 +45,10 @@ async fn concurrent_chunked_sealed_sends_never_reuse_a_nonce() {
                     let body: Vec<u8> = if i % 8 == 0 {
                         vec![b'z'; n]
                     } else {
-                        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64) << 32 | i as u64);
-                        (0..n)
-                            .map(|_| {
-                                x ^= x << 13;
-                                x ^= x >> 7;
-                                x ^= x << 17;
-                                (x >> 24) as u8
-                            })
-                            .collect()
+                        let mut body = vec![0u8; n];
+                        SmallRng::seed_from_u64(u64::from(t) << 32 | u64::from(i))
+                            .fill_bytes(&mut body);
+                        body
                     };
                     let o =
                         Outgoing::data(CodecId::TENSOR_F32, Bytes::from(body)).on_channel(t % 3);

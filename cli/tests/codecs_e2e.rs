@@ -16,6 +16,8 @@ use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use xcp::codec::dlpack::{DlDataType, DlpackDescriptor};
 use xcp::codec::tensor::{self, TensorView};
 use xcp::codec::{arrow, latent, validate_body, CodecId};
@@ -107,16 +109,11 @@ fn config() -> SessionConfig {
         .with_request_timeout(DEADLINE)
 }
 
-/// Deterministic pseudo-random floats in [-1, 1) (xorshift64).
+/// Deterministic pseudo-random floats in [-1, 1), on a grid of 2^-23 (seeded `SmallRng`).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
+    let mut rng = SmallRng::seed_from_u64(seed);
     (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
         .collect()
 }
 
@@ -258,14 +255,9 @@ async fn sealed_compressed_chunked_through_xcp_serve() {
     // 1 MiB of random bit patterns (zstd cannot shrink them: auto sends them as they are;
     // real-world floats often do shrink a little, their sign and exponent bytes repeat) and
     // 1 MiB of a repeating pattern (auto compresses it).
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = SmallRng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
     let random: Vec<f32> = (0..512 * 512)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            f32::from_bits((x >> 32) as u32)
-        })
+        .map(|_| f32::from_bits(rng.next_u32()))
         .collect();
     let pattern: Vec<f32> = (0..512 * 512).map(|i| (i % 16) as f32 * 0.5).collect();
     for (name, values, compressed) in [("random", random, false), ("pattern", pattern, true)] {

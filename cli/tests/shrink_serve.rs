@@ -15,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use xcp::attach::Scheme;
@@ -116,13 +118,7 @@ fn blob_attachment() -> Attachment {
 /// Fills `buf` with a pseudo-random MiB repeated (memcpy speed even in a debug build).
 fn fill(buf: &mut [u8], seed: u64) {
     let block = buf.len().min(1 << 20);
-    let mut x = seed | 1;
-    for chunk in buf[..block].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut buf[..block]);
     let mut done = block;
     while done < buf.len() {
         let n = done.min(buf.len() - done);

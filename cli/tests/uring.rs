@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rand::rngs::SmallRng;
+use rand::{RngCore as _, SeedableRng as _};
 use tokio::io::AsyncWriteExt;
 
 use xcp::attach::Scheme;
@@ -511,16 +513,10 @@ async fn provided_buffer_reads_survive_switching_stalls_and_drops() {
             let _wr = wr;
             let mut got = 0usize;
             let mut buf = BytesMut::with_capacity(64 * 1024);
-            let mut seed = 0x9e37_79b9_u32 ^ conn as u32;
-            let mut next = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                seed
-            };
+            let mut rng = SmallRng::seed_from_u64(0x9e37_79b9 ^ conn as u64);
             let (mut drops, mut stalls) = (0u32, 0u32);
             while got < TOTAL {
-                let r = next();
+                let r = rng.next_u32();
                 let want = match r % 4 {
                     0 => 0,
                     1 => 100,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::segment::{Scheme, Segment};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Deadline, Error, Result};
 
 /// Smallest segment created.
 pub const MIN_SEGMENT: usize = 64 << 10;
@@ -164,7 +164,8 @@ impl Pool {
     }
 
     /// Loans a region of `len` bytes, waiting up to `timeout` for room (back-pressure: regions
-    /// come back when the peer ACKs). Fails with `ERR_BUSY` after that.
+    /// come back when the peer ACKs). Fails after that with [`Error::Timeout`] of
+    /// [`Deadline::Alloc`], whose code is `ERR_BUSY`.
     pub async fn alloc(&self, len: usize, timeout: Duration) -> Result<Region> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -174,8 +175,8 @@ impl Pool {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let (total, loaned) = self.usage();
-                return Err(Error::protocol(
-                    ErrorCode::ERR_BUSY,
+                return Err(Error::timeout(
+                    Deadline::Alloc,
                     format!(
                         "alloc: no room for {len} bytes within {timeout:?} \
                          ({loaned} of {total} pooled bytes loaned, cap {})",
@@ -292,6 +293,7 @@ impl Drop for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     fn pool(scheme: Scheme, cap: u64) -> Pool {
         let mut cfg = PoolConfig::new(scheme, cap);

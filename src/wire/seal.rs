@@ -402,6 +402,8 @@ pub fn load_key_file(path: &std::path::Path) -> Result<[u8; KEY_LEN]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{RngCore as _, SeedableRng as _};
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
@@ -521,15 +523,8 @@ mod tests {
     #[test]
     fn policy() {
         let text = vec![b'x'; 4096];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let mut noise = vec![0u8; 4096];
+        SmallRng::seed_from_u64(0x9E37_79B9_7F4A_7C15).fill_bytes(&mut noise);
         assert!(CompressPolicy::Off.apply(&text, 1).is_none());
         assert!(CompressPolicy::Auto.apply(&text, 1).is_some());
         assert!(CompressPolicy::Auto.apply(&noise, 1).is_none());
