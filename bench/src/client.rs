@@ -12,9 +12,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::rngs::SmallRng;
 use rand::{RngCore as _, SeedableRng as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, Mutex};
 
 use xcp::codec::tensor::{DType, TensorHeader};
@@ -32,6 +31,8 @@ use super::server::{
 pub enum PathId {
     /// Baseline: length-prefixed bytes on TCP.
     RawTcp,
+    /// Baseline: length-prefixed bytes on a Unix stream socket.
+    RawUnix,
     /// Baseline: HTTP/2 POST (hyper, h2c).
     Http2,
     /// Baseline: gRPC unary (tonic).
@@ -60,8 +61,9 @@ pub enum PathId {
 
 impl PathId {
     /// Every path, in the order they run and print.
-    pub const ALL: [PathId; 13] = [
+    pub const ALL: [PathId; 14] = [
         PathId::RawTcp,
+        PathId::RawUnix,
         PathId::Http2,
         PathId::Grpc,
         PathId::GrpcTls,
@@ -80,6 +82,7 @@ impl PathId {
     pub fn name(self) -> &'static str {
         match self {
             PathId::RawTcp => "raw-tcp",
+            PathId::RawUnix => "raw-unix",
             PathId::Http2 => "http2",
             PathId::Grpc => "grpc",
             PathId::Tcp => "tcp",
@@ -99,6 +102,7 @@ impl PathId {
     pub fn description(self) -> &'static str {
         match self {
             PathId::RawTcp => "baseline: TCP, u64 length + bytes, 8-byte reply; no framing, no checksum",
+            PathId::RawUnix => "baseline: Unix socket (4 MiB buffers, as XCP's), u64 length + bytes, 8-byte reply",
             PathId::Http2 => "baseline: HTTP/2 POST, hyper 1.x h2c (no TLS), 8-byte reply body",
             PathId::Grpc => "baseline: gRPC unary, tonic + prost (protox-generated), 8-byte reply",
             PathId::Tcp => "XCP over TCP, bytes inline (TENSOR_QNT8 body, CRC32C), 48-byte reply",
@@ -137,7 +141,10 @@ impl PathId {
     }
 
     fn unix(self) -> bool {
-        matches!(self, PathId::Unix | PathId::Memfd | PathId::MemfdTouch)
+        matches!(
+            self,
+            PathId::RawUnix | PathId::Unix | PathId::Memfd | PathId::MemfdTouch
+        )
     }
 
     fn attach(self) -> AttachMode {
@@ -157,6 +164,7 @@ impl PathId {
     fn mode(self) -> &'static str {
         match self {
             PathId::RawTcp => "raw-tcp",
+            PathId::RawUnix => "raw-unix",
             PathId::Http2 => "http2",
             PathId::Grpc => "grpc",
             PathId::GrpcTls => "grpc-tls",
@@ -406,9 +414,17 @@ pub enum Client {
     },
 }
 
-/// The raw TCP client.
+/// Gives a raw Unix-socket baseline the socket buffers XCP's Unix transport sets
+/// ([`xcp::transport::UNIX_SOCKET_BUFFER`]), so the two rows compare like with like.
+pub fn set_unix_buffers(s: &UnixStream) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    sock.set_send_buffer_size(xcp::transport::UNIX_SOCKET_BUFFER)?;
+    sock.set_recv_buffer_size(xcp::transport::UNIX_SOCKET_BUFFER)
+}
+
+/// The raw TCP or Unix-socket client.
 pub struct RawClient {
-    wr: Mutex<OwnedWriteHalf>,
+    wr: Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     pending: Arc<std::sync::Mutex<VecDeque<oneshot::Sender<u64>>>>,
 }
 
@@ -418,11 +434,24 @@ impl Client {
     /// Connects to the server of `path`.
     pub async fn connect(path: PathId, url: &str, env: &Env) -> Result<Client, BoxError> {
         match path {
-            PathId::RawTcp => {
-                let addr = url.trim_start_matches("tcp://");
-                let s = TcpStream::connect(addr).await?;
-                s.set_nodelay(true)?;
-                let (mut rd, wr) = s.into_split();
+            PathId::RawTcp | PathId::RawUnix => {
+                let (mut rd, wr): (
+                    Box<dyn AsyncRead + Send + Unpin>,
+                    Box<dyn AsyncWrite + Send + Unpin>,
+                ) = match url.strip_prefix("unix://") {
+                    Some(path) => {
+                        let s = UnixStream::connect(path).await?;
+                        set_unix_buffers(&s)?;
+                        let (rd, wr) = s.into_split();
+                        (Box::new(rd), Box::new(wr))
+                    }
+                    None => {
+                        let s = TcpStream::connect(url.trim_start_matches("tcp://")).await?;
+                        s.set_nodelay(true)?;
+                        let (rd, wr) = s.into_split();
+                        (Box::new(rd), Box::new(wr))
+                    }
+                };
                 let pending: Arc<std::sync::Mutex<VecDeque<oneshot::Sender<u64>>>> = Arc::default();
                 let p = pending.clone();
                 tokio::spawn(async move {
@@ -519,7 +548,7 @@ impl Client {
                     wr.write_all(&p.raw).await?;
                 }
                 let n = rx.await?;
-                check(n == p.size as u64, "raw-tcp: wrong reply length")
+                check(n == p.size as u64, "raw: wrong reply length")
             }
             Client::Http2(sr) => {
                 let mut sr = sr.clone();

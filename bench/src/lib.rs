@@ -67,7 +67,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
 
-    /// Paths to run, comma-separated: raw-tcp, http2, grpc, grpc-tls, tcp, tls, quic, unix,
+    /// Paths to run, comma-separated: raw-tcp, raw-unix, http2, grpc, grpc-tls, tcp, tls, quic, unix,
     /// tcp-comp-crypt, shm, shm-touch, memfd, memfd-touch (default: all but the across-hosts
     /// rows tls, quic and grpc-tls, which --tls adds).
     #[arg(long, value_name = "LIST")]

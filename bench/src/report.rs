@@ -297,9 +297,10 @@ pub fn json(
 /// The chart's width and height in pixels.
 const CHART_SIZE: (u32, u32) = (1000, 470);
 
-/// One colour a path, in [`PathId::ALL`]'s order (raw-tcp black).
+/// One colour a path, in [`PathId::ALL`]'s order (raw-tcp black, raw-unix grey-blue).
 const COLORS: [RGBColor; PathId::ALL.len()] = [
     RGBColor(0x00, 0x00, 0x00),
+    RGBColor(0x52, 0x6d, 0x82),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x1f, 0x77, 0xb4),

@@ -5,6 +5,7 @@
 //! moves its payload one way (client → server) and the rows compare like with like:
 //! - `raw-tcp`: a u64 little-endian length, then that many bytes; the reply is the length
 //!   (8 bytes). No framing, no checksum.
+//! - `raw-unix`: the same on a Unix stream socket with the buffers XCP sets on its own.
 //! - `http2`: `POST /echo` over HTTP/2 without TLS (h2c); the reply body is the length.
 //! - `grpc`: the unary `xcp.bench.Echo/Echo`; the reply is a `Blob` holding the length.
 //! - `xcp`: each DATA message is answered with a [`Summary`] in a 16-byte TENSOR_QNT8 body:
@@ -57,6 +58,8 @@ pub enum Mode {
     Xcp,
     /// Length-prefixed bytes on a plain TCP socket.
     RawTcp,
+    /// Length-prefixed bytes on a plain Unix stream socket.
+    RawUnix,
     /// HTTP/2 with hyper, no TLS.
     Http2,
     /// gRPC with tonic, no TLS.
@@ -173,6 +176,7 @@ pub async fn run(args: BenchServerArgs) -> u8 {
     let r = match args.mode {
         Mode::Xcp => run_xcp(&args).await,
         Mode::RawTcp => run_raw(&args.listen).await,
+        Mode::RawUnix => run_raw_unix(&args.listen).await,
         Mode::Http2 => run_http2(&args.listen).await,
         Mode::Grpc => run_grpc(&args.listen, None).await,
         Mode::GrpcTls => match &args.conn.tls.loaded {
@@ -298,8 +302,31 @@ async fn run_raw(url: &str) -> Result<(), String> {
     }
 }
 
-async fn raw_conn(mut s: TcpStream) -> std::io::Result<()> {
+async fn run_raw_unix(url: &str) -> Result<(), String> {
+    let path = url
+        .strip_prefix("unix://")
+        .ok_or_else(|| format!("{url}: raw-unix listens on unix:///path"))?;
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path).map_err(|e| format!("{path}: {e}"))?;
+    announce(url);
+    loop {
+        let (s, _) = l.accept().await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            crate::client::set_unix_buffers(&s)?;
+            raw_echo(s).await
+        });
+    }
+}
+
+async fn raw_conn(s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
+    raw_echo(s).await
+}
+
+/// Reads u64-length-prefixed messages and answers each with its length.
+async fn raw_echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 0];
     loop {
         let mut len = [0u8; 8];
