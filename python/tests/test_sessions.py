@@ -1,0 +1,82 @@
+"""Two Python processes talking XCP, over TCP and over a Unix socket."""
+
+from __future__ import annotations
+
+import pytest
+
+import xcp
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_request_send_recv_ping(python_peer, url_for, transport):
+    peer = python_peer("echo", url_for(transport))
+    assert peer.url.startswith(f"{transport}://")
+    if transport == "tcp":
+        assert not peer.url.endswith(":0"), "the server reports the port it bound"
+    with xcp.connect(peer.url) as s:
+        assert not s.closed
+        assert "JSON" in s.negotiated["codecs"]
+
+        sent = xcp.Ether("text", "hello", {"trace_id": "t-1"})
+        reply = s.request(sent)
+        assert reply.ether == sent
+        assert reply.in_reply_to > 0
+        assert reply.codec == "JSON"
+
+        nested = xcp.Ether(
+            "tokens",
+            {"token_ids": [1, 2, 3], "mask": [True, False, True], "score": 0.5, "x": None},
+            schema_version=2,
+        )
+        reply = s.request(nested, codec="protobuf")
+        assert reply.codec == "PROTOBUF"
+        assert reply.ether.kind == "tokens"
+        assert reply.ether.schema_version == 2
+        assert reply.ether.payload["token_ids"] == [1, 2, 3]
+        assert reply.ether.payload["mask"] == [True, False, True]
+
+        # A plain send: the echo comes back as a message that answers it.
+        msg_id = s.send(xcp.Ether.text("one way"))
+        echo = s.recv(timeout=5)
+        assert echo.in_reply_to == msg_id
+        assert echo.ether.payload == {"text": "one way"}
+
+        rtt = s.ping()
+        assert 0 < rtt < 5
+    assert s.closed
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_many_requests_from_threads(python_peer, url_for, transport):
+    from concurrent.futures import ThreadPoolExecutor
+
+    peer = python_peer("echo", url_for(transport))
+    with xcp.connect(peer.url) as s:
+
+        def one(i: int) -> int:
+            return s.request(xcp.Ether("n", {"i": i})).ether.payload["i"]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sorted(pool.map(one, range(200))) == list(range(200))
+
+
+def test_python_server_in_this_process_accepts(url_for):
+    # Server.bind/accept from Python, with a client in a second thread of the same process.
+    import threading
+
+    with xcp.Server.bind(url_for("tcp")) as server:
+        got: list[xcp.Ether] = []
+
+        def serve() -> None:
+            with server.accept(timeout=10) as s:
+                m = s.recv(timeout=10)
+                got.append(m.ether)
+                s.reply(m, xcp.Ether("ok"))
+
+        t = threading.Thread(target=serve)
+        t.start()
+        with xcp.connect(server.url) as c:
+            assert c.request(xcp.Ether("hi", {"a": 1})).ether.kind == "ok"
+        t.join(10)
+        assert got == [xcp.Ether("hi", {"a": 1})]
+    assert server.closed

@@ -1,0 +1,49 @@
+"""xcp: XCP v0.2 from Python, a zero-copy data plane between processes.
+
+The synchronous API (this release): :func:`connect` and :meth:`Server.bind` give
+:class:`Session` objects whose ``send``, ``request``, ``recv``, ``reply``, ``ping`` and
+``close`` release the GIL while they wait. Large buffers travel by handle: fill an
+``session.alloc(n)`` :class:`Region` in place (it has the buffer protocol, so numpy writes
+straight into the shared segment) and send it as an attachment; the receiver gets a read-only
+:class:`View` over the same memory, and the sender its ACK when the view is released.
+
+Not in this release (later steps of the package): the asyncio API (``xcp.aio``), DLPack
+(``__dlpack__``, ``send_tensor``), CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate
+options, ``session.stats()`` and the ``python -m xcp.bench`` benchmark.
+
+Processes: the extension runs one tokio runtime per process. A child made by ``fork`` after
+xcp was used cannot use it (``xcp.InvalidError`` says so); use multiprocessing's ``"spawn"``
+start method, or subprocesses.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    AttachmentError,
+    ClosedError,
+    InvalidError,
+    NackError,
+    ProtocolError,
+    TimeoutError,
+    XcpError,
+)
+from ._xcp import Ether, Message, Region, Server, Session, View, connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect",
+    "Server",
+    "Session",
+    "Message",
+    "Ether",
+    "Region",
+    "View",
+    "XcpError",
+    "NackError",
+    "AttachmentError",
+    "TimeoutError",
+    "ClosedError",
+    "ProtocolError",
+    "InvalidError",
+]

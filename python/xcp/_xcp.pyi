@@ -1,0 +1,218 @@
+"""Type stubs of the extension module ``xcp._xcp`` (use it through the package ``xcp``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+from typing_extensions import Buffer, Self
+
+_Codec = Literal["json", "protobuf", "JSON", "PROTOBUF"]
+_Attachments = Mapping[str, "Region | Buffer"]
+
+def connect(
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+    handles: bool = True,
+    require_handles: bool = False,
+) -> Session:
+    """Connects to ``url`` (``tcp://host:port`` or ``unix:///path``) and returns the session
+    once the handshake finished. ``handles=False`` sends every attachment inline;
+    ``require_handles=True`` raises ``xcp.AttachmentError`` when no handle scheme was
+    negotiated. A bad URL raises ``xcp.InvalidError``; no answer within ``connect_timeout``
+    seconds ``xcp.TimeoutError``; a refused connection ``xcp.ClosedError``."""
+
+class Server:
+    """A listening socket for XCP connections; ``with server:`` closes it."""
+
+    @property
+    def url(self) -> str:
+        """The URL really bound (with the real port when bound to port 0)."""
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+    @staticmethod
+    def bind(
+        url: str,
+        *,
+        handles: bool = True,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+    ) -> Server:
+        """Binds ``url`` (``tcp://127.0.0.1:0`` for any free port, ``unix:///path/x.sock``)
+        and starts accepting. ``handles=False`` offers no handle schemes."""
+    def accept(self, timeout: float | None = None) -> Session:
+        """The next connection whose handshake completed. ``xcp.TimeoutError`` after
+        ``timeout`` seconds (None: no limit); ``xcp.ClosedError`` once closed."""
+    def close(self) -> None:
+        """Stops accepting (and removes a Unix socket file); accepted sessions live on."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+class Session:
+    """One XCP connection. Waiting methods release the GIL; ``with session:`` closes it."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over."""
+    @property
+    def peer(self) -> str:
+        """The peer's address."""
+    @property
+    def negotiated(self) -> dict[str, Any]:
+        """``{"codecs": [...], "handles": [...], "max_frame_bytes": n}``: what the handshake
+        settled; ``handles`` is empty when attachments go inline."""
+    def send(
+        self, ether: Ether, *, attachments: _Attachments | None = None, codec: _Codec = "json"
+    ) -> int:
+        """Sends ``ether`` (with ``attachments``: regions by handle where negotiated, other
+        buffers copied once into a region) and returns its msgId once queued."""
+    def request(
+        self,
+        ether: Ether,
+        *,
+        attachments: _Attachments | None = None,
+        codec: _Codec = "json",
+        timeout: float | None = None,
+    ) -> Message:
+        """Sends ``ether`` and waits for the reply. ``xcp.NackError`` if refused,
+        ``xcp.TimeoutError`` after ``timeout`` (at most ``request_timeout``),
+        ``xcp.ClosedError`` when the connection ends."""
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message that is not a reply to our requests. ``xcp.TimeoutError`` after
+        ``timeout`` seconds (the session stays usable); ``xcp.ClosedError`` once over."""
+    def reply(self, msg: Message, ether: Ether, *, codec: _Codec = "json") -> int:
+        """Sends ``ether`` as the reply to ``msg``; returns its msgId."""
+    def nack(
+        self, msg: Message, code: str | int, *, retry_after_ms: int = 0, detail: str = ""
+    ) -> None:
+        """Refuses ``msg`` with a NACK (``code`` such as ``"ERR_BUSY"``): the peer's request
+        raises ``xcp.NackError``."""
+    def ping(self) -> float:
+        """Sends a PING; returns the round-trip time in seconds."""
+    def alloc(self, nbytes: int) -> Region:
+        """A writable region of ``nbytes`` from the session's shared pool."""
+    def close(self) -> None:
+        """Closes gracefully; closing a closed session is no error."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+class Message:
+    """A received message."""
+
+    @property
+    def msg_id(self) -> int:
+        """Its msgId."""
+    @property
+    def in_reply_to(self) -> int:
+        """The msgId it answers (0: none)."""
+    @property
+    def channel(self) -> int:
+        """The channel it came on."""
+    @property
+    def codec(self) -> str:
+        """The body codec's name, such as ``"JSON"``."""
+    @property
+    def ether(self) -> Ether | None:
+        """The decoded Ether, or None when the body is not an Ether."""
+    @property
+    def attachments(self) -> dict[str, View]:
+        """Attachment id -> read-only zero-copy view."""
+    @property
+    def body(self) -> bytes:
+        """The wire body (a copy)."""
+
+class Ether:
+    """The body of a DATA message: ``kind``, ``schema_version``, ``payload``, ``metadata``.
+    A str payload is short for ``{"text": payload}``."""
+
+    kind: str
+    schema_version: int
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    def __init__(
+        self,
+        kind: str,
+        payload: dict[str, Any] | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        schema_version: int = 1,
+    ) -> None: ...
+    @staticmethod
+    def text(text: str) -> Ether:
+        """``Ether("text", {"text": text})``."""
+    def __eq__(self, other: object) -> bool: ...
+
+class Region:
+    """A writable slot of the session's shared pool (buffer protocol, zero copy). Send it
+    once, after every buffer over it is released."""
+
+    dtype: str
+    shape: list[int]
+    @property
+    def nbytes(self) -> int:
+        """Its size in bytes."""
+    @property
+    def sent(self) -> bool:
+        """Whether it was sent or released (then it has no memory)."""
+    def release(self) -> None:
+        """Gives the slot back unsent; refused while buffers over it are exported."""
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class View:
+    """A received attachment: a read-only buffer over the bytes where they arrived."""
+
+    @property
+    def id(self) -> str:
+        """The attachment id."""
+    @property
+    def path(self) -> Literal["memfd", "shm", "inline"]:
+        """How the bytes came."""
+    @property
+    def nbytes(self) -> int:
+        """Its size in bytes."""
+    @property
+    def dtype(self) -> str:
+        """The element type the sender named (``""``: none)."""
+    @property
+    def shape(self) -> list[int]:
+        """The tensor shape the sender gave (empty: none)."""
+    @property
+    def media_type(self) -> str:
+        """The MIME type the sender gave (``""``: none)."""
+    @property
+    def msg_id(self) -> int:
+        """The msgId of its message."""
+    @property
+    def released(self) -> bool:
+        """Whether ``release()`` was called."""
+    @property
+    def faulted(self) -> bool:
+        """Whether the sender shrank its segment under the mapping (zeros were read)."""
+    def tobytes(self) -> bytes:
+        """A copy of the bytes."""
+    def release(self) -> None:
+        """Ends the view; the sender's ACK goes once exported buffers are released too."""
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
