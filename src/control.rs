@@ -25,7 +25,7 @@ use prost::Message as _;
 use serde_json::{Map, Value};
 
 use crate::codec::CodecId;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, Violation};
 use crate::ether::fnv1a32;
 use crate::wire::MsgType;
 
@@ -143,6 +143,7 @@ pub enum Control {
 
 fn unsupported(codec: CodecId) -> Error {
     Error::protocol(
+        Violation::Control,
         ErrorCode::ERR_CODEC_UNSUPPORTED,
         format!("control bodies are JSON or PROTOBUF, not {codec}"),
     )
@@ -190,9 +191,10 @@ impl Control {
             MsgType::CLARIFY_REQ => "clarify_req",
             MsgType::CLARIFY_RES => "clarify_res",
             MsgType(other) => {
-                return Err(Error::malformed(format!(
-                    "unknown control msgType 0x{other:04X}"
-                )))
+                return Err(Error::malformed(
+                    Violation::Control,
+                    format!("unknown control msgType 0x{other:04X}"),
+                ))
             }
         };
         match codec {
@@ -276,12 +278,14 @@ impl Control {
                 Control::Pong(p)
             });
         }
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| Error::malformed(format!("{ctx}: bad JSON body: {e}")))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            Error::malformed(Violation::Control, format!("{ctx}: bad JSON body: {e}"))
+        })?;
         let Value::Object(map) = value else {
-            return Err(Error::malformed(format!(
-                "{ctx}: body must be a JSON object"
-            )));
+            return Err(Error::malformed(
+                Violation::Control,
+                format!("{ctx}: body must be a JSON object"),
+            ));
         };
         let o = Obj { map: &map, ctx };
         Ok(match msg_type {
@@ -318,8 +322,9 @@ impl Control {
     }
 
     fn from_protobuf(msg_type: MsgType, ctx: &str, body: &[u8]) -> Result<Control> {
-        let bad =
-            |e: prost::DecodeError| Error::malformed(format!("{ctx}: bad Protobuf body: {e}"));
+        let bad = |e: prost::DecodeError| {
+            Error::malformed(Violation::Control, format!("{ctx}: bad Protobuf body: {e}"))
+        };
         Ok(match msg_type {
             MsgType::HELLO => Control::Hello(hello_from_proto(
                 ctx,
@@ -364,9 +369,10 @@ impl Control {
                         Err(_) => match std::str::from_utf8(&v) {
                             Ok(s) => Value::String(s.to_owned()),
                             Err(_) => {
-                                return Err(Error::malformed(format!(
-                                    "{ctx}.values.{k}: neither JSON nor UTF-8 text"
-                                )))
+                                return Err(Error::malformed(
+                                    Violation::Control,
+                                    format!("{ctx}.values.{k}: neither JSON nor UTF-8 text"),
+                                ))
                             }
                         },
                     };
@@ -448,11 +454,14 @@ fn hello_to_proto(h: &Hello) -> proto::Hello {
 
 fn narrow<T: TryFrom<u32>>(v: u32, what: impl FnOnce() -> String) -> Result<T> {
     T::try_from(v).map_err(|_| {
-        Error::malformed(format!(
-            "{}: {v} out of range for {}",
-            what(),
-            std::any::type_name::<T>()
-        ))
+        Error::malformed(
+            Violation::Control,
+            format!(
+                "{}: {v} out of range for {}",
+                what(),
+                std::any::type_name::<T>()
+            ),
+        )
     })
 }
 
@@ -546,7 +555,10 @@ fn kind_ranges_from_json(o: &Obj<'_>, key: &str) -> Result<Vec<KindRange>> {
     for (i, r) in o.array(key)?.iter().enumerate() {
         let ctx = format!("{}.{key}[{i}]", o.ctx);
         let Value::Object(map) = r else {
-            return Err(Error::malformed(format!("{ctx}: expected a JSON object")));
+            return Err(Error::malformed(
+                Violation::Control,
+                format!("{ctx}: expected a JSON object"),
+            ));
         };
         let ro = Obj { map, ctx: &ctx };
         // Lenient: a kind name stands for its FNV-1a 32 hash.
@@ -580,7 +592,7 @@ impl<'a> Obj<'a> {
     }
 
     fn err(&self, key: &str, what: &str) -> Error {
-        Error::malformed(format!("{}.{key}: {what}", self.ctx))
+        Error::malformed(Violation::Control, format!("{}.{key}: {what}", self.ctx))
     }
 
     /// An unsigned integer that fits `T`; 0 when missing.
@@ -858,6 +870,7 @@ mod tests {
     fn malformed(t: MsgType, codec: CodecId, body: &[u8]) -> String {
         let e = Control::decode(t, codec, body).unwrap_err();
         assert_eq!(e.code(), ErrorCode::ERR_MALFORMED, "{e}");
+        assert_eq!(e.violation(), Some(Violation::Control), "{e}");
         e.to_string()
     }
 

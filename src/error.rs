@@ -77,9 +77,12 @@ impl fmt::Display for ErrorCode {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The peer sent bytes that break the SPEC (bad frame, bad header, bad body, a codec that
-    /// was not negotiated, ...). `code` is the NACK code we answer with.
+    /// was not negotiated, ...). `violation` says which part it broke, `code` is the NACK code
+    /// we answer with.
     #[error("peer error {code}: {detail}")]
     Protocol {
+        /// Which part of the SPEC the peer broke.
+        violation: Violation,
         /// The NACK code for this failure.
         code: ErrorCode,
         /// What exactly was wrong, naming the field.
@@ -126,12 +129,75 @@ pub enum Error {
     },
     /// TLS or QUIC security failed: a certificate, key or CA file that is missing, unreadable,
     /// expired or mismatched, or a peer whose certificate the handshake refused (or that
-    /// refused ours). The string names the file or the peer and what to do.
-    #[error("TLS: {0}")]
-    Tls(String),
+    /// refused ours). `failure` says which; `detail` names the file or the peer and what to do.
+    #[error("TLS: {detail}")]
+    Tls {
+        /// What failed.
+        failure: TlsFailure,
+        /// The file or the peer, and what to do.
+        detail: String,
+    },
     /// An operating-system error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Which part of the SPEC a peer broke, in an [`Error::Protocol`].
+///
+/// The NACK code says what the wire is told; this says where to look.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Violation {
+    /// The frame itself (SPEC §1): magic, version, reserved flag bits, lengths, the CRC32C
+    /// trailer.
+    Frame,
+    /// The FrameHeader (SPEC §2): it does not decode, or a field is out of range.
+    Header,
+    /// A body transform (SPEC §3): compression, encryption or chunking.
+    Transform,
+    /// A control body (SPEC §4, §6): HELLO, CAPS, ACK, NACK, PING, PONG.
+    Control,
+    /// A DATA body (SPEC §5): a codec that was not negotiated, an Ether or a codec's payload
+    /// that does not decode.
+    Body,
+    /// A frame the connection's state does not allow: data before the handshake, a second
+    /// HELLO, CAPS from the initiator.
+    Sequence,
+    /// An attachment by handle (SPEC §7): a refused URI, scheme, range, descriptor or segment.
+    Attachment,
+    /// A limit this side set: messages by handle held, bytes the peer leaves unread.
+    Limit,
+}
+
+/// What failed in an [`Error::Tls`], in the spirit of rustls' own error kinds.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The options do not make a configuration: a missing `--cert`, `--key` or `--ca`, a bad
+    /// server name, a build without the `tls` feature.
+    Config,
+    /// A certificate, key or CA file is missing, unreadable or unwritable, or holds no
+    /// usable PEM block of the kind needed.
+    File,
+    /// The private key does not belong to the certificate.
+    KeyMismatch,
+    /// One of our own certificates has expired or is not valid yet.
+    OwnCertificateDated,
+    /// The peer sent no certificate (a client without `--cert` and `--key`).
+    PeerSentNoCertificate,
+    /// The peer's certificate is not signed by our CA, or its signature is bad.
+    PeerCertificateUntrusted,
+    /// The peer's certificate has expired or is not valid yet.
+    PeerCertificateDated,
+    /// The server's certificate is not valid for the name we connect to.
+    PeerCertificateWrongName,
+    /// The peer refused our certificate.
+    PeerRefusedOurCertificate,
+    /// The peer does not speak TLS 1.3 with XCP's ALPN (a plaintext server, another protocol).
+    PeerNotXcpTls,
+    /// The handshake failed otherwise: the peer closed the connection in it, or an error
+    /// rustls or quinn reports without a kind of its own.
+    Handshake,
 }
 
 /// Which deadline an [`Error::Timeout`] is about.
@@ -178,8 +244,8 @@ pub enum CloseReason {
     Incompatible(ErrorCode),
     /// The peer refused the connection with a NACK (`ERR_BUSY` from a full server, ...).
     Refused(ErrorCode),
-    /// TLS or QUIC security failed.
-    Tls,
+    /// TLS or QUIC security failed, at the handshake or when the peer refused us after it.
+    Tls(TlsFailure),
     /// An operating-system error on the stream.
     Io(std::io::ErrorKind),
 }
@@ -193,8 +259,11 @@ impl CloseReason {
             Error::Protocol { code, .. } => CloseReason::PeerMisbehaved(*code),
             Error::Incompatible { code, .. } => CloseReason::Incompatible(*code),
             Error::Nack { code, .. } => CloseReason::Refused(*code),
-            Error::Tls(_) => CloseReason::Tls,
-            Error::Io(e) => CloseReason::Io(e.kind()),
+            Error::Tls { failure, .. } => CloseReason::Tls(*failure),
+            Error::Io(e) => match Error::tls_in_io(e) {
+                Some(f) => CloseReason::Tls(f),
+                None => CloseReason::Io(e.kind()),
+            },
             Error::Invalid(_) => CloseReason::Local,
         }
     }
@@ -236,27 +305,60 @@ impl Error {
             Error::Invalid(_)
             | Error::Timeout { .. }
             | Error::Closed { .. }
-            | Error::Tls(_)
+            | Error::Tls { .. }
             | Error::Io(_) => ErrorCode::ERR_INTERNAL,
         }
     }
 
-    /// A peer error with the given code.
-    pub fn protocol(code: ErrorCode, detail: impl Into<String>) -> Self {
+    /// A peer error: it broke `violation`, answered with `code`.
+    pub fn protocol(violation: Violation, code: ErrorCode, detail: impl Into<String>) -> Self {
         Error::Protocol {
+            violation,
             code,
             detail: detail.into(),
         }
     }
 
     /// A peer error `ERR_MALFORMED` naming what was malformed.
-    pub fn malformed(detail: impl Into<String>) -> Self {
-        Self::protocol(ErrorCode::ERR_MALFORMED, detail)
+    pub fn malformed(violation: Violation, detail: impl Into<String>) -> Self {
+        Self::protocol(violation, ErrorCode::ERR_MALFORMED, detail)
+    }
+
+    /// A refused attachment: `ERR_ATTACHMENT` (SPEC §7), naming the URI or the segment.
+    pub fn attachment(detail: impl Into<String>) -> Self {
+        Self::protocol(Violation::Attachment, ErrorCode::ERR_ATTACHMENT, detail)
     }
 
     /// A TLS/QUIC security error naming the file or the peer.
-    pub fn tls(detail: impl Into<String>) -> Self {
-        Error::Tls(detail.into())
+    pub fn tls(failure: TlsFailure, detail: impl Into<String>) -> Self {
+        Error::Tls {
+            failure,
+            detail: detail.into(),
+        }
+    }
+
+    /// The [`TlsFailure`] an I/O error of a TLS stream carries, if it is one.
+    pub(crate) fn tls_in_io(e: &std::io::Error) -> Option<TlsFailure> {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<TlsIo>())
+            .map(|t| t.failure)
+    }
+
+    /// The [`Violation`] of a peer error, `None` for any other error.
+    pub fn violation(&self) -> Option<Violation> {
+        match self {
+            Error::Protocol { violation, .. } => Some(*violation),
+            _ => None,
+        }
+    }
+
+    /// The [`TlsFailure`] of a TLS error, or of a connection that TLS ended; `None` for any
+    /// other error.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match CloseReason::of(self) {
+            CloseReason::Tls(f) => Some(f),
+            _ => None,
+        }
     }
 
     /// An API misuse error.
@@ -264,6 +366,41 @@ impl Error {
         Error::Invalid(detail.into())
     }
 }
+
+/// A TLS failure carried inside an [`std::io::Error`]: what a TLS stream's reads and writes
+/// return when the peer refuses us after the handshake, so that [`CloseReason::of`] still
+/// knows it was TLS and which failure.
+#[derive(Debug)]
+pub(crate) struct TlsIo {
+    pub(crate) failure: TlsFailure,
+    detail: String,
+}
+
+impl TlsIo {
+    /// An I/O error of `kind` carrying `failure`, in words `detail`.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn error(
+        kind: std::io::ErrorKind,
+        failure: TlsFailure,
+        detail: impl Into<String>,
+    ) -> std::io::Error {
+        std::io::Error::new(
+            kind,
+            TlsIo {
+                failure,
+                detail: detail.into(),
+            },
+        )
+    }
+}
+
+impl fmt::Display for TlsIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl std::error::Error for TlsIo {}
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -287,12 +424,39 @@ mod tests {
         let t = Error::timeout(Deadline::Idle, "nothing received for 1s");
         assert_eq!(CloseReason::of(&t), CloseReason::TimedOut(Deadline::Idle));
         assert_eq!(t.to_string(), "timed out: nothing received for 1s");
-        let m = Error::malformed("bad magic");
+        let m = Error::malformed(Violation::Frame, "bad magic");
         assert_eq!(
             CloseReason::of(&m),
             CloseReason::PeerMisbehaved(ErrorCode::ERR_MALFORMED)
         );
         assert!(m.is_peer_fault() && !t.is_peer_fault());
+        assert_eq!(m.violation(), Some(Violation::Frame));
+        assert_eq!(t.violation(), None);
+        let tls = Error::tls(TlsFailure::KeyMismatch, "key.pem is not cert.pem's key");
+        assert_eq!(
+            CloseReason::of(&tls),
+            CloseReason::Tls(TlsFailure::KeyMismatch)
+        );
+        // A TLS failure the stream reports as I/O (the peer refused us after the handshake)
+        // keeps its kind.
+        let io = Error::Io(TlsIo::error(
+            std::io::ErrorKind::ConnectionAborted,
+            TlsFailure::PeerRefusedOurCertificate,
+            "tls://peer: TLS: the peer refused our certificate",
+        ));
+        let refused = CloseReason::Tls(TlsFailure::PeerRefusedOurCertificate);
+        assert_eq!(CloseReason::of(&io), refused);
+        assert_eq!(
+            io.tls_failure(),
+            Some(TlsFailure::PeerRefusedOurCertificate)
+        );
+        let closed = Error::closed(refused, "the peer refused our certificate");
+        assert_eq!(
+            closed.tls_failure(),
+            Some(TlsFailure::PeerRefusedOurCertificate)
+        );
+        assert_eq!(tls.tls_failure(), Some(TlsFailure::KeyMismatch));
+        assert_eq!(tls.to_string(), "TLS: key.pem is not cert.pem's key");
         let io = Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert_eq!(
             CloseReason::of(&io),
@@ -305,8 +469,12 @@ mod tests {
 
     #[test]
     fn error_maps_to_code() {
-        let e = Error::malformed("header: truncated");
+        let e = Error::malformed(Violation::Header, "header: truncated");
         assert_eq!(e.code(), ErrorCode::ERR_MALFORMED);
+        assert_eq!(
+            Error::attachment("memfd://0: not sealed").code(),
+            ErrorCode::ERR_ATTACHMENT
+        );
         assert!(e.to_string().contains("header: truncated"));
     }
 }

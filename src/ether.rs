@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 
 /// FNV-1a 32 over the UTF-8 bytes (offset basis `0x811C9DC5`, prime `0x01000193`).
 pub const fn fnv1a32(s: &str) -> u32 {
@@ -205,22 +205,25 @@ impl Ether {
     /// fields of the standard kinds. Errors are `ERR_MALFORMED` naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.kind.is_empty() {
-            return Err(Error::malformed("ether.kind: empty"));
+            return Err(Error::malformed(Violation::Body, "ether.kind: empty"));
         }
         if self.schema_version < 1 {
-            return Err(Error::malformed("ether.schema_version: must be >= 1"));
+            return Err(Error::malformed(
+                Violation::Body,
+                "ether.schema_version: must be >= 1",
+            ));
         }
         let need = |field: &str, ok: fn(&Value) -> bool| -> Result<()> {
             match self.payload.get(field) {
                 Some(v) if ok(v) => Ok(()),
-                Some(_) => Err(Error::malformed(format!(
-                    "ether.payload.{field}: wrong type for kind {:?}",
-                    self.kind
-                ))),
-                None => Err(Error::malformed(format!(
-                    "ether.payload.{field}: required by kind {:?}",
-                    self.kind
-                ))),
+                Some(_) => Err(Error::malformed(
+                    Violation::Body,
+                    format!("ether.payload.{field}: wrong type for kind {:?}", self.kind),
+                )),
+                None => Err(Error::malformed(
+                    Violation::Body,
+                    format!("ether.payload.{field}: required by kind {:?}", self.kind),
+                )),
             }
         };
         match self.kind.as_str() {

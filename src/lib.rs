@@ -60,5 +60,5 @@ pub mod transport;
 pub mod wire;
 pub use session::{AttachConfig, Server, Session, SessionConfig};
 
-pub use error::{CloseReason, Deadline, Error, ErrorCode, Result};
+pub use error::{CloseReason, Deadline, Error, ErrorCode, Result, TlsFailure, Violation};
 pub use ether::{Attachment, Ether, SchemaKey};

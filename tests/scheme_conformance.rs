@@ -142,6 +142,11 @@ fn refused(r: xcp::Result<xcp::attach::View>, needle: &str, scheme: Scheme) {
         Ok(v) => panic!("{scheme:?}: expected a refusal naming {needle:?}, got {v:?}"),
         Err(e) => {
             assert_eq!(e.code(), ErrorCode::ERR_ATTACHMENT, "{scheme:?}: {e}");
+            assert_eq!(
+                e.violation(),
+                Some(xcp::Violation::Attachment),
+                "{scheme:?}: {e}"
+            );
             assert!(
                 e.to_string().contains(needle),
                 "{scheme:?}: {e} does not name {needle:?}"

@@ -44,7 +44,7 @@ use xcp::wire::{
     header, Flags, FrameHeader, HeaderForm, Limits, MsgType, SchemaKey, Tag,
     DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MAGIC_BYTES, PREFIX_LEN, TRAILER_LEN,
 };
-use xcp::{Error, ErrorCode, Ether};
+use xcp::{Error, ErrorCode, Ether, Violation};
 
 use crate::{parse_bytes, KeyArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
@@ -986,10 +986,12 @@ impl Decoding<'_> {
         if msg.flags.contains(Flags::CRYPT) {
             let opened = match (&self.args.seal.key.sealer, self.args.seal.direction) {
                 (None, _) => Err(Error::protocol(
+                    Violation::Transform,
                     ErrorCode::ERR_DECRYPT,
                     "crypt: CRYPT is set but no key was given (--key-file FILE or XCP_KEY_FILE)",
                 )),
                 (Some(_), None) => Err(Error::protocol(
+                    Violation::Transform,
                     ErrorCode::ERR_DECRYPT,
                     "crypt: CRYPT is set; give --direction c2s|s2c, the direction of these \
                      frames, to open it",
@@ -1161,7 +1163,8 @@ fn describe_body(h: &FrameHeader, body: &Bytes) -> Result<Value, Error> {
 }
 
 fn ether_json(e: &Ether) -> Result<Value, Error> {
-    serde_json::to_value(e).map_err(|err| Error::protocol(ErrorCode::ERR_INTERNAL, err.to_string()))
+    serde_json::to_value(e)
+        .map_err(|err| Error::protocol(Violation::Body, ErrorCode::ERR_INTERNAL, err.to_string()))
 }
 
 fn tensor_json(view: &TensorView) -> Value {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use across::{assert_serves, config, echo_server, refused, t, Pki};
 use xcp::transport::TlsConfig;
-use xcp::{Error, Session, SessionConfig};
+use xcp::{Session, SessionConfig, TlsFailure};
 
 across_suite!("tls://127.0.0.1:0");
 
@@ -35,8 +35,9 @@ async fn tls_client_on_a_plaintext_port() {
     let pki = Pki::new();
     let srv = echo_server("tcp://127.0.0.1:0", SessionConfig::default()).await;
     let tls_url = srv.url.replacen("tcp://", "tls://", 1);
-    let e = refused(&tls_url, pki.client_tls()).await;
-    assert!(e.contains("does not speak TLS"), "{e}");
+    let (failure, e) = refused(&tls_url, pki.client_tls()).await;
+    assert_eq!(failure, Some(TlsFailure::PeerNotXcpTls), "{e}");
+    assert!(e.contains("tcp://"), "names the plaintext URL to use: {e}");
     // The plaintext server still serves plaintext clients.
     let c = t(
         "connect",
@@ -52,7 +53,7 @@ fn certificate_file_errors_name_the_file() {
     let pki = Pki::new();
     let missing = pki.dir.path().join("nope.pem");
     let e = TlsConfig::from_files(&missing, &pki.client.key, &pki.ca).unwrap_err();
-    assert!(matches!(e, Error::Tls(_)), "{e:?}");
+    assert_eq!(e.tls_failure(), Some(TlsFailure::File), "{e:?}");
     assert!(e.to_string().contains("nope.pem"), "{e}");
     assert!(e.to_string().contains("xcp cert dev"), "{e}");
 
@@ -60,20 +61,24 @@ fn certificate_file_errors_name_the_file() {
     let junk = pki.dir.path().join("junk.pem");
     std::fs::write(&junk, "hello").unwrap();
     let e = TlsConfig::from_files(&junk, &pki.client.key, &pki.ca).unwrap_err();
+    assert_eq!(e.tls_failure(), Some(TlsFailure::File), "{e:?}");
     assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
     let e = TlsConfig::from_files(&pki.client.cert, &junk, &pki.ca).unwrap_err();
+    assert_eq!(e.tls_failure(), Some(TlsFailure::File), "{e:?}");
     assert!(e.to_string().contains("holds no PEM private key"), "{e}");
 
     // A key that belongs to another certificate.
     let e = TlsConfig::from_files(&pki.client.cert, &pki.server.key, &pki.ca).unwrap_err();
-    assert!(
-        e.to_string().contains("does not belong to the certificate"),
-        "{e}"
-    );
+    assert_eq!(e.tls_failure(), Some(TlsFailure::KeyMismatch), "{e:?}");
 
     // An expired certificate is refused when loaded, with its dates.
     let e = TlsConfig::from_files(&pki.expired_client.cert, &pki.expired_client.key, &pki.ca)
         .unwrap_err();
+    assert_eq!(
+        e.tls_failure(),
+        Some(TlsFailure::OwnCertificateDated),
+        "{e:?}"
+    );
     let s = e.to_string();
     assert!(
         s.contains("expired on") && s.contains("expired-client.pem"),
@@ -91,6 +96,7 @@ fn certificate_file_errors_name_the_file() {
             SessionConfig::default(),
         ))
         .unwrap_err();
+    assert_eq!(e.tls_failure(), Some(TlsFailure::Config), "{e:?}");
     assert!(e.to_string().contains("--cert, --key and --ca"), "{e}");
 }
 

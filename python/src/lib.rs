@@ -241,13 +241,20 @@ fn to_py_err(e: Error) -> PyErr {
             x.setattr("msg_id", *msg_id)?;
             x.setattr("retry_after_ms", *retry_after_ms)
         }),
-        Error::Protocol { code, detail } => {
+        Error::Protocol {
+            violation,
+            code,
+            detail,
+        } => {
             let class = if *code == ErrorCode::ERR_ATTACHMENT {
                 "AttachmentError"
             } else {
                 "ProtocolError"
             };
-            raise_with(class, message, |x| set_code(x, *code, detail))
+            raise_with(class, message, |x| {
+                set_code(x, *code, detail)?;
+                x.setattr("violation", format!("{violation:?}"))
+            })
         }
         Error::Incompatible { code, detail } => {
             raise_with("ProtocolError", message, |x| set_code(x, *code, detail))
@@ -285,7 +292,11 @@ fn to_py_err(e: Error) -> PyErr {
                 Ok(())
             })
         }
-        // `Error::Tls` and variants added later.
+        Error::Tls { failure, detail } => raise_with("TlsError", message, |x| {
+            x.setattr("failure", format!("{failure:?}"))?;
+            x.setattr("detail", detail)
+        }),
+        // Variants added later.
         _ => raise("XcpError", message),
     }
 }

@@ -25,6 +25,7 @@ from ._errors import (
     NackError,
     ProtocolError,
     TimeoutError,
+    TlsError,
     XcpError,
 )
 from ._xcp import Ether, Message, Region, Server, Session, View, connect
@@ -46,4 +47,5 @@ __all__ = [
     "ClosedError",
     "ProtocolError",
     "InvalidError",
+    "TlsError",
 ]

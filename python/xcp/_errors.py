@@ -18,11 +18,13 @@ __all__ = [
     "ClosedError",
     "ProtocolError",
     "InvalidError",
+    "TlsError",
 ]
 
 
 class XcpError(Exception):
-    """The base of every xcp error (TLS failures and other OS errors are raised as this)."""
+    """The base of every xcp error (OS errors other than a lost connection are raised as
+    this)."""
 
     #: The OS error number, for errors that come from the operating system (else None).
     errno: int | None = None
@@ -69,10 +71,24 @@ class ClosedError(XcpError, ConnectionError):
 
 class ProtocolError(XcpError):
     """The peer broke the SPEC, or is a well-behaved peer we cannot talk to (no common codec,
-    a newer major version). ``code``, ``name`` and ``detail`` as for :class:`NackError`."""
+    a newer major version). ``code``, ``name`` and ``detail`` as for :class:`NackError`;
+    ``violation`` names the part of the SPEC the peer broke (``"Frame"``, ``"Header"``,
+    ``"Transform"``, ``"Control"``, ``"Body"``, ``"Sequence"``, ``"Attachment"``,
+    ``"Limit"``), or is None for an incompatible peer."""
 
     code: int = 0
     name: str = ""
+    detail: str = ""
+    violation: str | None = None
+
+
+class TlsError(XcpError):
+    """TLS or QUIC security failed. ``failure`` says what, such as ``"File"`` (a certificate,
+    key or CA file missing or unusable), ``"KeyMismatch"``, ``"PeerCertificateUntrusted"``,
+    ``"PeerRefusedOurCertificate"`` or ``"PeerNotXcpTls"``; ``detail`` names the file or the
+    peer and what to do."""
+
+    failure: str = ""
     detail: str = ""
 
 

@@ -57,7 +57,7 @@
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::{Error, ErrorCode};
+use crate::{Error, ErrorCode, Violation};
 
 /// How many ranges the guard can watch at once in one process.
 ///
@@ -197,6 +197,7 @@ impl Guarded {
             return Ok(Guarded { slot: i });
         }
         Err(Error::protocol(
+            Violation::Attachment,
             ErrorCode::ERR_BUSY,
             format!("SIGBUS guard: all {SLOTS} slots are in use; retry later"),
         ))

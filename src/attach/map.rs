@@ -11,14 +11,10 @@ use bytes::Bytes;
 use super::scheme::{ImportKey, Peer};
 use super::segment::{Mapping, Scheme};
 use super::uri::AttachmentUri;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 
 /// How many of the peer's segments stay mapped at most (least recently used go first).
 pub const DEFAULT_MAX_MAPPINGS: usize = 1024;
-
-fn attach_err(detail: impl Into<String>) -> Error {
-    Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
-}
 
 /// What a [`Lease`] reports when its last view is dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,13 +259,13 @@ impl Mapper {
     ) -> Result<View> {
         let scheme = uri.scheme_id();
         if !self.schemes.contains(&scheme) {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{}: scheme not negotiated",
                 scheme.name()
             )));
         }
         if let Some((_, why)) = self.refused.iter().find(|(s, _)| *s == scheme) {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{}: refused for the rest of this connection ({why})",
                 scheme.name()
             )));
@@ -287,14 +283,14 @@ impl Mapper {
             None => handler.import(uri, &peer)?,
         };
         if map.faulted() {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{}: segment shrank while mapped",
                 scheme.name()
             )));
         }
         let end = uri.end();
         if end > map.len() as u64 {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{}: bytes {}..{end} lie outside the object of {} bytes",
                 uri.scheme(),
                 uri.offset(),
@@ -349,10 +345,10 @@ impl Mapper {
         lease: &Arc<Lease>,
     ) -> Result<super::cuda::DeviceView> {
         let super::uri::Target::CudaIpc { device_uuid, .. } = uri.target() else {
-            return Err(attach_err(format!("not a cuda-ipc URI: {uri}")));
+            return Err(Error::attachment(format!("not a cuda-ipc URI: {uri}")));
         };
         if !self.schemes.contains(&Scheme::CudaIpc) {
-            return Err(attach_err("cuda-ipc: scheme not negotiated"));
+            return Err(Error::attachment("cuda-ipc: scheme not negotiated"));
         }
         let cuda = super::cuda::for_device(device_uuid)?;
         let view = cuda.import(self.producer, uri)?;
@@ -372,6 +368,7 @@ impl Drop for Mapper {
 mod tests {
     use super::*;
     use crate::attach::pool::{Pool, PoolConfig};
+    use crate::ErrorCode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn lease(counter: &Arc<AtomicUsize>) -> Arc<Lease> {

@@ -48,11 +48,7 @@ use std::sync::{Arc, Mutex};
 use super::pool::Region;
 use super::segment::{Mapping, Scheme};
 use super::uri::{AttachmentUri, Target};
-use crate::error::{Error, ErrorCode, Result};
-
-fn attach_err(detail: impl Into<String>) -> Error {
-    Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
-}
+use crate::error::{Error, Result};
 
 /// What decides which schemes a session can offer: the kind of stream it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +144,7 @@ pub fn local() -> &'static LocalScheme {
 }
 
 fn wrong_target(scheme: &str, uri: &AttachmentUri) -> Error {
-    attach_err(format!("{scheme}: not a {scheme} URI: {uri}"))
+    Error::attachment(format!("{scheme}: not a {scheme} URI: {uri}"))
 }
 
 fn checked_region(scheme: Scheme, region: &Region) -> Result<()> {
@@ -186,7 +182,7 @@ impl HandleScheme for ShmScheme {
             return Err(wrong_target("shm", uri));
         };
         if peer.shm_prefix.is_empty() || !name.starts_with(peer.shm_prefix) {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "shm: name {name:?} is outside the peer's prefix {:?}",
                 peer.shm_prefix
             )));
@@ -199,7 +195,7 @@ impl HandleScheme for ShmScheme {
             return Err(wrong_target("shm", uri));
         };
         let Some(uid) = peer.uid else {
-            return Err(attach_err(
+            return Err(Error::attachment(
                 "shm: the peer's user is unknown (not a local socket of this network \
                  namespace), so no shm object can be trusted as its own",
             ));
@@ -214,7 +210,7 @@ impl HandleScheme for ShmScheme {
 pub struct MemfdScheme;
 
 fn inode_key(fd: impl AsFd, what: &str) -> Result<ImportKey> {
-    let st = rustix::fs::fstat(fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
+    let st = rustix::fs::fstat(fd).map_err(|e| Error::attachment(format!("{what}: fstat: {e}")))?;
     Ok(ImportKey::Inode {
         dev: st.st_dev,
         ino: st.st_ino,
@@ -229,7 +225,7 @@ impl MemfdScheme {
             return Err(wrong_target("memfd", uri));
         };
         let fd = peer.fds.get(*index as usize).ok_or_else(|| {
-            attach_err(format!(
+            Error::attachment(format!(
                 "memfd: index {index}, but {} descriptors came with the message",
                 peer.fds.len()
             ))
@@ -286,7 +282,7 @@ impl HandleScheme for CudaIpcScheme {
     }
 
     fn key(&self, uri: &AttachmentUri, _peer: &Peer<'_>) -> Result<ImportKey> {
-        Err(attach_err(match uri.target() {
+        Err(Error::attachment(match uri.target() {
             Target::CudaIpc { .. } if cfg!(feature = "cuda") => {
                 "cuda-ipc: device memory has no host view (it is resolved into a device view)"
                     .to_string()
@@ -300,7 +296,9 @@ impl HandleScheme for CudaIpcScheme {
 
     fn import(&self, uri: &AttachmentUri, peer: &Peer<'_>) -> Result<Arc<Mapping>> {
         self.key(uri, peer)?;
-        Err(attach_err("cuda-ipc: device memory has no host view"))
+        Err(Error::attachment(
+            "cuda-ipc: device memory has no host view",
+        ))
     }
 
     fn release(&self, producer: u64) {
@@ -375,7 +373,7 @@ impl LocalScheme {
         let fd = o
             .by_id
             .get(id)
-            .ok_or_else(|| attach_err(format!("local: no object {id} in this process")))?;
+            .ok_or_else(|| Error::attachment(format!("local: no object {id} in this process")))?;
         f(fd)
     }
 }

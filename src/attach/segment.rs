@@ -8,7 +8,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::Mode;
 
 use super::guard::Guarded;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 
 /// A handle scheme (SPEC §7): how an attachment's bytes are named instead of sent. Each has
 /// an implementation of [`HandleScheme`](super::scheme::HandleScheme), found with
@@ -218,10 +218,6 @@ impl std::fmt::Debug for Mapping {
     }
 }
 
-fn attach_err(detail: String) -> Error {
-    Error::protocol(ErrorCode::ERR_ATTACHMENT, detail)
-}
-
 impl Mapping {
     /// Opens the shm object `/<name>` read-only and maps all of it.
     pub fn open_shm(name: &str) -> Result<Mapping> {
@@ -230,7 +226,7 @@ impl Mapping {
             rustix::shm::OFlags::RDONLY,
             Mode::empty(),
         )
-        .map_err(|e| attach_err(format!("shm object /{name}: {e}")))?;
+        .map_err(|e| Error::attachment(format!("shm object /{name}: {e}")))?;
         Self::map_fd(&fd, &format!("shm object /{name}"))
     }
 
@@ -242,10 +238,11 @@ impl Mapping {
             rustix::shm::OFlags::RDONLY,
             Mode::empty(),
         )
-        .map_err(|e| attach_err(format!("{what}: {e}")))?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
+        .map_err(|e| Error::attachment(format!("{what}: {e}")))?;
+        let st =
+            rustix::fs::fstat(&fd).map_err(|e| Error::attachment(format!("{what}: fstat: {e}")))?;
         if st.st_uid != uid {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{what} belongs to uid {}, not to the peer (uid {uid})",
                 st.st_uid
             )));
@@ -258,12 +255,12 @@ impl Mapping {
     /// (not a memfd), is refused with `ERR_ATTACHMENT` and nothing is mapped.
     pub fn map_memfd(fd: impl AsFd, what: &str) -> Result<Mapping> {
         let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| {
-            attach_err(format!(
+            Error::attachment(format!(
                 "{what}: not a memfd that can be sealed (F_GET_SEALS: {e})"
             ))
         })?;
         if !seals.contains(rustix::fs::SealFlags::SHRINK) {
-            return Err(attach_err(format!(
+            return Err(Error::attachment(format!(
                 "{what}: memfd not sealed against shrinking (F_SEAL_SHRINK missing)"
             )));
         }
@@ -273,20 +270,23 @@ impl Mapping {
     /// Maps all of a received descriptor read-only (no seal check: see
     /// [`Mapping::map_memfd`] for `memfd://`).
     pub fn map_fd(fd: impl AsFd, what: &str) -> Result<Mapping> {
-        let st = rustix::fs::fstat(&fd).map_err(|e| attach_err(format!("{what}: fstat: {e}")))?;
+        let st =
+            rustix::fs::fstat(&fd).map_err(|e| Error::attachment(format!("{what}: fstat: {e}")))?;
         // Only regular files (shm objects and memfds are): not sockets, pipes or devices.
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-            return Err(attach_err(format!("{what}: not a shared-memory object")));
+            return Err(Error::attachment(format!(
+                "{what}: not a shared-memory object"
+            )));
         }
         let len = usize::try_from(st.st_size)
-            .map_err(|_| attach_err(format!("{what}: size {} out of range", st.st_size)))?;
+            .map_err(|_| Error::attachment(format!("{what}: size {} out of range", st.st_size)))?;
         if len == 0 {
-            return Err(attach_err(format!("{what}: empty object")));
+            return Err(Error::attachment(format!("{what}: empty object")));
         }
         let map = MmapOptions::new()
             .len(len)
             .map_raw_read_only(&fd.as_fd())
-            .map_err(|e| attach_err(format!("{what}: mmap: {e}")))?;
+            .map_err(|e| Error::attachment(format!("{what}: mmap: {e}")))?;
         let guard = Guarded::register(map.as_ptr(), len, false)?;
         Ok(Mapping { guard, map })
     }

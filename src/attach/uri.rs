@@ -49,7 +49,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 
 /// The longest `shm` object name (SPEC §7).
 pub const MAX_SHM_NAME: usize = 200;
@@ -95,10 +95,7 @@ pub struct AttachmentUri {
 }
 
 fn attach_err(detail: impl fmt::Display) -> Error {
-    Error::protocol(
-        ErrorCode::ERR_ATTACHMENT,
-        format!("attachment uri: {detail}"),
-    )
+    Error::attachment(format!("attachment uri: {detail}"))
 }
 
 impl AttachmentUri {
@@ -417,6 +414,7 @@ fn parse_uuid(s: &str) -> Result<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorCode;
     use proptest::prelude::*;
 
     fn code(s: &str) -> String {

@@ -110,7 +110,7 @@ use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 use crate::ether::{Attachment, Ether};
 
 /// Schema metadata key: the Ethers' kind.
@@ -129,7 +129,7 @@ pub const COL_EXTRA_FIELDS: &str = "xcp.extra_fields";
 pub const COL_ATTACHMENTS: &str = "xcp.attachments";
 
 fn malformed(detail: impl std::fmt::Display) -> Error {
-    Error::malformed(format!("arrow: {detail}"))
+    Error::malformed(Violation::Body, format!("arrow: {detail}"))
 }
 
 fn invalid(detail: impl std::fmt::Display) -> Error {

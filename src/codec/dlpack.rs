@@ -63,7 +63,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::attach::uri::AttachmentUri;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 
 /// The body magic.
 pub const MAGIC: [u8; 4] = *b"DLPK";
@@ -260,13 +260,14 @@ impl DlpackDescriptor {
     /// [`data_extent`]).
     pub fn extent(&self) -> Result<u64> {
         data_extent(self.dtype, &self.shape, &self.strides, self.byte_offset)
-            .map_err(Error::malformed)
+            .map_err(|d| Error::malformed(Violation::Body, d))
     }
 
     /// Checks every rule of the module docs: `ERR_MALFORMED` (or `ERR_ATTACHMENT`) naming the
     /// field. [`DlpackDescriptor::decode`] has already done this for a received body.
     pub fn validate(&self) -> Result<()> {
-        self.check().map_err(Error::malformed)
+        self.check()
+            .map_err(|d| Error::malformed(Violation::Body, d))
     }
 
     /// The rules of the module docs; the message names the field.
@@ -355,16 +356,18 @@ impl DlpackDescriptor {
         let mut r = Reader { b: &body, pos: 0 };
         let magic = r.take(4, "magic")?;
         if magic != MAGIC {
-            return Err(Error::malformed(format!(
-                "dlpack.magic: expected \"DLPK\", got {magic:02x?}"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("dlpack.magic: expected \"DLPK\", got {magic:02x?}"),
+            ));
         }
         let major = r.u32("version")?;
         let _minor = r.u32("version")?;
         if major != VERSION_MAJOR {
-            return Err(Error::malformed(format!(
-                "dlpack.version: major {major} not supported (expected 1)"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("dlpack.version: major {major} not supported (expected 1)"),
+            ));
         }
         let device_type = r.i32("device_type")?;
         let device_id = r.i32("device_id")?;
@@ -373,17 +376,21 @@ impl DlpackDescriptor {
         let lanes = r.u16("dtype")?;
         let ndim = r.u32("ndim")? as usize;
         if ndim > MAX_NDIM {
-            return Err(Error::malformed(format!(
-                "dlpack.ndim: {ndim} exceeds {MAX_NDIM}"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("dlpack.ndim: {ndim} exceeds {MAX_NDIM}"),
+            ));
         }
         let byte_offset = r.u64("byte_offset")?;
         if ndim * 16 > r.remaining() {
-            return Err(Error::malformed(format!(
-                "dlpack.shape: ndim {ndim} needs {} bytes of shape and strides, {} left",
-                ndim * 16,
-                r.remaining()
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "dlpack.shape: ndim {ndim} needs {} bytes of shape and strides, {} left",
+                    ndim * 16,
+                    r.remaining()
+                ),
+            ));
         }
         let mut shape = Vec::with_capacity(ndim);
         for _ in 0..ndim {
@@ -398,21 +405,23 @@ impl DlpackDescriptor {
             1 => {
                 let len = usize::from(r.u16("uri")?);
                 let raw = r.take(len, "uri")?;
-                let text = std::str::from_utf8(raw)
-                    .map_err(|e| Error::malformed(format!("dlpack.uri: not UTF-8: {e}")))?;
+                let text = std::str::from_utf8(raw).map_err(|e| {
+                    Error::malformed(Violation::Body, format!("dlpack.uri: not UTF-8: {e}"))
+                })?;
                 let uri = AttachmentUri::parse(text)?;
                 if r.remaining() != 0 {
-                    return Err(Error::malformed(format!(
-                        "dlpack.uri: {} trailing bytes after the URI",
-                        r.remaining()
-                    )));
+                    return Err(Error::malformed(
+                        Violation::Body,
+                        format!("dlpack.uri: {} trailing bytes after the URI", r.remaining()),
+                    ));
                 }
                 DlData::Uri(uri)
             }
             k => {
-                return Err(Error::malformed(format!(
-                    "dlpack.data_kind: {k} (expected 0 inline or 1 URI)"
-                )))
+                return Err(Error::malformed(
+                    Violation::Body,
+                    format!("dlpack.data_kind: {k} (expected 0 inline or 1 URI)"),
+                ))
             }
         };
         let d = DlpackDescriptor {
@@ -424,7 +433,8 @@ impl DlpackDescriptor {
             byte_offset,
             data,
         };
-        d.check().map_err(Error::malformed)?;
+        d.check()
+            .map_err(|d| Error::malformed(Violation::Body, d))?;
         Ok(d)
     }
 }
@@ -442,11 +452,14 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            return Err(Error::malformed(format!(
-                "dlpack.{field}: truncated (need {n} bytes at offset {}, {} left)",
-                self.pos,
-                self.remaining()
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "dlpack.{field}: truncated (need {n} bytes at offset {}, {} left)",
+                    self.pos,
+                    self.remaining()
+                ),
+            ));
         }
         let s = &self.b[self.pos..self.pos + n];
         self.pos += n;

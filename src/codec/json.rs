@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 use crate::ether::Ether;
 
 /// Encodes an Ether as UTF-8 JSON.
@@ -25,7 +25,7 @@ pub fn encode(e: &Ether) -> Result<Bytes> {
 /// with serde's message naming the field or the position.
 pub fn decode(body: &[u8]) -> Result<Ether> {
     let e: Ether = serde_json::from_slice(body)
-        .map_err(|err| Error::malformed(format!("ether: bad JSON body: {err}")))?;
+        .map_err(|err| Error::malformed(Violation::Body, format!("ether: bad JSON body: {err}")))?;
     e.validate()?;
     Ok(e)
 }

@@ -32,7 +32,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::tensor::{self, DType, TensorView, HEADER_LEN};
 use super::CodecId;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 
 /// The longest varuint: 10 bytes hold 64 bits.
 pub const MAX_VARUINT_LEN: usize = 10;
@@ -103,7 +103,7 @@ fn read_var(buf: &[u8]) -> std::result::Result<(u64, usize), VarErr> {
 /// Reads an unsigned LEB128 value at the start of `buf`: the value and the number of bytes it
 /// took. A value cut short, longer than 10 bytes, or beyond u64 is `ERR_MALFORMED`.
 pub fn read_varuint(buf: &[u8]) -> Result<(u64, usize)> {
-    read_var(buf).map_err(|e| Error::malformed(format!("varuint: {}", e.text())))
+    read_var(buf).map_err(|e| Error::malformed(Violation::Body, format!("varuint: {}", e.text())))
 }
 
 /// Encodes a MIXED_LATENT body from complete tensor bodies, each with its tensor codec. Each
@@ -149,7 +149,11 @@ fn write<'a>(entries: impl Iterator<Item = (CodecId, &'a [u8])> + Clone) -> Byte
 /// Puts `latent[i].` in front of an inner tensor error's detail.
 fn in_entry(i: usize, e: Error) -> Error {
     match e {
-        Error::Protocol { code, detail } => Error::protocol(code, format!("latent[{i}].{detail}")),
+        Error::Protocol {
+            violation,
+            code,
+            detail,
+        } => Error::protocol(violation, code, format!("latent[{i}].{detail}")),
         other => other,
     }
 }
@@ -159,39 +163,50 @@ fn in_entry(i: usize, e: Error) -> Error {
 /// subtype, a length past the end, a bad tensor, or bytes after the last tensor is
 /// `ERR_MALFORMED` naming the field (such as `latent[2].length`).
 pub fn decode(body: Bytes) -> Result<Vec<TensorView>> {
-    let (count, mut pos) =
-        read_var(&body).map_err(|e| Error::malformed(format!("latent.count: {}", e.text())))?;
+    let (count, mut pos) = read_var(&body)
+        .map_err(|e| Error::malformed(Violation::Body, format!("latent.count: {}", e.text())))?;
     let left = body.len() - pos;
     if count > (left / MIN_ENTRY_LEN) as u64 {
-        return Err(Error::malformed(format!(
-            "latent.count: {count} tensors cannot fit in the {left} bytes that follow \
+        return Err(Error::malformed(
+            Violation::Body,
+            format!(
+                "latent.count: {count} tensors cannot fit in the {left} bytes that follow \
              (each takes at least {MIN_ENTRY_LEN})"
-        )));
+            ),
+        ));
     }
     let count = count as usize;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let Some(&sub) = body.get(pos) else {
-            return Err(Error::malformed(format!(
-                "latent[{i}].subtype: the body ends before tensor {i} of {count}"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("latent[{i}].subtype: the body ends before tensor {i} of {count}"),
+            ));
         };
         let codec = CodecId(u16::from(sub));
         if DType::from_codec(codec).is_none() {
-            return Err(Error::malformed(format!(
-                "latent[{i}].subtype: 0x{sub:02X} is not a tensor codec (0x02, 0x03 or 0x04)"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "latent[{i}].subtype: 0x{sub:02X} is not a tensor codec (0x02, 0x03 or 0x04)"
+                ),
+            ));
         }
         pos += 1;
-        let (len, n) = read_var(&body[pos..])
-            .map_err(|e| Error::malformed(format!("latent[{i}].length: {}", e.text())))?;
+        let (len, n) = read_var(&body[pos..]).map_err(|e| {
+            Error::malformed(Violation::Body, format!("latent[{i}].length: {}", e.text()))
+        })?;
         pos += n;
         let left = (body.len() - pos) as u64;
         if len > left {
-            return Err(Error::malformed(format!(
-                "latent[{i}].length: {len} bytes, {} past the end of the body",
-                len - left
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "latent[{i}].length: {len} bytes, {} past the end of the body",
+                    len - left
+                ),
+            ));
         }
         let end = pos + len as usize;
         let view =
@@ -200,10 +215,13 @@ pub fn decode(body: Bytes) -> Result<Vec<TensorView>> {
         pos = end;
     }
     if pos != body.len() {
-        return Err(Error::malformed(format!(
-            "latent: {} trailing bytes after the last of {count} tensors",
-            body.len() - pos
-        )));
+        return Err(Error::malformed(
+            Violation::Body,
+            format!(
+                "latent: {} trailing bytes after the last of {count} tensors",
+                body.len() - pos
+            ),
+        ));
     }
     Ok(out)
 }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, Violation};
 use crate::ether::Ether;
 
 pub mod arrow;
@@ -125,6 +125,7 @@ pub fn validate_body(codec: CodecId, body: &Bytes) -> Result<()> {
         CodecId::ARROW_IPC => arrow::decode_batches(body.clone()).map(|_| ()),
         CodecId::DLPACK => dlpack::DlpackDescriptor::decode(body.clone()).map(|_| ()),
         other => Err(Error::protocol(
+            Violation::Body,
             ErrorCode::ERR_CODEC_UNSUPPORTED,
             format!("no decoder for bodyCodec {other}"),
         )),
@@ -133,6 +134,7 @@ pub fn validate_body(codec: CodecId, body: &Bytes) -> Result<()> {
 
 fn not_an_ether_codec(codec: CodecId) -> Error {
     Error::protocol(
+        Violation::Body,
         ErrorCode::ERR_CODEC_UNSUPPORTED,
         format!("no Ether codec for bodyCodec {codec}"),
     )

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 use crate::ether::{Attachment, Ether};
 
 /// The Protobuf types generated from `proto/ether.proto` (package `xcp.ether`).
@@ -44,9 +44,10 @@ fn map_from_proto(field: &str, m: BTreeMap<String, Bytes>) -> Result<Map<String,
             Err(_) => match std::str::from_utf8(&v) {
                 Ok(s) => Value::String(s.to_owned()),
                 Err(_) => {
-                    return Err(Error::malformed(format!(
-                        "ether.{field}.{k}: neither JSON nor UTF-8 text"
-                    )))
+                    return Err(Error::malformed(
+                        Violation::Body,
+                        format!("ether.{field}.{k}: neither JSON nor UTF-8 text"),
+                    ))
                 }
             },
         };
@@ -84,8 +85,9 @@ pub fn encode(e: &Ether) -> Result<Bytes> {
 /// Decodes an `EtherProto` body and checks it with [`Ether::validate`]. Errors are
 /// `ERR_MALFORMED` naming the field.
 pub fn decode(body: &[u8]) -> Result<Ether> {
-    let p = proto::EtherProto::decode(body)
-        .map_err(|err| Error::malformed(format!("ether: bad Protobuf body: {err}")))?;
+    let p = proto::EtherProto::decode(body).map_err(|err| {
+        Error::malformed(Violation::Body, format!("ether: bad Protobuf body: {err}"))
+    })?;
     let e = Ether {
         kind: p.kind,
         schema_version: p.schema_version,

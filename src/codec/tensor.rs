@@ -62,7 +62,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::CodecId;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, Violation};
 
 /// The length of the fixed tensor header, in bytes.
 pub const HEADER_LEN: usize = 32;
@@ -222,35 +222,43 @@ impl TensorHeader {
     /// This does not check the body's length against the shape; [`TensorView::parse`] does.
     pub fn parse(body: &[u8]) -> Result<TensorHeader> {
         let Some(b) = body.get(..HEADER_LEN) else {
-            return Err(Error::malformed(format!(
-                "tensor.header: {} bytes, shorter than the {HEADER_LEN}-byte header",
-                body.len()
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "tensor.header: {} bytes, shorter than the {HEADER_LEN}-byte header",
+                    body.len()
+                ),
+            ));
         };
         let ndim = b[0];
         if ndim == 0 || usize::from(ndim) > MAX_NDIM {
-            return Err(Error::malformed(format!(
-                "tensor.ndim: {ndim} not in 1..={MAX_NDIM}"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("tensor.ndim: {ndim} not in 1..={MAX_NDIM}"),
+            ));
         }
         let dtype = DType::from_byte(b[1]).ok_or_else(|| {
-            Error::malformed(format!(
-                "tensor.dtype: {} unknown (0 = F32, 1 = F16, 2 = QNT8)",
-                b[1]
-            ))
+            Error::malformed(
+                Violation::Body,
+                format!(
+                    "tensor.dtype: {} unknown (0 = F32, 1 = F16, 2 = QNT8)",
+                    b[1]
+                ),
+            )
         })?;
         let flags = b[2];
         let reserved = flags & !(FLAG_ROW_QNT | FLAG_COL_MAJOR);
         if reserved != 0 {
-            return Err(Error::malformed(format!(
-                "tensor.flags: reserved bits 0x{reserved:02X} set (flags 0x{flags:02X})"
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("tensor.flags: reserved bits 0x{reserved:02X} set (flags 0x{flags:02X})"),
+            ));
         }
         if b[3] != 0 {
-            return Err(Error::malformed(format!(
-                "tensor.reserved: byte 3 is 0x{:02X}, must be 0",
-                b[3]
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!("tensor.reserved: byte 3 is 0x{:02X}, must be 0", b[3]),
+            ));
         }
         let mut shape = [0u32; MAX_NDIM];
         for (i, d) in shape.iter_mut().enumerate() {
@@ -265,7 +273,8 @@ impl TensorHeader {
             shape,
             scale: f32::from_le_bytes([b[28], b[29], b[30], b[31]]),
         };
-        h.check().map_err(Error::malformed)?;
+        h.check()
+            .map_err(|d| Error::malformed(Violation::Body, d))?;
         Ok(h)
     }
 
@@ -273,7 +282,8 @@ impl TensorHeader {
     /// `row_qnt` only on QNT8, the QNT8 scale finite and not negative, sizes within u64).
     /// Failures are `ERR_MALFORMED`, as for a received header.
     pub fn validate(&self) -> Result<()> {
-        self.check().map_err(Error::malformed)
+        self.check()
+            .map_err(|d| Error::malformed(Violation::Body, d))
     }
 
     /// The checks of [`TensorHeader::validate`], returning the detail text.
@@ -311,10 +321,13 @@ impl TensorHeader {
     /// The number of elements N = ∏ shape, or `ERR_MALFORMED` when it overflows u64.
     pub fn numel(&self) -> Result<u64> {
         product(self.shape()).ok_or_else(|| {
-            Error::malformed(format!(
-                "tensor.shape: {:?} has more than 2^64 elements",
-                self.shape()
-            ))
+            Error::malformed(
+                Violation::Body,
+                format!(
+                    "tensor.shape: {:?} has more than 2^64 elements",
+                    self.shape()
+                ),
+            )
         })
     }
 
@@ -336,27 +349,32 @@ impl TensorHeader {
             n => &s[..n - 1],
         };
         product(others).ok_or_else(|| {
-            Error::malformed(format!(
-                "tensor.shape: {:?} has more than 2^64 rows",
-                self.shape()
-            ))
+            Error::malformed(
+                Violation::Body,
+                format!("tensor.shape: {:?} has more than 2^64 rows", self.shape()),
+            )
         })
     }
 
     /// The number of data bytes after the header: `4·N` (F32), `2·N` (F16), `N` (QNT8), plus
     /// four per row with `row_qnt`. `ERR_MALFORMED` when it overflows u64.
     pub fn data_len(&self) -> Result<u64> {
-        self.sizes().map(|(_, len)| len).map_err(Error::malformed)
+        self.sizes()
+            .map(|(_, len)| len)
+            .map_err(|d| Error::malformed(Violation::Body, d))
     }
 
     /// The whole body length the header describes: [`HEADER_LEN`] + [`Self::data_len`].
     pub fn body_len(&self) -> Result<u64> {
         let len = self.data_len()?;
         len.checked_add(HEADER_LEN as u64).ok_or_else(|| {
-            Error::malformed(format!(
-                "tensor.shape: {:?} needs more than 2^64 bytes",
-                self.shape()
-            ))
+            Error::malformed(
+                Violation::Body,
+                format!(
+                    "tensor.shape: {:?} needs more than 2^64 bytes",
+                    self.shape()
+                ),
+            )
         })
     }
 
@@ -428,6 +446,7 @@ impl TensorView {
             None => None,
             Some(codec) => Some(DType::from_codec(codec).ok_or_else(|| {
                 Error::protocol(
+                    Violation::Body,
                     ErrorCode::ERR_CODEC_UNSUPPORTED,
                     format!("bodyCodec {codec} is not a tensor codec"),
                 )
@@ -436,31 +455,38 @@ impl TensorView {
         let header = TensorHeader::parse(&body)?;
         if let Some(want) = expected {
             if header.dtype != want {
-                return Err(Error::malformed(format!(
-                    "tensor.dtype: {} ({}) disagrees with bodyCodec {}",
-                    header.dtype.to_byte(),
-                    header.dtype,
-                    want.codec()
-                )));
+                return Err(Error::malformed(
+                    Violation::Body,
+                    format!(
+                        "tensor.dtype: {} ({}) disagrees with bodyCodec {}",
+                        header.dtype.to_byte(),
+                        header.dtype,
+                        want.codec()
+                    ),
+                ));
             }
         }
         let have = (body.len() - HEADER_LEN) as u64;
         let need = header.data_len()?;
         if have != need {
-            return Err(Error::malformed(format!(
-                "tensor.body: {have} data bytes, but shape {:?} {}{} needs {need}",
-                header.shape(),
-                header.dtype,
-                if header.row_qnt { " row_qnt" } else { "" },
-            )));
+            return Err(Error::malformed(
+                Violation::Body,
+                format!(
+                    "tensor.body: {have} data bytes, but shape {:?} {}{} needs {need}",
+                    header.shape(),
+                    header.dtype,
+                    if header.row_qnt { " row_qnt" } else { "" },
+                ),
+            ));
         }
         let view = TensorView { header, body };
         if header.row_qnt {
             let rows = view.qnt8_rows().into_iter().flatten();
             if let Some((i, (s, _))) = rows.enumerate().find(|(_, (s, _))| !scale_ok(*s)) {
-                return Err(Error::malformed(format!(
-                    "tensor.row[{i}].scale: {s} is not a finite, non-negative scale"
-                )));
+                return Err(Error::malformed(
+                    Violation::Body,
+                    format!("tensor.row[{i}].scale: {s} is not a finite, non-negative scale"),
+                ));
             }
         }
         Ok(view)

@@ -60,7 +60,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::codec::CodecId;
 use crate::control::{Ack, Control, Hello, Nack, Ping};
-use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result};
+use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result, Violation};
 use crate::ether::{Ether, SchemaKey};
 use crate::wire::chunk::{split, Message, Reassembler};
 use crate::wire::frame::{encode, EncodedFrame, FrameDecoder, FrameError};
@@ -300,12 +300,9 @@ impl Incoming {
         use crate::codec::dlpack::{DlData, DlpackDescriptor};
         let mut d = DlpackDescriptor::decode(self.body.clone())?;
         if let DlData::Uri(u) = &d.data {
-            let v = self.view("dlpack").ok_or_else(|| {
-                Error::protocol(
-                    ErrorCode::ERR_ATTACHMENT,
-                    format!("dlpack: {u} was not mapped"),
-                )
-            })?;
+            let v = self
+                .view("dlpack")
+                .ok_or_else(|| Error::attachment(format!("dlpack: {u} was not mapped")))?;
             d.data = DlData::Inline(v.clone().into_bytes());
         }
         Ok(d)
@@ -885,7 +882,7 @@ impl Connection {
     /// Refuses a message of the peer: NACK on the wire, `Refused` for the application.
     fn refuse(&mut self, channel_id: u32, msg_id: u64, error: Error) {
         let (code, detail) = match &error {
-            Error::Protocol { code, detail } | Error::Incompatible { code, detail } => {
+            Error::Protocol { code, detail, .. } | Error::Incompatible { code, detail } => {
                 (*code, detail.clone())
             }
             other => (other.code(), other.to_string()),
@@ -924,7 +921,10 @@ impl Connection {
         match self.state {
             State::AwaitHello if t != MsgType::HELLO => {
                 self.form = frame.header_form;
-                let err = Error::malformed(format!("handshake: expected HELLO first, got {t:?}"));
+                let err = Error::malformed(
+                    Violation::Sequence,
+                    format!("handshake: expected HELLO first, got {t:?}"),
+                );
                 self.queue_nack(
                     frame.header.channel_id,
                     frame.header.msg_id,
@@ -935,7 +935,10 @@ impl Connection {
                 return self.fail(err);
             }
             State::AwaitCaps if t != MsgType::CAPS && t != MsgType::NACK => {
-                let err = Error::malformed(format!("handshake: expected CAPS, got {t:?}"));
+                let err = Error::malformed(
+                    Violation::Sequence,
+                    format!("handshake: expected CAPS, got {t:?}"),
+                );
                 self.queue_nack(
                     frame.header.channel_id,
                     frame.header.msg_id,
@@ -974,6 +977,7 @@ impl Connection {
                     ch,
                     id,
                     Error::protocol(
+                        Violation::Transform,
                         ErrorCode::ERR_DECRYPT,
                         "flags: CRYPT set but this side holds no key",
                     ),
@@ -993,6 +997,7 @@ impl Connection {
                 ch,
                 id,
                 Error::protocol(
+                    Violation::Transform,
                     ErrorCode::ERR_DECRYPT,
                     format!("{t:?} sent in plaintext; this side requires CRYPT"),
                 ),
@@ -1039,7 +1044,10 @@ impl Connection {
                     return self.refuse(
                         ch,
                         id,
-                        Error::malformed("handshake: HELLO on an established connection"),
+                        Error::malformed(
+                            Violation::Sequence,
+                            "handshake: HELLO on an established connection",
+                        ),
                     );
                 }
                 self.form = msg.header_form;
@@ -1073,7 +1081,11 @@ impl Connection {
             }
             Control::Caps(caps) => {
                 if self.state != State::AwaitCaps {
-                    return self.refuse(ch, id, Error::malformed("handshake: unexpected CAPS"));
+                    return self.refuse(
+                        ch,
+                        id,
+                        Error::malformed(Violation::Sequence, "handshake: unexpected CAPS"),
+                    );
                 }
                 // The responder's CAPS is the negotiated result; we still intersect with our
                 // own offer so a wrong CAPS cannot make us send what we did not offer.
@@ -1220,7 +1232,7 @@ impl Connection {
             return self.refuse(
                 ch,
                 id,
-                Error::malformed("DATA before the handshake finished"),
+                Error::malformed(Violation::Sequence, "DATA before the handshake finished"),
             );
         };
         let codec = msg.header.body_codec;
@@ -1229,6 +1241,7 @@ impl Connection {
                 ch,
                 id,
                 Error::protocol(
+                    Violation::Body,
                     ErrorCode::ERR_CODEC_UNSUPPORTED,
                     format!("bodyCodec {codec} was not negotiated"),
                 ),

@@ -220,7 +220,11 @@ fn undecodable_body_is_malformed() {
         "{ev:?}"
     );
     let sev = Pair::events(&mut p.server);
-    assert!(sev.iter().any(|e| matches!(e, Event::Refused { .. })));
+    assert!(
+        sev.iter().any(|e| matches!(e, Event::Refused { error, .. }
+            if error.violation() == Some(Violation::Body))),
+        "{sev:?}"
+    );
 }
 
 #[test]
@@ -249,6 +253,12 @@ fn data_before_hello_closes() {
         (nack.msg_id, nack.error_code),
         (5, ErrorCode::ERR_MALFORMED)
     );
+    let ev: Vec<Event> = std::iter::from_fn(|| server.poll_event()).collect();
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::Closed(Some(e))
+            if e.violation() == Some(Violation::Sequence))),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -262,6 +272,12 @@ fn second_hello_refused_connection_lives() {
     assert!(ev
         .iter()
         .any(|e| matches!(e, Event::Nack { code, .. } if *code == ErrorCode::ERR_MALFORMED)));
+    let sev = Pair::events(&mut p.server);
+    assert!(
+        sev.iter().any(|e| matches!(e, Event::Refused { error, .. }
+            if error.violation() == Some(Violation::Sequence))),
+        "{sev:?}"
+    );
 }
 
 #[test]
@@ -554,7 +570,9 @@ fn tampered_header_fails_authentication() {
         inject(&mut p, &h, Flags::CRYPT, sealed.clone());
         let ev = Pair::events(&mut p.server);
         assert!(
-            matches!(&ev[..], [Event::Refused { error, .. }] if error.code() == ErrorCode::ERR_DECRYPT),
+            matches!(&ev[..], [Event::Refused { error, .. }]
+                if error.code() == ErrorCode::ERR_DECRYPT
+                    && error.violation() == Some(Violation::Transform)),
             "{change}: {ev:?}"
         );
     }

@@ -37,7 +37,7 @@ use crate::attach::{Lease, Mapper, Region, Scheme};
 use crate::codec::dlpack::{DlData, DlpackDescriptor};
 use crate::codec::CodecId;
 use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
-use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result};
+use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result, Violation};
 use crate::ether::{Attachment, Ether};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
@@ -176,10 +176,7 @@ impl LeasedBody {
                 }
                 Ok(Outgoing::data(CodecId::DLPACK, desc.encode()?))
             }
-            LeasedBody::Held => Err(Error::protocol(
-                ErrorCode::ERR_ATTACHMENT,
-                "device memory has no inline form",
-            )),
+            LeasedBody::Held => Err(Error::attachment("device memory has no inline form")),
         }
     }
 }
@@ -627,6 +624,7 @@ impl Driver {
                 // The peer does not read what it makes us send (replies to its own PINGs,
                 // NACKs of its own bad frames): drop it rather than grow without bound.
                 self.note_error(Error::protocol(
+                    Violation::Limit,
                     ErrorCode::ERR_BUSY,
                     format!(
                         "{} bytes wait to be written to {}: the peer does not read",
@@ -1202,8 +1200,7 @@ impl Driver {
             return Ok(());
         }
         let Some(mapper) = self.mapper.as_mut() else {
-            return Err(Error::protocol(
-                ErrorCode::ERR_ATTACHMENT,
+            return Err(Error::attachment(
                 "attachment by handle, but no handle scheme was negotiated",
             ));
         };
@@ -1224,16 +1221,14 @@ impl Driver {
             None => Vec::new(),
         };
         if fd_count > fds.len() {
-            return Err(Error::protocol(
-                ErrorCode::ERR_ATTACHMENT,
-                format!(
-                    "memfd: the message names {fd_count} descriptors, {} came with it",
-                    fds.len()
-                ),
-            ));
+            return Err(Error::attachment(format!(
+                "memfd: the message names {fd_count} descriptors, {} came with it",
+                fds.len()
+            )));
         }
         if self.live_leases >= self.max_leases {
             return Err(Error::protocol(
+                Violation::Limit,
                 ErrorCode::ERR_BUSY,
                 format!(
                     "{} messages by handle are still held here (max_leases_per_peer)",
@@ -1357,10 +1352,16 @@ impl Driver {
     fn io_failed(&mut self, e: std::io::Error, op: &str) {
         tracing::debug!(peer = %self.peer, "{op}: {e}");
         if !self.conn.is_closed() {
-            self.note_error(Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("{op} {}: {e}", self.peer),
-            )));
+            // A TLS stream reports the peer's refusal after the handshake as I/O; it stays a
+            // TLS error with its kind.
+            let err = match Error::tls_in_io(&e) {
+                Some(failure) => Error::tls(failure, e.to_string()),
+                None => Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{op} {}: {e}", self.peer),
+                )),
+            };
+            self.note_error(err);
         }
         self.broken = true;
     }

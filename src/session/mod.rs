@@ -524,15 +524,12 @@ impl Session {
     ) -> Result<(Outgoing, Vec<Box<dyn std::any::Any + Send>>)> {
         let n = &self.inner.negotiated;
         if !(n.shared_mem && n.attach.contains(&Scheme::CudaIpc)) {
-            return Err(Error::protocol(
-                ErrorCode::ERR_ATTACHMENT,
-                format!(
-                    "cuda-ipc was not negotiated with {} (negotiated: {:?}): device memory \
+            return Err(Error::attachment(format!(
+                "cuda-ipc was not negotiated with {} (negotiated: {:?}): device memory \
                      cannot go by handle; copy it to the host and send it inline if that is \
                      what you want",
-                    self.inner.peer, n.attach
-                ),
-            ));
+                self.inner.peer, n.attach
+            )));
         }
         let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::with_capacity(exports.len());
         for (mut att, ex) in exports {

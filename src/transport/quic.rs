@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::tls::{self, TlsConfig, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
-use crate::error::{CloseReason, Deadline, Error, Result};
+use crate::error::{CloseReason, Deadline, Error, Result, TlsFailure};
 use crate::wire::{Flags, MAGIC_BYTES, PREFIX_LEN, TRAILER_LEN};
 
 /// The most bidirectional streams (channels) a peer may open on one connection.
@@ -66,8 +66,9 @@ pub const WRITE_BUDGET: usize = 16 << 20;
 /// How long a closed session's QUIC connection waits for the peer to close first.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// How long a failed stream waits for the connection's close (and its reason) before the
-/// stream's own error is reported.
-const STREAM_FAIL_GRACE: Duration = Duration::from_millis(250);
+/// stream's own error is reported. Generous, because a loaded machine can take hundreds of
+/// milliseconds to deliver the close; only a peer that resets one stream alone waits it out.
+const STREAM_FAIL_GRACE: Duration = Duration::from_secs(1);
 
 /// The application close code of a normal close.
 const CLOSE_DONE: u32 = 0;
@@ -120,6 +121,36 @@ pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     }
 }
 
+/// The TLS failure of a QUIC connection error, `None` when TLS had no part in it (what
+/// [`explain`] puts in words). quinn reports our own side's TLS failures as text only, so
+/// those are read from it.
+fn failure_of(e: &quinn::ConnectionError) -> Option<TlsFailure> {
+    use quinn::ConnectionError as C;
+    let alert = |code: u64| {
+        (0x100..0x200)
+            .contains(&code)
+            .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
+    };
+    match e {
+        C::TransportError(te) if alert(u64::from(te.code)).is_some() => Some({
+            let r = te.reason.as_str();
+            if r.contains("UnknownIssuer") || r.contains("BadSignature") {
+                TlsFailure::PeerCertificateUntrusted
+            } else if r.contains("not valid for name") || r.contains("NotValidForName") {
+                TlsFailure::PeerCertificateWrongName
+            } else if r.contains("xpired") || r.contains("NotValidYet") {
+                TlsFailure::PeerCertificateDated
+            } else if r.contains("no certificates") {
+                TlsFailure::PeerSentNoCertificate
+            } else {
+                TlsFailure::Handshake
+            }
+        }),
+        C::ConnectionClosed(cc) => alert(u64::from(cc.error_code)).map(tls::failure_of_alert),
+        _ => None,
+    }
+}
+
 /// Words for a TLS failure of our own side, which quinn reports as text only.
 fn explain_local(reason: &str) -> String {
     let words = if reason.contains("UnknownIssuer") {
@@ -143,7 +174,7 @@ fn conn_io_error(e: &quinn::ConnectionError, peer: &str) -> io::Error {
         quinn::ConnectionError::LocallyClosed => io::ErrorKind::NotConnected,
         _ => io::ErrorKind::ConnectionAborted,
     };
-    io::Error::new(kind, format!("{peer}: {}", explain(e)))
+    io_error(kind, failure_of(e), format!("{peer}: {}", explain(e)))
 }
 
 /// Connects: UDP endpoint, QUIC handshake with mutual authentication.
@@ -160,8 +191,12 @@ pub(super) async fn connect(addr: &str, tls: &TlsConfig) -> Result<QuicStream> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client())
-        .map_err(|e| Error::tls(format!("{url}: the TLS settings do not suit QUIC: {e}")))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client()).map_err(|e| {
+        Error::tls(
+            TlsFailure::Config,
+            format!("{url}: the TLS settings do not suit QUIC: {e}"),
+        )
+    })?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport_config()));
     let endpoint = quinn::Endpoint::client(local)
@@ -173,7 +208,10 @@ pub(super) async fn connect(addr: &str, tls: &TlsConfig) -> Result<QuicStream> {
         quinn::ConnectionError::TimedOut => {
             Error::timeout(Deadline::Other, format!("{url}: {}", explain(&e)))
         }
-        e => Error::tls(format!("{url}: handshake refused: {}", explain(&e))),
+        e => Error::tls(
+            failure_of(&e).unwrap_or(TlsFailure::Handshake),
+            format!("{url}: handshake refused: {}", explain(&e)),
+        ),
     })?;
     Ok(QuicStream::new(
         conn,
@@ -206,8 +244,13 @@ impl QuicListener {
     /// Binds a UDP endpoint on `addr` and starts accepting.
     pub(super) async fn bind(addr: &str, tls: &TlsConfig) -> Result<QuicListener> {
         let url = format!("quic://{addr}");
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server(&url)?)
-            .map_err(|e| Error::tls(format!("{url}: the TLS settings do not suit QUIC: {e}")))?;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls.server(&url)?).map_err(|e| {
+                Error::tls(
+                    TlsFailure::Config,
+                    format!("{url}: the TLS settings do not suit QUIC: {e}"),
+                )
+            })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport_config()));
         let sock: SocketAddr = tokio::net::lookup_host(addr)
@@ -318,8 +361,22 @@ struct State {
     opened: u64,
     /// The write side was shut down.
     closing: bool,
-    /// Why writing failed, once it did.
-    failed: Option<String>,
+    /// Why writing failed, once it did (and the TLS failure, when TLS ended it).
+    failed: Option<(Option<TlsFailure>, String)>,
+}
+
+/// An I/O error of `kind` saying `why`, carrying `tls` when TLS ended the connection (so the
+/// session reports a TLS error with its kind).
+fn io_error(kind: io::ErrorKind, tls: Option<TlsFailure>, why: String) -> io::Error {
+    match tls {
+        Some(f) => crate::error::TlsIo::error(kind, f, why),
+        None => io::Error::new(kind, why),
+    }
+}
+
+/// [`explain`] and [`failure_of`] of an error that may have lost the connection.
+fn lost(e: &quinn::ConnectionError) -> (Option<TlsFailure>, String) {
+    (failure_of(e), explain(e))
 }
 
 struct Shared {
@@ -344,10 +401,10 @@ impl Shared {
         self.room.wake();
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, tls: Option<TlsFailure>, why: String) {
         let mut st = self.lock();
         if st.failed.is_none() {
-            st.failed = Some(why);
+            st.failed = Some((tls, why));
         }
         drop(st);
         self.room.wake();
@@ -356,8 +413,8 @@ impl Shared {
     /// Queues `frame` on the stream of `channel`, opening it if needed.
     fn send(self: &Arc<Self>, channel: u32, frame: Bytes) -> io::Result<()> {
         let mut st = self.lock();
-        if let Some(why) = &st.failed {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone()));
+        if let Some((tls, why)) = &st.failed {
+            return Err(io_error(io::ErrorKind::BrokenPipe, *tls, why.clone()));
         }
         if st.closing {
             return Err(io::Error::new(
@@ -399,11 +456,14 @@ impl Shared {
                 self.write_stream(channel, send, rx).await;
             }
             Err(e) => {
-                self.fail(format!(
-                    "{}: opening the stream of channel {channel}: {}",
-                    self.peer,
-                    explain(&e)
-                ));
+                self.fail(
+                    failure_of(&e),
+                    format!(
+                        "{}: opening the stream of channel {channel}: {}",
+                        self.peer,
+                        explain(&e)
+                    ),
+                );
                 drain(&self, rx).await;
             }
         }
@@ -420,11 +480,11 @@ impl Shared {
             let r = send.write_chunk(frame).await;
             self.release(len);
             if let Err(e) = r {
-                let why = match e {
-                    quinn::WriteError::ConnectionLost(c) => explain(&c),
-                    other => other.to_string(),
+                let (tls, why) = match e {
+                    quinn::WriteError::ConnectionLost(c) => lost(&c),
+                    other => (None, other.to_string()),
                 };
-                self.fail(format!("{}: channel {channel}: {why}", self.peer));
+                self.fail(tls, format!("{}: channel {channel}: {why}", self.peer));
                 drain(self, rx).await;
                 return;
             }
@@ -479,15 +539,16 @@ impl Shared {
                     // A peer that refuses the connection resets its streams and closes the
                     // connection with the reason; the reset can arrive first. Wait a moment for
                     // the close, so the reason (not "reset") is what the session reports.
-                    let why =
+                    let (tls, why) =
                         match tokio::time::timeout(STREAM_FAIL_GRACE, self.conn.closed()).await {
-                            Ok(closed) => explain(&closed),
-                            Err(_) => e.to_string(),
+                            Ok(closed) => lost(&closed),
+                            Err(_) => (None, e.to_string()),
                         };
                     let _ = self
                         .events
-                        .send(Event::Failed(io::Error::new(
+                        .send(Event::Failed(io_error(
                             e.kind(),
+                            tls,
                             format!("{}: {why}", self.peer),
                         )))
                         .await;
@@ -519,7 +580,7 @@ impl Shared {
                                 quinn::VarInt::from_u32(CLOSE_TOO_MANY_STREAMS),
                                 why.as_bytes(),
                             );
-                            self.fail(format!("{}: {why}", self.peer));
+                            self.fail(None, format!("{}: {why}", self.peer));
                             let _ = self
                                 .events
                                 .send(Event::Failed(io::Error::new(
@@ -536,7 +597,7 @@ impl Shared {
                         tokio::spawn(async move { me.read_stream(recv, Some(send)).await });
                     }
                     Err(e) => {
-                        self.fail(format!("{}: {}", self.peer, explain(&e)));
+                        self.fail(failure_of(&e), format!("{}: {}", self.peer, explain(&e)));
                         let _ = self.events.send(Event::Failed(conn_io_error(&e, &self.peer))).await;
                         return;
                     }
@@ -564,7 +625,7 @@ impl Shared {
                         });
                     }
                     Err(e) => {
-                        self.fail(format!("{}: {}", self.peer, explain(&e)));
+                        self.fail(failure_of(&e), format!("{}: {}", self.peer, explain(&e)));
                         let _ = self.events.send(Event::Failed(conn_io_error(&e, &self.peer))).await;
                         return;
                     }
@@ -596,11 +657,11 @@ async fn read_full(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> io::Result<b
                 ))
             }
             Err(e) => {
-                let msg = match &e {
-                    quinn::ReadError::ConnectionLost(c) => explain(c),
-                    other => other.to_string(),
+                let (tls, msg) = match &e {
+                    quinn::ReadError::ConnectionLost(c) => lost(c),
+                    other => (None, other.to_string()),
                 };
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, msg));
+                return Err(io_error(io::ErrorKind::ConnectionAborted, tls, msg));
             }
         }
     }
@@ -668,11 +729,11 @@ async fn read_frame(
                 ))
             }
             Err(e) => {
-                let msg = match &e {
-                    quinn::ReadError::ConnectionLost(c) => explain(c),
-                    other => other.to_string(),
+                let (tls, msg) = match &e {
+                    quinn::ReadError::ConnectionLost(c) => lost(c),
+                    other => (None, other.to_string()),
                 };
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, msg));
+                return Err(io_error(io::ErrorKind::ConnectionAborted, tls, msg));
             }
         }
     }
@@ -914,8 +975,8 @@ impl fmt::Debug for QuicWrite {
 
 impl QuicWrite {
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(why) = &self.shared.lock().failed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone())));
+        if let Some((tls, why)) = &self.shared.lock().failed {
+            return Poll::Ready(Err(io_error(io::ErrorKind::BrokenPipe, *tls, why.clone())));
         }
         if self.shared.queued.load(Ordering::Acquire) < WRITE_BUDGET {
             return Poll::Ready(Ok(()));

@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::error::{CloseReason, Error, Result};
+use crate::error::{CloseReason, Error, Result, TlsFailure, TlsIo};
 
 /// The rustls version these types come from, for [`TlsConfig::from_rustls`].
 pub use rustls;
@@ -98,17 +98,23 @@ impl TlsConfig {
         let chain = load_certs(cert, "certificate")?;
         let key_der = load_key(key)?;
         let mismatch = |e: rustls::Error| match e {
-            rustls::Error::InconsistentKeys(_) => Error::tls(format!(
-                "the private key {} does not belong to the certificate {} (give the key made \
+            rustls::Error::InconsistentKeys(_) => Error::tls(
+                TlsFailure::KeyMismatch,
+                format!(
+                    "the private key {} does not belong to the certificate {} (give the key made \
                  with that certificate)",
-                key.display(),
-                cert.display()
-            )),
-            other => Error::tls(format!(
-                "certificate {} with key {}: {other}",
-                cert.display(),
-                key.display()
-            )),
+                    key.display(),
+                    cert.display()
+                ),
+            ),
+            other => Error::tls(
+                TlsFailure::File,
+                format!(
+                    "certificate {} with key {}: {other}",
+                    cert.display(),
+                    key.display()
+                ),
+            ),
         };
         let client = client_builder()?
             .with_root_certificates(roots.clone())
@@ -117,10 +123,10 @@ impl TlsConfig {
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
                 .build()
-                .map_err(|e| Error::tls(format!("CA {}: {e}", ca.display())))?;
+                .map_err(|e| Error::tls(TlsFailure::File, format!("CA {}: {e}", ca.display())))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::tls(format!("TLS 1.3 with ring: {e}")))?
+            .map_err(|e| Error::tls(TlsFailure::Config, format!("TLS 1.3 with ring: {e}")))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key_der)
             .map_err(mismatch)?;
@@ -223,10 +229,13 @@ impl TlsConfig {
 
     pub(crate) fn server(&self, url: &str) -> Result<Arc<rustls::ServerConfig>> {
         self.inner.server.clone().ok_or_else(|| {
-            Error::tls(format!(
-                "{url}: a server needs its own certificate and key (--cert, --key) besides \
+            Error::tls(
+                TlsFailure::Config,
+                format!(
+                    "{url}: a server needs its own certificate and key (--cert, --key) besides \
                  the CA (--ca)"
-            ))
+                ),
+            )
         })
     }
 
@@ -238,17 +247,20 @@ impl TlsConfig {
             .and_then(|n| n.strip_suffix(']'))
             .unwrap_or(name);
         ServerName::try_from(bare.to_string())
-            .map_err(|e| Error::tls(format!("server name {name:?}: {e}")))
+            .map_err(|e| Error::tls(TlsFailure::Config, format!("server name {name:?}: {e}")))
     }
 }
 
 /// The configuration a `tls://` or `quic://` URL needs, or a clear error saying how to give it.
 pub(crate) fn require(tls: Option<&TlsConfig>, url: &str) -> Result<TlsConfig> {
     tls.cloned().ok_or_else(|| {
-        Error::tls(format!(
+        Error::tls(
+            TlsFailure::Config,
+            format!(
             "{url} needs certificates: pass --cert, --key and --ca (TransportConfig::tls in the \
              library); `xcp cert dev DIR` writes a development set"
-        ))
+        ),
+        )
     })
 }
 
@@ -279,7 +291,7 @@ fn buffered(tcp: TcpStream) -> Io {
 fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
     rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::tls(format!("TLS 1.3 with ring: {e}")))
+        .map_err(|e| Error::tls(TlsFailure::Config, format!("TLS 1.3 with ring: {e}")))
 }
 
 fn with_alpn(mut c: rustls::ClientConfig) -> rustls::ClientConfig {
@@ -294,7 +306,10 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
         } else {
             ""
         };
-        Error::tls(format!("cannot read {what} {}: {e}{hint}", path.display()))
+        Error::tls(
+            TlsFailure::File,
+            format!("cannot read {what} {}: {e}{hint}", path.display()),
+        )
     })
 }
 
@@ -302,12 +317,20 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read_file(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::tls(format!("{what} {}: bad PEM: {e}", path.display())))?;
+        .map_err(|e| {
+            Error::tls(
+                TlsFailure::File,
+                format!("{what} {}: bad PEM: {e}", path.display()),
+            )
+        })?;
     if certs.is_empty() {
-        return Err(Error::tls(format!(
-            "{what} {} holds no PEM certificate (a \"-----BEGIN CERTIFICATE-----\" block)",
-            path.display()
-        )));
+        return Err(Error::tls(
+            TlsFailure::File,
+            format!(
+                "{what} {} holds no PEM certificate (a \"-----BEGIN CERTIFICATE-----\" block)",
+                path.display()
+            ),
+        ));
     }
     for c in &certs {
         check_validity(c, path, what)?;
@@ -318,11 +341,17 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     let pem = read_file(path, "private key")?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => Error::tls(format!(
-            "private key {} holds no PEM private key (a \"-----BEGIN PRIVATE KEY-----\" block)",
-            path.display()
-        )),
-        e => Error::tls(format!("private key {}: bad PEM: {e}", path.display())),
+        rustls::pki_types::pem::Error::NoItemsFound => Error::tls(
+            TlsFailure::File,
+            format!(
+                "private key {} holds no PEM private key (a \"-----BEGIN PRIVATE KEY-----\" block)",
+                path.display()
+            ),
+        ),
+        e => Error::tls(
+            TlsFailure::File,
+            format!("private key {}: bad PEM: {e}", path.display()),
+        ),
     })
 }
 
@@ -330,9 +359,12 @@ fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
     let certs = load_certs(path, "CA")?;
     let mut roots = rustls::RootCertStore::empty();
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| Error::tls(format!("CA {}: not a usable CA: {e}", path.display())))?;
+        roots.add(c).map_err(|e| {
+            Error::tls(
+                TlsFailure::File,
+                format!("CA {}: not a usable CA: {e}", path.display()),
+            )
+        })?;
     }
     Ok(Arc::new(roots))
 }
@@ -340,28 +372,34 @@ fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
 /// Refuses a certificate outside its validity period, naming the file and the dates.
 fn check_validity(der: &CertificateDer<'_>, path: &Path, what: &str) -> Result<()> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
-        Error::tls(format!(
-            "{what} {}: not an X.509 certificate: {e}",
-            path.display()
-        ))
+        Error::tls(
+            TlsFailure::File,
+            format!("{what} {}: not an X.509 certificate: {e}", path.display()),
+        )
     })?;
     let v = cert.validity();
     let now = x509_parser::time::ASN1Time::now();
     if now > v.not_after {
-        return Err(Error::tls(format!(
-            "{what} {} expired on {} (valid from {}); make a new one (`xcp cert dev DIR` for \
+        return Err(Error::tls(
+            TlsFailure::OwnCertificateDated,
+            format!(
+                "{what} {} expired on {} (valid from {}); make a new one (`xcp cert dev DIR` for \
              development)",
-            path.display(),
-            v.not_after,
-            v.not_before
-        )));
+                path.display(),
+                v.not_after,
+                v.not_before
+            ),
+        ));
     }
     if now < v.not_before {
-        return Err(Error::tls(format!(
-            "{what} {} is not valid yet: valid from {} (check the clock)",
-            path.display(),
-            v.not_before
-        )));
+        return Err(Error::tls(
+            TlsFailure::OwnCertificateDated,
+            format!(
+                "{what} {} is not valid yet: valid from {} (check the clock)",
+                path.display(),
+                v.not_before
+            ),
+        ));
     }
     Ok(())
 }
@@ -383,6 +421,45 @@ pub(crate) fn explain_alert(a: rustls::AlertDescription) -> Option<&'static str>
         A::ProtocolVersion => "the peer does not speak TLS 1.3",
         _ => return None,
     })
+}
+
+/// The kind of a TLS alert the peer sent us.
+pub(crate) fn failure_of_alert(a: rustls::AlertDescription) -> TlsFailure {
+    use rustls::AlertDescription as A;
+    match a {
+        A::CertificateRequired
+        | A::UnknownCA
+        | A::BadCertificate
+        | A::CertificateExpired
+        | A::CertificateUnknown
+        | A::UnsupportedCertificate => TlsFailure::PeerRefusedOurCertificate,
+        A::NoApplicationProtocol | A::ProtocolVersion => TlsFailure::PeerNotXcpTls,
+        _ => TlsFailure::Handshake,
+    }
+}
+
+/// The kind of a rustls failure (what [`explain`] puts in words).
+pub(crate) fn failure_of(e: &rustls::Error) -> TlsFailure {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::AlertReceived(a) => failure_of_alert(*a),
+        rustls::Error::NoCertificatesPresented => TlsFailure::PeerSentNoCertificate,
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => TlsFailure::PeerCertificateDated,
+            C::UnknownIssuer | C::BadSignature => TlsFailure::PeerCertificateUntrusted,
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                TlsFailure::PeerCertificateWrongName
+            }
+            _ => TlsFailure::Handshake,
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::NoApplicationProtocol => {
+            TlsFailure::PeerNotXcpTls
+        }
+        _ => TlsFailure::Handshake,
+    }
 }
 
 /// Words for a rustls failure, naming who is at fault.
@@ -422,11 +499,11 @@ pub(crate) fn explain(e: &rustls::Error) -> String {
 
 /// An I/O error from tokio-rustls, with the rustls failure inside put in words.
 fn explain_io(e: io::Error, peer: &str) -> io::Error {
-    let words = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(t) => explain(t),
+    let (failure, words) = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => (failure_of(t), explain(t)),
         None => return e,
     };
-    io::Error::new(e.kind(), format!("{peer}: TLS: {words}"))
+    TlsIo::error(e.kind(), failure, format!("{peer}: {words}"))
 }
 
 /// Checks the `host:port` of a `tls://` URL (the same rules as `tcp://`).
@@ -461,12 +538,18 @@ pub(super) async fn connect(addr: &str, tls: &TlsConfig) -> Result<TlsStream> {
 
 fn io_to_tls(e: io::Error, url: &str) -> Error {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(t) => Error::tls(format!("{url}: handshake refused: {}", explain(t))),
-        None if e.kind() == io::ErrorKind::UnexpectedEof => Error::tls(format!(
-            "{url}: the peer closed the connection during the TLS handshake (a plaintext \
+        Some(t) => Error::tls(
+            failure_of(t),
+            format!("{url}: handshake refused: {}", explain(t)),
+        ),
+        None if e.kind() == io::ErrorKind::UnexpectedEof => Error::tls(
+            TlsFailure::Handshake,
+            format!(
+                "{url}: the peer closed the connection during the TLS handshake (a plaintext \
              server, or it refused us: see its log)"
-        )),
-        None => Error::tls(format!("{url}: TLS handshake: {e}")),
+            ),
+        ),
+        None => Error::tls(TlsFailure::Handshake, format!("{url}: TLS handshake: {e}")),
     }
 }
 
@@ -829,9 +912,14 @@ pub fn write_dev_set(dir: &Path, names: &[String], days: u32) -> Result<DevSet> 
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
     };
-    let gen = |e: rcgen::Error| Error::tls(format!("generating certificates: {e}"));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::tls(format!("cannot create {}: {e}", dir.display())))?;
+    let gen =
+        |e: rcgen::Error| Error::tls(TlsFailure::Config, format!("generating certificates: {e}"));
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::tls(
+            TlsFailure::File,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
     let now = time::OffsetDateTime::now_utc();
     let not_before = now - time::Duration::hours(1);
     let not_after = now + time::Duration::days(i64::from(days.max(1)));
@@ -902,9 +990,16 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     opts.mode(if secret { 0o600 } else { 0o644 });
-    let mut f = opts
-        .open(path)
-        .map_err(|e| Error::tls(format!("cannot write {}: {e}", path.display())))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::tls(format!("cannot write {}: {e}", path.display())))
+    let mut f = opts.open(path).map_err(|e| {
+        Error::tls(
+            TlsFailure::File,
+            format!("cannot write {}: {e}", path.display()),
+        )
+    })?;
+    f.write_all(bytes).map_err(|e| {
+        Error::tls(
+            TlsFailure::File,
+            format!("cannot write {}: {e}", path.display()),
+        )
+    })
 }

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TlsFailure};
 
 const WHY: &str = "xcp was built without the `tls` feature";
 
@@ -15,9 +15,10 @@ pub struct TlsConfig(Infallible);
 
 /// Always the refusal: this build has no TLS.
 pub(crate) fn require(_tls: Option<&TlsConfig>, url: &str) -> Result<TlsConfig> {
-    Err(Error::tls(format!(
-        "{url}: {WHY}; rebuild with `--features tls` (`quic` for quic://)"
-    )))
+    Err(Error::tls(
+        TlsFailure::Config,
+        format!("{url}: {WHY}; rebuild with `--features tls` (`quic` for quic://)"),
+    ))
 }
 
 /// Checks the `host:port` of a `tls://` URL (the same rules as `tcp://`).

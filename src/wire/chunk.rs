@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::frame::FrameError;
 use super::{Flags, Frame, FrameHeader, HeaderForm};
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Violation};
 
 /// Splits `body` into chunks of at most `max_frame_bytes` bytes, each with the flags it must
 /// carry: `flags` (COMP/CRYPT) on all of them, MORE on all but the last. An empty body gives
@@ -209,6 +209,7 @@ impl Reassembler {
             .with(Flags::MORE, false)
             .with(Flags::LARGE, false);
         let err = |code: ErrorCode, detail: String| FrameError {
+            violation: Violation::Transform,
             code,
             detail,
             fatal: false,

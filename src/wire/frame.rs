@@ -14,7 +14,7 @@ use super::{
     header, Flags, Frame, FrameHeader, HeaderForm, Limits, MAGIC, MAGIC_BYTES, PREFIX_LEN,
     TRAILER_LEN, VERSION, VERSION_MAJOR,
 };
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, Violation};
 
 /// The CRC32C (Castagnoli) of `bytes`.
 pub fn crc32c(bytes: &[u8]) -> u32 {
@@ -145,6 +145,8 @@ pub fn encode_frame(
 /// whole, well-delimited frame, which the decoder has skipped; the connection lives on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrameError {
+    /// The part the frame broke: the frame itself, its header, or a transform (chunking).
+    pub violation: Violation,
     /// The NACK code.
     pub code: ErrorCode,
     /// What was wrong, naming the field.
@@ -172,13 +174,14 @@ impl std::error::Error for FrameError {}
 
 impl From<FrameError> for Error {
     fn from(e: FrameError) -> Error {
-        Error::protocol(e.code, e.detail)
+        Error::protocol(e.violation, e.code, e.detail)
     }
 }
 
 impl FrameError {
     fn fatal(code: ErrorCode, detail: impl Into<String>) -> Self {
         FrameError {
+            violation: Violation::Frame,
             code,
             detail: detail.into(),
             fatal: true,
@@ -401,6 +404,7 @@ fn finish_frame(
     let payload_start = PREFIX_LEN + hlen + plen_len;
     let payload_end = whole.len() - TRAILER_LEN;
     let mut err = FrameError {
+        violation: Violation::Header,
         code: ErrorCode::ERR_MALFORMED,
         detail: String::new(),
         fatal: false,
@@ -427,6 +431,7 @@ fn finish_frame(
     err.channel_id = hdr.channel_id;
     err.header_form = form;
     if flags.0 & Flags::RESERVED_MASK != 0 {
+        err.violation = Violation::Frame;
         err.detail = format!("flags: reserved bits set ({:#04x})", flags.0);
         return Err(err);
     }
@@ -439,6 +444,7 @@ fn finish_frame(
         HeaderForm::Json => got_le == want || got_le.swap_bytes() == want,
     };
     if !ok {
+        err.violation = Violation::Frame;
         err.code = ErrorCode::ERR_CHECKSUM;
         err.detail = format!("crc32c: trailer 0x{got_le:08X}, payload gives 0x{want:08X}");
         return Err(err);
@@ -551,6 +557,7 @@ mod tests {
         let r = decode_all(&mut dec, &v);
         let e = r[0].as_ref().unwrap_err();
         assert_eq!(e.code, ErrorCode::ERR_MALFORMED);
+        assert_eq!(e.violation, Violation::Frame);
         assert!(e.fatal && e.detail.contains("magic"));
         // Poisoned afterwards.
         assert!(dec.decode(&mut BytesMut::new()).is_err());

@@ -39,7 +39,7 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use serde_json::{Map, Value};
 
 use super::{CodecId, FrameHeader, HeaderForm, MsgType, SchemaKey, Tag};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 
 #[path = "frame_capnp.rs"]
 #[allow(
@@ -106,13 +106,13 @@ pub fn encode_into(header: &FrameHeader, form: HeaderForm, out: &mut BytesMut) -
 /// Every failure is an `ERR_MALFORMED` protocol error whose detail starts with `header:`.
 pub fn decode(bytes: &[u8]) -> Result<(FrameHeader, HeaderForm)> {
     if bytes.is_empty() {
-        return Err(Error::malformed("header: empty"));
+        return Err(Error::malformed(Violation::Header, "header: empty"));
     }
     if bytes.len() > MAX_HEADER_LEN {
-        return Err(Error::malformed(format!(
-            "header: {} bytes, over the 65535-byte limit",
-            bytes.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Header,
+            format!("header: {} bytes, over the 65535-byte limit", bytes.len()),
+        ));
     }
     if bytes[0] == b'{' {
         decode_json(bytes).map(|h| (h, HeaderForm::Json))
@@ -228,25 +228,34 @@ fn check_segment_table(bytes: &[u8]) -> Result<()> {
         u32::from_le_bytes(b)
     };
     if bytes.len() < WORD {
-        return Err(Error::malformed(format!(
-            "header: Cap'n Proto segment table truncated ({} bytes)",
-            bytes.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Header,
+            format!(
+                "header: Cap'n Proto segment table truncated ({} bytes)",
+                bytes.len()
+            ),
+        ));
     }
     if !bytes.len().is_multiple_of(WORD) {
-        return Err(Error::malformed(format!(
-            "header: Cap'n Proto message of {} bytes is not a whole number of words",
-            bytes.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Header,
+            format!(
+                "header: Cap'n Proto message of {} bytes is not a whole number of words",
+                bytes.len()
+            ),
+        ));
     }
     // The count is stored minus one; a table of `count` lengths is padded to a whole word.
     let count = u64::from(le32(0)) + 1;
     let table_bytes = (4 + 4 * count).div_ceil(WORD as u64) * WORD as u64;
     if table_bytes > bytes.len() as u64 {
-        return Err(Error::malformed(format!(
-            "header: Cap'n Proto segment table of {count} segments does not fit in {} bytes",
-            bytes.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Header,
+            format!(
+                "header: Cap'n Proto segment table of {count} segments does not fit in {} bytes",
+                bytes.len()
+            ),
+        ));
     }
     // `count` is now small: the table fits in a slice of at most 65535 bytes.
     let count = count as usize;
@@ -256,9 +265,12 @@ fn check_segment_table(bytes: &[u8]) -> Result<()> {
     }
     let body_words = (bytes.len() as u64 - table_bytes) / WORD as u64;
     if words != body_words {
-        return Err(Error::malformed(format!(
+        return Err(Error::malformed(
+            Violation::Header,
+            format!(
             "header: Cap'n Proto segment table claims {words} words, the header holds {body_words}"
-        )));
+        ),
+        ));
     }
     Ok(())
 }
@@ -281,16 +293,24 @@ fn decode_capnp(bytes: &[u8]) -> Result<FrameHeader> {
         .traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
         .nesting_limit(NESTING_LIMIT);
     let message = capnp::serialize::read_message_from_flat_slice_no_alloc(&mut slice, options)
-        .map_err(|e| Error::malformed(format!("header: Cap'n Proto segment table: {e}")))?;
+        .map_err(|e| {
+            Error::malformed(
+                Violation::Header,
+                format!("header: Cap'n Proto segment table: {e}"),
+            )
+        })?;
     if !slice.is_empty() {
-        return Err(Error::malformed(format!(
-            "header: {} bytes after the Cap'n Proto message",
-            slice.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Header,
+            format!(
+                "header: {} bytes after the Cap'n Proto message",
+                slice.len()
+            ),
+        ));
     }
     let root = message
         .get_root::<frame_capnp::frame_header::Reader<'_>>()
-        .map_err(|e| Error::malformed(format!("header: root struct: {e}")))?;
+        .map_err(|e| Error::malformed(Violation::Header, format!("header: root struct: {e}")))?;
 
     let mut header = FrameHeader {
         channel_id: root.get_channel_id(),
@@ -303,32 +323,38 @@ fn decode_capnp(bytes: &[u8]) -> Result<FrameHeader> {
 
     let sk = root
         .get_schema_key()
-        .map_err(|e| Error::malformed(format!("header: schemaKey: {e}")))?;
+        .map_err(|e| Error::malformed(Violation::Header, format!("header: schemaKey: {e}")))?;
     header.schema_key.ns_hash = sk.get_ns_hash();
     header.schema_key.kind_id = sk.get_kind_id();
     header.schema_key.major = sk.get_major();
     header.schema_key.minor = sk.get_minor();
-    let hash = sk
-        .get_hash128()
-        .map_err(|e| Error::malformed(format!("header: schemaKey.hash128: {e}")))?;
+    let hash = sk.get_hash128().map_err(|e| {
+        Error::malformed(Violation::Header, format!("header: schemaKey.hash128: {e}"))
+    })?;
     match hash.len() {
         0 => {}
         16 => header.schema_key.hash128.copy_from_slice(hash),
         n => {
-            return Err(Error::malformed(format!(
-                "header: schemaKey.hash128 is {n} bytes, not 0 or 16"
-            )))
+            return Err(Error::malformed(
+                Violation::Header,
+                format!("header: schemaKey.hash128 is {n} bytes, not 0 or 16"),
+            ))
         }
     }
 
     let tags = root
         .get_tags()
-        .map_err(|e| Error::malformed(format!("header: tags: {e}")))?;
+        .map_err(|e| Error::malformed(Violation::Header, format!("header: tags: {e}")))?;
     for (i, tag) in tags.iter().enumerate() {
         let text = |r: capnp::Result<capnp::text::Reader<'_>>, field: &str| -> Result<String> {
-            let r = r.map_err(|e| Error::malformed(format!("header: tags[{i}].{field}: {e}")))?;
+            let r = r.map_err(|e| {
+                Error::malformed(Violation::Header, format!("header: tags[{i}].{field}: {e}"))
+            })?;
             r.to_str().map(str::to_owned).map_err(|_| {
-                Error::malformed(format!("header: tags[{i}].{field} is not valid UTF-8"))
+                Error::malformed(
+                    Violation::Header,
+                    format!("header: tags[{i}].{field} is not valid UTF-8"),
+                )
             })
         };
         header.tags.push(Tag {
@@ -401,13 +427,19 @@ fn json_uint<T: TryFrom<u64> + Default>(
         return Ok(T::default());
     };
     let n = v.as_u64().ok_or_else(|| {
-        Error::malformed(format!("header: {path} is not an unsigned integer: {v}"))
+        Error::malformed(
+            Violation::Header,
+            format!("header: {path} is not an unsigned integer: {v}"),
+        )
     })?;
     T::try_from(n).map_err(|_| {
-        Error::malformed(format!(
-            "header: {path} = {n} is out of range for {}",
-            std::any::type_name::<T>()
-        ))
+        Error::malformed(
+            Violation::Header,
+            format!(
+                "header: {path} = {n} is out of range for {}",
+                std::any::type_name::<T>()
+            ),
+        )
     })
 }
 
@@ -416,7 +448,10 @@ fn json_text(obj: &Map<String, Value>, name: &str, path: &str) -> Result<String>
     match field(obj, name) {
         None => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(Error::malformed(format!("header: {path} is not a string"))),
+        Some(_) => Err(Error::malformed(
+            Violation::Header,
+            format!("header: {path} is not a string"),
+        )),
     }
 }
 
@@ -436,6 +471,7 @@ fn json_hash128(obj: &Map<String, Value>) -> Result<[u8; 16]> {
         Some(Value::String(s)) => s.as_bytes(),
         Some(_) => {
             return Err(Error::malformed(
+                Violation::Header,
                 "header: schemaKey.hash128 is not a string",
             ))
         }
@@ -448,6 +484,7 @@ fn json_hash128(obj: &Map<String, Value>) -> Result<[u8; 16]> {
                     (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
                     _ => {
                         return Err(Error::malformed(
+                            Violation::Header,
                             "header: schemaKey.hash128 is not hexadecimal",
                         ))
                     }
@@ -455,17 +492,21 @@ fn json_hash128(obj: &Map<String, Value>) -> Result<[u8; 16]> {
             }
             Ok(out)
         }
-        n => Err(Error::malformed(format!(
-            "header: schemaKey.hash128 is {n} characters, not 0 or 32 hex digits"
-        ))),
+        n => Err(Error::malformed(
+            Violation::Header,
+            format!("header: schemaKey.hash128 is {n} characters, not 0 or 32 hex digits"),
+        )),
     }
 }
 
 fn decode_json(bytes: &[u8]) -> Result<FrameHeader> {
     let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Error::malformed(format!("header: invalid JSON: {e}")))?;
+        .map_err(|e| Error::malformed(Violation::Header, format!("header: invalid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(Error::malformed("header: JSON header is not an object"));
+        return Err(Error::malformed(
+            Violation::Header,
+            "header: JSON header is not an object",
+        ));
     };
     let mut header = FrameHeader {
         channel_id: json_uint(&obj, "channelId", "channelId")?,
@@ -486,7 +527,12 @@ fn decode_json(bytes: &[u8]) -> Result<FrameHeader> {
                 hash128: json_hash128(sk)?,
             }
         }
-        Some(_) => return Err(Error::malformed("header: schemaKey is not an object")),
+        Some(_) => {
+            return Err(Error::malformed(
+                Violation::Header,
+                "header: schemaKey is not an object",
+            ))
+        }
     }
     match field(&obj, "tags") {
         None => {}
@@ -494,9 +540,10 @@ fn decode_json(bytes: &[u8]) -> Result<FrameHeader> {
             header.tags.reserve(tags.len());
             for (i, tag) in tags.iter().enumerate() {
                 let Value::Object(t) = tag else {
-                    return Err(Error::malformed(format!(
-                        "header: tags[{i}] is not an object"
-                    )));
+                    return Err(Error::malformed(
+                        Violation::Header,
+                        format!("header: tags[{i}] is not an object"),
+                    ));
                 };
                 header.tags.push(Tag {
                     key: json_text(t, "key", &format!("tags[{i}].key"))?,
@@ -504,7 +551,12 @@ fn decode_json(bytes: &[u8]) -> Result<FrameHeader> {
                 });
             }
         }
-        Some(_) => return Err(Error::malformed("header: tags is not an array")),
+        Some(_) => {
+            return Err(Error::malformed(
+                Violation::Header,
+                "header: tags is not an array",
+            ))
+        }
     }
     Ok(header)
 }
@@ -560,6 +612,7 @@ mod tests {
         match decode(bytes) {
             Err(e) => {
                 assert_eq!(e.code(), ErrorCode::ERR_MALFORMED, "{e}");
+                assert_eq!(e.violation(), Some(Violation::Header), "{e}");
                 let s = e.to_string();
                 assert!(s.contains("header:"), "{s}");
                 assert!(s.contains(needle), "{s:?} should mention {needle:?}");

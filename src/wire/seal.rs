@@ -35,7 +35,7 @@ use sha2::Sha256;
 
 use super::MsgType;
 use crate::codec::CodecId;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Result, Violation};
 
 /// Length of the Poly1305 tag appended to the ciphertext.
 pub const TAG_LEN: usize = 16;
@@ -106,24 +106,31 @@ pub fn decompress(body: &[u8], max_bytes: u64) -> Result<Bytes> {
         Ok(Some(n)) => n,
         Ok(None) => {
             return Err(Error::malformed(
+                Violation::Transform,
                 "comp: zstd frame does not record its content size",
             ))
         }
-        Err(_) => return Err(Error::malformed("comp: not a zstd frame")),
+        Err(_) => {
+            return Err(Error::malformed(
+                Violation::Transform,
+                "comp: not a zstd frame",
+            ))
+        }
     };
     if size > max_bytes {
         return Err(Error::protocol(
+            Violation::Transform,
             ErrorCode::ERR_MESSAGE_TOO_LARGE,
             format!("comp: content size {size} exceeds max_message_bytes {max_bytes}"),
         ));
     }
     let out = zstd::bulk::decompress(body, size as usize)
-        .map_err(|e| Error::malformed(format!("comp: zstd: {e}")))?;
+        .map_err(|e| Error::malformed(Violation::Transform, format!("comp: zstd: {e}")))?;
     if out.len() as u64 != size {
-        return Err(Error::malformed(format!(
-            "comp: inflated to {} bytes, frame said {size}",
-            out.len()
-        )));
+        return Err(Error::malformed(
+            Violation::Transform,
+            format!("comp: inflated to {} bytes, frame said {size}", out.len()),
+        ));
     }
     Ok(Bytes::from(out))
 }
@@ -261,6 +268,7 @@ impl Sealer {
     ) -> Result<Bytes> {
         if sealed.len() < TAG_LEN {
             return Err(Error::protocol(
+                Violation::Transform,
                 ErrorCode::ERR_DECRYPT,
                 format!("crypt: {} bytes is shorter than the tag", sealed.len()),
             ));
@@ -336,6 +344,7 @@ fn open_in_place(
     let diff = want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
     if diff != 0 || tag.len() != TAG_LEN {
         return Err(Error::protocol(
+            Violation::Transform,
             ErrorCode::ERR_DECRYPT,
             "crypt: authentication failed (wrong key, or tampered body or header)",
         ));
@@ -355,7 +364,11 @@ pub fn aead_seal(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], plaintext: &[u8])
 /// Opens with explicit key and nonce (the raw RFC 8439 AEAD).
 pub fn aead_open(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
     if sealed.len() < TAG_LEN {
-        return Err(Error::protocol(ErrorCode::ERR_DECRYPT, "crypt: too short"));
+        return Err(Error::protocol(
+            Violation::Transform,
+            ErrorCode::ERR_DECRYPT,
+            "crypt: too short",
+        ));
     }
     let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
     let mut v = ct.to_vec();

@@ -28,7 +28,7 @@ use xcp::ether::Attachment;
 use xcp::transport::tls::rustls;
 use xcp::transport::{TlsConfig, TransportConfig};
 use xcp::wire::Tag;
-use xcp::{AttachConfig, Error, Ether, Server, Session, SessionConfig};
+use xcp::{AttachConfig, Error, Ether, Server, Session, SessionConfig, TlsFailure};
 
 pub const STEP: Duration = Duration::from_secs(20);
 
@@ -277,18 +277,21 @@ pub async fn assert_serves(url: &str, pki: &Pki) {
 }
 
 /// Connecting with `tls` fails; returns the error's text.
-pub async fn refused(url: &str, tls: TlsConfig) -> String {
-    match t("connect", Session::connect(url, config(tls))).await {
+/// The error a client with `tls` gets from `url`, and the [`TlsFailure`] it carries (a TLS
+/// error at the handshake, or a connection TLS closed at the first request).
+pub async fn refused(url: &str, tls: TlsConfig) -> (Option<TlsFailure>, String) {
+    let e = match t("connect", Session::connect(url, config(tls))).await {
         Ok(s) => {
             // Over TLS 1.3 the client may finish its handshake before the server checked its
             // certificate: then the refusal comes with the first read.
             match t("request", s.request(text_request("let me in"))).await {
                 Ok(_) => panic!("a refused client was served"),
-                Err(e) => e.to_string(),
+                Err(e) => e,
             }
         }
-        Err(e) => e.to_string(),
-    }
+        Err(e) => e,
+    };
+    (e.tls_failure(), e.to_string())
 }
 
 fn bodies() -> Vec<(CodecId, Bytes)> {
@@ -580,7 +583,8 @@ pub mod cases {
     pub async fn no_client_certificate(listen: &str) {
         let pki = Pki::new();
         let srv = echo_server(listen, config(pki.server_tls())).await;
-        let e = refused(&srv.url, TlsConfig::trust_only(&pki.ca).unwrap()).await;
+        let (failure, e) = refused(&srv.url, TlsConfig::trust_only(&pki.ca).unwrap()).await;
+        assert_eq!(failure, Some(TlsFailure::PeerRefusedOurCertificate), "{e}");
         assert!(e.contains("client certificate"), "{e}");
         assert_serves(&srv.url, &pki).await;
     }
@@ -591,20 +595,22 @@ pub mod cases {
         let foreign =
             TlsConfig::from_files(&pki.foreign_client.cert, &pki.foreign_client.key, &pki.ca)
                 .unwrap();
-        let e = refused(&srv.url, foreign).await;
-        assert!(e.contains("refused our certificate"), "{e}");
+        let (failure, e) = refused(&srv.url, foreign).await;
+        assert_eq!(failure, Some(TlsFailure::PeerRefusedOurCertificate), "{e}");
         // And the other way: a client that trusts another CA refuses our server.
         let wrong_ca =
             TlsConfig::from_files(&pki.client.cert, &pki.client.key, &pki.foreign_ca).unwrap();
-        let e = refused(&srv.url, wrong_ca).await;
-        assert!(e.contains("not signed by our CA"), "{e}");
+        let (failure, e) = refused(&srv.url, wrong_ca).await;
+        assert_eq!(failure, Some(TlsFailure::PeerCertificateUntrusted), "{e}");
+        assert!(e.contains("--ca"), "names the option to fix: {e}");
         assert_serves(&srv.url, &pki).await;
     }
 
     pub async fn expired_client_certificate(listen: &str) {
         let pki = Pki::new();
         let srv = echo_server(listen, config(pki.server_tls())).await;
-        let e = refused(&srv.url, pki.expired_client_tls()).await;
+        let (failure, e) = refused(&srv.url, pki.expired_client_tls()).await;
+        assert_eq!(failure, Some(TlsFailure::PeerRefusedOurCertificate), "{e}");
         assert!(e.contains("expired"), "{e}");
         assert_serves(&srv.url, &pki).await;
     }
@@ -612,12 +618,12 @@ pub mod cases {
     pub async fn wrong_server_name(listen: &str) {
         let pki = Pki::new();
         let srv = echo_server(listen, config(pki.server_tls())).await;
-        let e = refused(
+        let (failure, e) = refused(
             &srv.url,
             pki.client_tls().with_server_name("elsewhere.example"),
         )
         .await;
-        assert!(e.contains("not valid for the name"), "{e}");
+        assert_eq!(failure, Some(TlsFailure::PeerCertificateWrongName), "{e}");
         assert_serves(&srv.url, &pki).await;
     }
 
@@ -625,12 +631,13 @@ pub mod cases {
         let e = Server::bind(listen, SessionConfig::default())
             .await
             .expect_err("no certificates");
-        assert!(matches!(e, Error::Tls(_)), "{e:?}");
+        assert_eq!(e.tls_failure(), Some(TlsFailure::Config), "{e:?}");
         assert!(e.to_string().contains("--cert"), "{e}");
         let pki = Pki::new();
         let e = Server::bind(listen, config(TlsConfig::trust_only(&pki.ca).unwrap()))
             .await
             .expect_err("a server needs its own certificate");
+        assert_eq!(e.tls_failure(), Some(TlsFailure::Config), "{e:?}");
         assert!(e.to_string().contains("--key"), "{e}");
     }
 }

@@ -80,7 +80,7 @@ pub(super) fn driver_err(call: &str, r: sys::CUresult) -> Error {
 
 /// A refused attachment: `ERR_ATTACHMENT` naming the cause.
 pub(super) fn attach_err(detail: impl fmt::Display) -> Error {
-    Error::protocol(ErrorCode::ERR_ATTACHMENT, format!("cuda-ipc: {detail}"))
+    Error::attachment(format!("cuda-ipc: {detail}"))
 }
 
 /// `CUDA_ERROR_…` name of a result code (the driver is loaded whenever this is called).

@@ -66,6 +66,7 @@ impl EventPool {
         }
         if st.1 >= self.cap {
             return Err(Error::protocol(
+                crate::Violation::Limit,
                 ErrorCode::ERR_BUSY,
                 format!(
                     "cuda export: {} IPC events in flight (MAX_EVENTS); wait for ACKs",
