@@ -5,7 +5,8 @@
 #   2. maturin, numpy and pytest from PyPI into it (major versions pinned);
 #   3. the extension built into it (`maturin develop` in python/, target dir target/python);
 #   4. the Rust `xcp` binary (`cargo build --bin xcp`), which the tests run as a peer;
-#   5. `pytest -q python/tests`, then the example python/examples/kv_handoff.py both ways.
+#   5. `pytest -q python/tests`, then the examples python/examples/kv_handoff.py (sync) and
+#      python/examples/aio_embedding.py (asyncio), each over a Unix socket and over TCP.
 # Every step is printed before it runs; the exit code is the verdict (non-zero on any failure).
 #
 # Environment: PYTHON (the interpreter that makes the venv, default python3), XCP_PY_VENV
@@ -70,5 +71,9 @@ run "$VPY" -m pytest -q -p no:cacheprovider python/tests ${PYTEST_ARGS:-}
 step "example: python/examples/kv_handoff.py (Unix socket, then TCP)"
 run "$VPY" python/examples/kv_handoff.py
 run "$VPY" python/examples/kv_handoff.py --tcp
+
+step "example: python/examples/aio_embedding.py (asyncio; Unix socket, then TCP)"
+run "$VPY" python/examples/aio_embedding.py
+run "$VPY" python/examples/aio_embedding.py --tcp
 
 step "python: all passed"

@@ -1,10 +1,11 @@
 //! `xcp._xcp`: the Python extension over the `xcp` library (PyO3, abi3, Python ≥ 3.11).
 //!
-//! This is the first slice of the Python package (issue 21): the synchronous API. Every call
+//! The synchronous API and the asyncio bridge of the Python package (issue 21). Every call
 //! that can block (connect, bind, accept, send, request, recv, ping, alloc, close) runs on one
 //! tokio multi-thread runtime per process with the GIL released, so other Python threads run
 //! meanwhile; while waiting it checks for signals every 100 ms, so Ctrl-C interrupts it.
-//! asyncio (`xcp.aio`), DLPack (`__dlpack__`) and CUDA tensors are later steps.
+//! The asyncio API (`xcp.aio`) runs its calls as tasks on the same runtime, bridged to the
+//! event loop in [`aio`]. DLPack (`__dlpack__`) and CUDA tensors are later steps.
 //!
 //! Zero copy goes through the buffer protocol: a [`Region`] is a writable buffer over a loaned
 //! slot of the session's shared pool, a [`View`] a read-only buffer over the peer's mapped
@@ -30,6 +31,8 @@ use serde_json::{Map, Number, Value};
 use xcp::codec::CodecId;
 use xcp::conn::{Incoming, Outgoing};
 use xcp::{AttachConfig, Attachment, Error, ErrorCode, SessionConfig};
+
+mod aio;
 
 // ---------------------------------------------------------------------------------------------
 // The runtime and the blocking wait.
@@ -1548,5 +1551,6 @@ fn _xcp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ether>()?;
     m.add_class::<Region>()?;
     m.add_class::<View>()?;
+    aio::register(m)?;
     Ok(())
 }

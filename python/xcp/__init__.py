@@ -7,9 +7,13 @@ The synchronous API (this release): :func:`connect` and :meth:`Server.bind` give
 straight into the shared segment) and send it as an attachment; the receiver gets a read-only
 :class:`View` over the same memory, and the sender its ACK when the view is released.
 
-Not in this release (later steps of the package): the asyncio API (``xcp.aio``), DLPack
-(``__dlpack__``, ``send_tensor``), CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate
-options, ``session.stats()`` and the ``python -m xcp.bench`` benchmark.
+The asyncio API is :mod:`xcp.aio` (imported with the package): the same calls as
+coroutines (``await xcp.aio.connect(url)``, ``await session.request(...)``, ``async for msg in
+session``), on the same Rust runtime, with cancellation that leaves the session usable.
+
+Not in this release (later steps of the package): DLPack (``__dlpack__``, ``send_tensor``),
+CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate options, ``session.stats()`` and the
+``python -m xcp.bench`` benchmark.
 
 Processes: the extension runs one tokio runtime per process. A child made by ``fork`` after
 xcp was used cannot use it (``xcp.InvalidError`` says so); use multiprocessing's ``"spawn"``
@@ -30,9 +34,12 @@ from ._errors import (
 )
 from ._xcp import Ether, Message, Region, Server, Session, View, connect
 
+from . import aio  # the asyncio API, xcp.aio
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "aio",
     "connect",
     "Server",
     "Session",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -216,3 +217,119 @@ class View:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+
+# ---------------------------------------------------------------------------------------------
+# The asyncio bridge under ``xcp.aio`` (use that module; these are its building blocks).
+#
+# Each ``_aio_*`` function checks its arguments (raising at once), spawns the operation on the
+# runtime and returns an ``AioOp``. Its task later calls ``loop.call_soon_threadsafe(done, ok,
+# value)`` exactly once: ``(True, result)``, ``(False, exception)``, or ``(None, None)`` when
+# ``AioOp.cancel()`` aborted it before it had a result.
+
+_Done = Callable[[bool | None, Any], object]
+
+class AioOp:
+    """A running operation of ``xcp.aio`` on the runtime."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether its task finished (completed or aborted)."""
+    def cancel(self) -> None:
+        """Aborts the task at its next await point (then ``done(None, None)`` comes); no
+        effect on a task that already finished."""
+
+def _aio_connect(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+    handles: bool = True,
+    require_handles: bool = False,
+) -> AioOp:
+    """``connect``; the result is a ``Session``."""
+
+def _aio_bind(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    url: str,
+    *,
+    handles: bool = True,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+) -> AioOp:
+    """``Server.bind``; the result is a ``Server``."""
+
+def _aio_accept(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    server: Server,
+    timeout: float | None = None,
+) -> AioOp:
+    """``server.accept``; the result is a ``Session``."""
+
+def _aio_send(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    ether: Ether,
+    *,
+    attachments: _Attachments | None = None,
+    codec: _Codec = "json",
+) -> AioOp:
+    """``session.send``; the result is the msgId."""
+
+def _aio_request(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    ether: Ether,
+    *,
+    attachments: _Attachments | None = None,
+    codec: _Codec = "json",
+    timeout: float | None = None,
+) -> AioOp:
+    """``session.request``; the result is the reply ``Message``."""
+
+def _aio_recv(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    timeout: float | None = None,
+) -> AioOp:
+    """``session.recv``; the result is a ``Message``."""
+
+def _aio_reply(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    msg: Message,
+    ether: Ether,
+    *,
+    codec: _Codec = "json",
+) -> AioOp:
+    """``session.reply``; the result is the msgId."""
+
+def _aio_nack(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    msg: Message,
+    code: str | int,
+    *,
+    retry_after_ms: int = 0,
+    detail: str = "",
+) -> AioOp:
+    """``session.nack``; the result is None."""
+
+def _aio_ping(event_loop: asyncio.AbstractEventLoop, done: _Done, session: Session) -> AioOp:
+    """``session.ping``; the result is the round-trip time in seconds."""
+
+def _aio_alloc(
+    event_loop: asyncio.AbstractEventLoop, done: _Done, session: Session, nbytes: int
+) -> AioOp:
+    """``session.alloc``; the result is a ``Region``."""
+
+def _aio_close(event_loop: asyncio.AbstractEventLoop, done: _Done, session: Session) -> AioOp:
+    """``session.close``; the result is None."""
