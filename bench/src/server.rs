@@ -30,7 +30,7 @@ use xcp::codec::tensor::{DType, TensorHeader};
 use xcp::codec::CodecId;
 use xcp::conn::{Incoming, Outgoing};
 use xcp::session::AttachConfig;
-use xcp::wire::frame::crc32c;
+use xcp::wire::frame::{crc32c, crc32c_append};
 use xcp::Server;
 
 use crate::args::{parse_bytes, ConnArgs, EXIT_USAGE};
@@ -287,11 +287,6 @@ fn answer(mut m: Incoming, touch: bool, echo_max: u64) -> ((u64, u32), Outgoing)
     }
     drop(views);
     (to, Outgoing::data(CodecId::TENSOR_QNT8, s.encode()))
-}
-
-/// CRC32C of `prev`'s bytes followed by `bytes` (a plain CRC32C for one buffer from 0).
-pub fn crc32c_append(prev: u32, bytes: &[u8]) -> u32 {
-    ::crc32c::crc32c_append(prev, bytes)
 }
 
 async fn run_raw(url: &str) -> Result<(), String> {

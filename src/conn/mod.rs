@@ -793,6 +793,12 @@ impl Connection {
         self.decoder.bytes_wanted(buf)
     }
 
+    /// Makes room in the input buffer `buf` for `additional` bytes, reusing a receive buffer
+    /// whose messages are gone before allocating (see [`crate::wire::recvbuf`]).
+    pub fn reserve_input(&mut self, buf: &mut BytesMut, additional: usize) {
+        self.decoder.reserve(buf, additional);
+    }
+
     /// Bytes held for messages still being reassembled.
     pub fn pending_reassembly_bytes(&self) -> u64 {
         self.reassembler.pending_bytes()

@@ -701,7 +701,8 @@ impl Driver {
             // straight into `rbuf`, and smaller reads through its provided buffers).
             let want = self.conn.bytes_wanted(&self.rbuf);
             if can_read && !read_busy && rbuf_spare < READ_CHUNK / 4 {
-                self.rbuf.reserve(want.max(READ_CHUNK));
+                self.conn
+                    .reserve_input(&mut self.rbuf, want.max(READ_CHUNK));
             }
             let step = tokio::select! {
                 r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out || flush_due => Step::Wrote(r),

@@ -10,15 +10,34 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::recvbuf::RecvBuffers;
 use super::{
     header, Flags, Frame, FrameHeader, HeaderForm, Limits, MAGIC, MAGIC_BYTES, PREFIX_LEN,
     TRAILER_LEN, VERSION, VERSION_MAJOR,
 };
 use crate::error::{Error, ErrorCode, Result, Violation};
 
-/// The CRC32C (Castagnoli) of `bytes`.
+/// The CRC32C (Castagnoli, CRC-32/ISCSI) of `bytes`.
+///
+/// Computed by `crc-fast`, which folds with carry-less multiplication (VPCLMULQDQ on AVX-512
+/// machines, PCLMULQDQ otherwise, PMULL on aarch64) beside the CRC32 instruction. A deliberate
+/// change from the `crc32c` crate that ARCHITECTURE.md names: measured on this project's
+/// 2-core VM, 1 MiB takes 9.5 µs against 36.8 µs (3.9×), 64 KiB 0.64 µs against 2.46 µs, and
+/// no size is slower (64 B: 7.9 ns both). Both ends of every inline byte pay it once, so at
+/// 1 MiB it was a fifth of XCP's CPU time.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(bytes)
+    crc_fast::crc32_iscsi(bytes)
+}
+
+/// The CRC32C of the bytes that gave `prev` followed by `bytes`: `crc32c_append(crc32c(a), b)`
+/// is `crc32c(a ++ b)`, and `crc32c_append(0, b)` is `crc32c(b)`.
+pub fn crc32c_append(prev: u32, bytes: &[u8]) -> u32 {
+    let mut d = crc_fast::Digest::new_with_init_state(
+        crc_fast::CrcAlgorithm::Crc32Iscsi,
+        u64::from(prev ^ u32::MAX),
+    );
+    d.update(bytes);
+    d.finalize() as u32
 }
 
 /// The trailer bytes for a payload CRC in a given header form: little-endian for Cap'n Proto,
@@ -221,6 +240,8 @@ pub struct FrameDecoder {
     limits: Limits,
     state: State,
     failure: Option<FrameError>,
+    /// Where a large frame's room comes from (reused buffers, not fresh pages).
+    buffers: RecvBuffers,
 }
 
 impl FrameDecoder {
@@ -230,6 +251,7 @@ impl FrameDecoder {
             limits,
             state: State::Prefix,
             failure: None,
+            buffers: RecvBuffers::new(),
         }
     }
 
@@ -257,6 +279,17 @@ impl FrameDecoder {
             State::Body { total, .. } => total,
         };
         want.saturating_sub(buf.len())
+    }
+
+    /// Makes room in `buf` for `additional` more bytes read from the stream, reusing a buffer
+    /// whose messages are gone rather than fresh pages (see [`RecvBuffers`]).
+    pub fn reserve(&mut self, buf: &mut BytesMut, additional: usize) {
+        self.buffers.reserve(buf, additional);
+    }
+
+    /// The receive buffers: how many were reused and allocated, the bytes kept spare.
+    pub fn buffers(&self) -> &RecvBuffers {
+        &self.buffers
     }
 
     /// Decodes the next frame from the front of `buf`, consuming its bytes.
@@ -349,7 +382,7 @@ impl FrameDecoder {
                             format!("plen: {plen} bytes is not addressable"),
                         ));
                     };
-                    buf.reserve(total.saturating_sub(buf.len()));
+                    self.buffers.reserve(buf, total.saturating_sub(buf.len()));
                     self.state = State::Body {
                         flags,
                         version,
@@ -494,6 +527,18 @@ mod tests {
     #[test]
     fn crc32c_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(b""), 0);
+        // Appending continues the same CRC, from any split point and from 0.
+        assert_eq!(crc32c_append(crc32c(b"1234"), b"56789"), 0xE306_9283);
+        assert_eq!(crc32c_append(0, b"123456789"), 0xE306_9283);
+        let long: Vec<u8> = (0..70_000u32).map(|i| (i * 31 + (i >> 7)) as u8).collect();
+        // The value the table-free CRC32 instruction gives (the `crc32c` crate): the folding
+        // paths for long inputs agree with it.
+        assert_eq!(crc32c(&long), 0x45AF_7064);
+        for cut in [0, 1, 63, 64, 4096, 65_537, long.len()] {
+            let (a, b) = long.split_at(cut);
+            assert_eq!(crc32c_append(crc32c(a), b), crc32c(&long), "cut at {cut}");
+        }
         assert_eq!(
             trailer_bytes(0xE306_9283, HeaderForm::Capnp),
             [0x83, 0x92, 0x06, 0xE3]

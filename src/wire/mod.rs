@@ -30,6 +30,7 @@ pub mod chunk;
 pub mod codec;
 pub mod frame;
 pub mod header;
+pub mod recvbuf;
 pub mod seal;
 
 use bytes::Bytes;
