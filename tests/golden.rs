@@ -77,7 +77,7 @@ fn crc_trailer_byte_order() {
     let json = parse_hex(include_str!("vectors/ping_json.hex"));
     assert_eq!(&capnp[capnp.len() - 4..], &[0x63, 0xDB, 0xD3, 0x99]);
     assert_eq!(&json[json.len() - 4..], &[0x99, 0xD3, 0xDB, 0x63]);
-    assert_eq!(crc32c::crc32c(PAYLOAD), 0x99D3_DB63);
+    assert_eq!(xcp::wire::frame::crc32c(PAYLOAD), 0x99D3_DB63);
 }
 
 #[test]

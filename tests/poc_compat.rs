@@ -30,7 +30,7 @@ fn poc_frame(msg_type: u16, msg_id: u64, in_reply_to: u64, body: &[u8]) -> Vec<u
     f.extend_from_slice(&header);
     f.extend_from_slice(&(body.len() as u32).to_le_bytes());
     f.extend_from_slice(body);
-    f.extend_from_slice(&crc32c::crc32c(body).to_be_bytes());
+    f.extend_from_slice(&xcp::wire::frame::crc32c(body).to_be_bytes());
     f
 }
 
@@ -53,7 +53,7 @@ async fn poc_read(s: &mut TcpStream) -> Option<(Value, Vec<u8>)> {
     s.read_exact(&mut crc).await.ok()?;
     assert_eq!(
         u32::from_be_bytes(crc),
-        crc32c::crc32c(&body),
+        xcp::wire::frame::crc32c(&body),
         "CRC written big-endian in the JSON form"
     );
     Some((header, body))

@@ -213,9 +213,27 @@ pub fn spawn_listening(
     socket: Option<PathBuf>,
     log: Option<&str>,
 ) -> Result<ServerProc, String> {
+    spawn_listening_in(None, args, socket, log)
+}
+
+/// [`spawn_listening`] in the network namespace `netns` (through `ip netns exec`), or in
+/// this one.
+pub fn spawn_listening_in(
+    netns: Option<&str>,
+    args: &[String],
+    socket: Option<PathBuf>,
+    log: Option<&str>,
+) -> Result<ServerProc, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the xcp binary: {e}"))?;
     let what = format!("xcp {}", args.join(" "));
-    let mut cmd = Command::new(&exe);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -261,6 +279,10 @@ pub struct Env {
     pub dir: PathBuf,
     /// The I/O interface of the XCP paths, both sides (`--io`).
     pub io: xcp::transport::IoMode,
+    /// The network namespace the servers run in (`--veth`), if not this one.
+    pub server_netns: Option<String>,
+    /// The address TCP servers listen on (default 127.0.0.1).
+    pub server_host: Option<String>,
     /// Development certificates for the TLS and QUIC rows.
     pub certs: xcp::transport::tls::DevSet,
 }
@@ -288,6 +310,8 @@ impl Env {
             sealer: Sealer::new(&key),
             dir,
             io: xcp::transport::IoMode::Epoll,
+            server_netns: None,
+            server_host: None,
             certs,
         })
     }
@@ -333,7 +357,10 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
         (Some(p), _) => format!("unix://{}", p.display()),
         (None, PathId::Tls) => "tls://127.0.0.1:0".to_string(),
         (None, PathId::Quic) => "quic://127.0.0.1:0".to_string(),
-        (None, _) => "tcp://127.0.0.1:0".to_string(),
+        (None, _) => format!(
+            "tcp://{}:0",
+            env.server_host.as_deref().unwrap_or("127.0.0.1")
+        ),
     };
     args.extend(["--listen".into(), listen]);
     if path.across_hosts() {
@@ -359,7 +386,9 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
             ]);
         }
     }
-    spawn_server(&args, socket)
+    let mut full = vec!["bench-server".to_string()];
+    full.extend(args);
+    spawn_listening_in(env.server_netns.as_deref(), &full, socket, None)
 }
 
 /// The bytes of one size, in the forms the paths send.

@@ -12,6 +12,7 @@ mod io;
 mod load;
 mod report;
 pub mod server;
+mod veth;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -136,6 +137,21 @@ pub struct BenchArgs {
     /// (the baselines always use tokio's epoll).
     #[arg(long, value_name = "epoll|uring|auto", default_value = "epoll")]
     pub io: xcp::transport::IoMode,
+
+    /// The matrix across a real link instead of loopback: two network namespaces joined by a
+    /// veth pair, the servers in one, this client in the other; the rows that can cross it
+    /// (raw-tcp, tcp, tcp-comp-crypt; default sizes 64,1MiB,64MiB). Needs root and `ip`;
+    /// skips with a reason where namespaces cannot be made.
+    #[arg(long, conflicts_with_all = ["load", "io_compare"])]
+    pub veth: bool,
+
+    /// Internal (--veth): the network namespace the servers run in.
+    #[arg(long, value_name = "NAME", hide = true, requires = "server_host")]
+    pub server_netns: Option<String>,
+
+    /// Internal (--veth): the address the servers listen on.
+    #[arg(long, value_name = "IP", hide = true)]
+    pub server_host: Option<String>,
 }
 
 /// What one run covers.
@@ -222,6 +238,11 @@ fn window(size: usize) -> usize {
 
 /// Runs the benchmark; returns the exit code.
 pub async fn run(args: BenchArgs) -> u8 {
+    if args.veth {
+        return tokio::task::spawn_blocking(move || veth::run(&args))
+            .await
+            .unwrap_or(EXIT_FAILED);
+    }
     if args.io_compare {
         let secs = args.duration.unwrap_or(if args.quick { 0.5 } else { 2.0 });
         if !(0.01..=600.0).contains(&secs) {
@@ -249,6 +270,8 @@ pub async fn run(args: BenchArgs) -> u8 {
     let env = match Env::new() {
         Ok(mut e) => {
             e.io = args.io;
+            e.server_netns = args.server_netns.clone();
+            e.server_host = args.server_host.clone();
             e
         }
         Err(e) => {

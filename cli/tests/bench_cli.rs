@@ -170,3 +170,83 @@ fn demo_passes_and_prints_its_table() {
         assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");
     }
 }
+
+/// `--veth`: the TCP rows across a veth pair between two network namespaces the run makes
+/// (and deletes), or, where this machine cannot make them, a skip that says why.
+#[test]
+fn bench_veth_crosses_a_link_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("veth.json");
+    let out = xcp(
+        &[
+            "bench",
+            "--veth",
+            "--sizes",
+            "64,65536",
+            "--duration",
+            "0.2",
+            "--iterations",
+            "200",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    if let Some(line) = stdout.lines().find(|l| l.starts_with("veth: skipped: ")) {
+        println!("{line}");
+        assert!(!json.exists(), "a skipped run writes no figures");
+        return;
+    }
+    let ns = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("veth: client in netns "))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("no namespace line:\n{stdout}"))
+        .to_string();
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("figures written")).unwrap();
+    let rows = figures["rows"].as_array().expect("rows");
+    for path in ["raw-tcp", "tcp", "tcp-comp-crypt"] {
+        for size in [64, 65536] {
+            let row = rows
+                .iter()
+                .find(|r| r["path"] == path && r["size"] == size)
+                .unwrap_or_else(|| panic!("no {path} {size} row:\n{stdout}"));
+            assert!(
+                row["throughput"]["mb_per_s"].as_f64().unwrap() > 0.0,
+                "{row}"
+            );
+        }
+    }
+    // The servers listened on the other namespace's address, not on loopback.
+    assert!(
+        stdout.contains("servers in netns") && stdout.contains(" at 10.213."),
+        "{stdout}"
+    );
+    // Both namespaces are gone.
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    let base = ns.trim_end_matches('a');
+    assert!(!left.contains(base), "namespaces left behind: {left}");
+}
+
+/// `--veth` refuses the rows that cannot leave the host.
+#[test]
+fn bench_veth_refuses_host_bound_rows() {
+    let out = xcp(
+        &["bench", "--veth", "--paths", "unix"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot cross the link"),
+        "{out:?}"
+    );
+}
