@@ -48,6 +48,31 @@ pub struct KindRange {
     pub max_minor: u16,
 }
 
+impl KindRange {
+    /// Every minor version of `kind` at `major`.
+    pub fn of(kind: &str, major: u16) -> KindRange {
+        KindRange {
+            kind_id: fnv1a32(kind),
+            major,
+            min_minor: 0,
+            max_minor: u16::MAX,
+        }
+    }
+}
+
+/// An adapter a side applies to Ethers it receives (HELLO / CAPS `adapters`, SPEC §6, §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AdapterEdge {
+    /// FNV-1a 32 of the kind string.
+    pub kind_id: u32,
+    /// The major version taken.
+    pub from_major: u16,
+    /// The major version produced.
+    pub to_major: u16,
+    /// What it costs (lower is cheaper).
+    pub cost: u32,
+}
+
 /// The body of HELLO and of CAPS (SPEC §6). CAPS carries the negotiated result.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Hello {
@@ -73,6 +98,8 @@ pub struct Hello {
     pub crypt: bool,
     /// Extension: the largest reassembled message it accepts.
     pub max_message_bytes: u64,
+    /// Extension: the adapters it applies to Ethers it receives (in CAPS: the responder's).
+    pub adapters: Vec<AdapterEdge>,
 }
 
 /// The body of ACK.
@@ -425,6 +452,23 @@ fn hello_to_json(h: &Hello, m: &mut Map<String, Value>) {
     m.insert("shm_prefix".into(), h.shm_prefix.clone().into());
     m.insert("crypt".into(), h.crypt.into());
     m.insert("max_message_bytes".into(), h.max_message_bytes.into());
+    // Written only when there are some, so a HELLO without adapters is what it always was.
+    if !h.adapters.is_empty() {
+        m.insert(
+            "adapters".into(),
+            h.adapters
+                .iter()
+                .map(|a| {
+                    let mut o = Map::new();
+                    o.insert("kind_id".into(), a.kind_id.into());
+                    o.insert("from_major".into(), a.from_major.into());
+                    o.insert("to_major".into(), a.to_major.into());
+                    o.insert("cost".into(), a.cost.into());
+                    Value::Object(o)
+                })
+                .collect(),
+        );
+    }
 }
 
 fn kind_range_to_proto(r: &KindRange) -> proto::KindRange {
@@ -449,6 +493,16 @@ fn hello_to_proto(h: &Hello) -> proto::Hello {
         shm_prefix: h.shm_prefix.clone(),
         crypt: h.crypt,
         max_message_bytes: h.max_message_bytes,
+        adapters: h
+            .adapters
+            .iter()
+            .map(|a| proto::AdapterEdge {
+                kind_id: a.kind_id,
+                from_major: a.from_major.into(),
+                to_major: a.to_major.into(),
+                cost: a.cost,
+            })
+            .collect(),
     }
 }
 
@@ -502,6 +556,19 @@ fn hello_from_proto(ctx: &str, h: proto::Hello) -> Result<Hello> {
         shm_prefix: h.shm_prefix,
         crypt: h.crypt,
         max_message_bytes: h.max_message_bytes,
+        adapters: h
+            .adapters
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Ok(AdapterEdge {
+                    kind_id: a.kind_id,
+                    from_major: narrow(a.from_major, || format!("{ctx}.adapters[{i}].from_major"))?,
+                    to_major: narrow(a.to_major, || format!("{ctx}.adapters[{i}].to_major"))?,
+                    cost: a.cost,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
     })
 }
 
@@ -547,7 +614,33 @@ fn hello_from_json(o: &Obj<'_>) -> Result<Hello> {
         shm_prefix: o.string("shm_prefix")?,
         crypt: o.bool("crypt")?,
         max_message_bytes: o.uint("max_message_bytes")?,
+        adapters: adapters_from_json(o)?,
     })
+}
+
+fn adapters_from_json(o: &Obj<'_>) -> Result<Vec<AdapterEdge>> {
+    let mut out = Vec::new();
+    for (i, r) in o.array("adapters")?.iter().enumerate() {
+        let ctx = format!("{}.adapters[{i}]", o.ctx);
+        let Value::Object(map) = r else {
+            return Err(Error::malformed(
+                Violation::Control,
+                format!("{ctx}: expected a JSON object"),
+            ));
+        };
+        let ro = Obj { map, ctx: &ctx };
+        let kind_id = match ro.get("kind_id") {
+            Some(Value::String(kind)) => fnv1a32(kind),
+            _ => ro.uint("kind_id")?,
+        };
+        out.push(AdapterEdge {
+            kind_id,
+            from_major: ro.uint("from_major")?,
+            to_major: ro.uint("to_major")?,
+            cost: ro.uint("cost")?,
+        });
+    }
+    Ok(out)
 }
 
 fn kind_ranges_from_json(o: &Obj<'_>, key: &str) -> Result<Vec<KindRange>> {
@@ -695,6 +788,12 @@ mod tests {
             shm_prefix: "xcp-42-".into(),
             crypt: true,
             max_message_bytes: 256 << 20,
+            adapters: vec![AdapterEdge {
+                kind_id: fnv1a32("embedding"),
+                from_major: 1,
+                to_major: 2,
+                cost: 7,
+            }],
         }
     }
 
@@ -1016,22 +1115,74 @@ mod tests {
             ".{0,8}",
             prop::collection::vec("[a-z-]{0,8}", 0..3),
             (".{0,8}", ".{0,8}", any::<bool>(), any::<u64>()),
+            prop::collection::vec(
+                (any::<u32>(), any::<u16>(), any::<u16>(), any::<u32>()),
+                0..3,
+            ),
         )
             .prop_map(
-                |(codecs, mfb, accepts, emits, shared_mem, version, attach, rest)| Hello {
-                    codecs,
-                    max_frame_bytes: mfb,
-                    accepts,
-                    emits,
-                    shared_mem,
-                    version,
-                    attach,
-                    host_id: rest.0,
-                    shm_prefix: rest.1,
-                    crypt: rest.2,
-                    max_message_bytes: rest.3,
+                |(codecs, mfb, accepts, emits, shared_mem, version, attach, rest, adapters)| {
+                    Hello {
+                        codecs,
+                        max_frame_bytes: mfb,
+                        accepts,
+                        emits,
+                        shared_mem,
+                        version,
+                        attach,
+                        host_id: rest.0,
+                        shm_prefix: rest.1,
+                        crypt: rest.2,
+                        max_message_bytes: rest.3,
+                        adapters: adapters
+                            .into_iter()
+                            .map(|(kind_id, from_major, to_major, cost)| AdapterEdge {
+                                kind_id,
+                                from_major,
+                                to_major,
+                                cost,
+                            })
+                            .collect(),
+                    }
                 },
             )
+    }
+
+    #[test]
+    fn adapters_json_form() {
+        // Without adapters the JSON HELLO is what it was before the extension.
+        let plain = Control::Hello(Hello::default()).to_json();
+        assert!(plain.get("adapters").is_none());
+        let body = br#"{"codecs":[1],"adapters":[{"kind_id":"embedding","from_major":1,"to_major":2,"cost":3}]}"#;
+        let Control::Hello(h) = Control::decode(MsgType::HELLO, CodecId::JSON, body).unwrap()
+        else {
+            panic!("not a HELLO")
+        };
+        assert_eq!(
+            h.adapters,
+            vec![AdapterEdge {
+                kind_id: fnv1a32("embedding"),
+                from_major: 1,
+                to_major: 2,
+                cost: 3
+            }]
+        );
+        let bad = br#"{"codecs":[1],"adapters":[{"kind_id":1,"from_major":70000}]}"#;
+        let e = Control::decode(MsgType::CAPS, CodecId::JSON, bad).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ERR_MALFORMED);
+        assert!(e.to_string().contains("caps.adapters[0].from_major"), "{e}");
+        let bad = proto::Hello {
+            adapters: vec![proto::AdapterEdge {
+                kind_id: 1,
+                from_major: 1,
+                to_major: 1 << 20,
+                cost: 0,
+            }],
+            ..Default::default()
+        };
+        let e =
+            Control::decode(MsgType::HELLO, CodecId::PROTOBUF, &bad.encode_to_vec()).unwrap_err();
+        assert!(e.to_string().contains("hello.adapters[0].to_major"), "{e}");
     }
 
     proptest! {

@@ -5,8 +5,10 @@
 //!
 //! The library carries no tool: the `xcp` command line is the `xcp-cli` package and the bench
 //! with its HTTP/2 and gRPC baselines the `xcp-bench` package of the same workspace. Features:
-//! `uring` (default: the io_uring transport), `tls` (`tls://`, rustls), `quic` (`quic://`,
-//! quinn; implies `tls`), `cuda` (`cuda-ipc://` attachments, the driver loaded at run time).
+//! `uring` (default: the io_uring transport), `schema` (default: JSON Schema validation of
+//! Ether payloads against a [`schema::Registry`], SPEC §8), `tls` (`tls://`, rustls), `quic`
+//! (`quic://`, quinn; implies `tls`), `cuda` (`cuda-ipc://` attachments, the driver loaded at
+//! run time).
 //! Nothing here reads the environment or keeps a process-wide default: a session does what
 //! its [`SessionConfig`] says.
 //!
@@ -55,6 +57,7 @@ pub mod conn;
 pub mod control;
 pub mod error;
 pub mod ether;
+pub mod schema;
 pub mod session;
 pub mod transport;
 pub mod wire;

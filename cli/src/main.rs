@@ -13,6 +13,7 @@ mod demo;
 mod frame;
 mod logging;
 mod ping;
+mod schema;
 mod send;
 mod serve;
 mod shm;
@@ -103,6 +104,8 @@ enum Command {
     Shm(shm::ShmArgs),
     /// Certificates for tls:// and quic://: `xcp cert dev DIR` writes a development set.
     Cert(cert::CertArgs),
+    /// The schema registry: `list`, `show KIND@MAJOR`, `check FILE`, `convert FILE --to MAJOR`.
+    Schema(schema::SchemaArgs),
 }
 
 impl Command {
@@ -116,7 +119,7 @@ impl Command {
             Command::Frame(a) => a.key_args().load(),
             Command::Bench(_) | Command::Demo(_) => Ok(()),
             Command::BenchServer(a) => a.conn.load(),
-            Command::Shm(_) | Command::Cert(_) => Ok(()),
+            Command::Shm(_) | Command::Cert(_) | Command::Schema(_) => Ok(()),
         }
     }
 }
@@ -163,7 +166,8 @@ fn run() -> ExitCode {
         | Command::Send(_)
         | Command::Frame(_)
         | Command::Shm(_)
-        | Command::Cert(_) => LevelFilter::WARN,
+        | Command::Cert(_)
+        | Command::Schema(_) => LevelFilter::WARN,
     };
     init_logging(default_level, cli.verbose);
     // Segments left by killed xcp processes go first (`xcp shm gc` reports its own collection).
@@ -179,6 +183,7 @@ fn run() -> ExitCode {
         Command::Frame(args) => return ExitCode::from(frame::run(args)),
         Command::Shm(args) => return ExitCode::from(shm::run(args)),
         Command::Cert(args) => return ExitCode::from(cert::run(args)),
+        Command::Schema(args) => return ExitCode::from(schema::run(args)),
         command => command,
     };
 
@@ -203,6 +208,7 @@ fn run() -> ExitCode {
             Command::Frame(_) => unreachable!("`frame` runs without the runtime"),
             Command::Shm(_) => unreachable!("`shm` runs without the runtime"),
             Command::Cert(_) => unreachable!("`cert` runs without the runtime"),
+            Command::Schema(_) => unreachable!("`schema` runs without the runtime"),
         }
     });
     // Sessions still draining in the background must not keep the process alive.

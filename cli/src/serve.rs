@@ -56,7 +56,8 @@ Examples:
   xcp serve --listen tcp://127.0.0.1:0            # any free port; read it from stdout
   xcp serve --listen unix:///tmp/xcp.sock
   xcp serve --listen tcp://127.0.0.1:7070 --attach inline   # attachments inline only
-  xcp serve --listen tcp://0.0.0.0:7070 --max-frame-bytes 4MiB -v";
+  xcp serve --listen tcp://0.0.0.0:7070 --max-frame-bytes 4MiB -v
+  xcp serve --listen tcp://127.0.0.1:7070 --accepts text@1,embedding@2 --registry schemas/";
 
 /// How long open sessions get to close when the server stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,6 +85,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub hold_ms: u64,
 
+    /// Kinds accepted and schemas held (SPEC §8).
+    #[command(flatten)]
+    pub schema: crate::schema::ServeSchemaArgs,
+
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -108,6 +113,10 @@ pub async fn run(args: ServeArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
+    if let Err(msg) = args.schema.apply(&mut config.conn) {
+        eprintln!("error: {msg}");
+        return EXIT_USAGE;
+    }
     let hold = Duration::from_millis(args.hold_ms);
     let server = match Server::bind(&args.listen, config).await {
         Ok(s) => s,

@@ -52,6 +52,7 @@
 #![forbid(unsafe_code)]
 
 mod negotiate;
+mod schema;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -59,7 +60,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::codec::CodecId;
-use crate::control::{Ack, Control, Hello, Nack, Ping};
+use crate::control::{Ack, Control, Hello, KindRange, Nack, Ping};
 use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result, Violation};
 use crate::ether::{Ether, SchemaKey};
 use crate::wire::chunk::{split, Message, Reassembler};
@@ -126,6 +127,26 @@ pub struct Config {
     pub reassembly_budget: Option<crate::wire::chunk::ReassemblyBudget>,
     /// The `retry_after_ms` sent with `ERR_BUSY`.
     pub busy_retry_after_ms: u32,
+    /// Kinds and majors this side accepts (HELLO/CAPS `accepts`, SPEC §8); empty = any.
+    /// With some, a DATA Ether of another kind is refused with `ERR_SCHEMA_UNKNOWN`, and one
+    /// at another major is converted by [`Config::adapters`] or refused with
+    /// `ERR_KIND_MISMATCH`. Only DATA bodies that are Ethers (JSON, PROTOBUF) are judged, by
+    /// the Ether's own `kind` and `schema_version`; any minor of an accepted major passes.
+    pub accepts: Vec<KindRange>,
+    /// Kinds and majors this side emits (HELLO/CAPS `emits`); empty = any. Announced only.
+    pub emits: Vec<KindRange>,
+    /// The schemas this side holds (SPEC §8): the SchemaKey of a DATA message sent gets its
+    /// `minor` and `hash128` from it, and a DATA Ether received whose schema it holds is
+    /// checked (`hash128`, and the payload when [`Config::validate_payloads`] is on). `None`:
+    /// no schema is held.
+    pub registry: Option<std::sync::Arc<crate::schema::Registry>>,
+    /// Adapters between majors (SPEC §8), announced in HELLO/CAPS `adapters`: applied to
+    /// received Ethers at a major `accepts` does not take, and to sent Ethers that the
+    /// peer's `accepts` take only at another major.
+    pub adapters: crate::schema::AdapterGraph,
+    /// Whether received payloads are validated against the registry's schemas (feature
+    /// `schema`); a failure is NACK `ERR_MALFORMED` naming the JSON pointer.
+    pub validate_payloads: bool,
 }
 
 with_fields!(Config {
@@ -155,6 +176,16 @@ with_fields!(Config {
     with_compress_level => compress_level: i32;
     /// This `retry_after_ms` with `ERR_BUSY`.
     with_busy_retry_after_ms => busy_retry_after_ms: u32;
+    /// These kinds and majors accepted (empty: any).
+    with_accepts => accepts: Vec<KindRange>;
+    /// These kinds and majors announced as emitted.
+    with_emits => emits: Vec<KindRange>;
+    /// These schemas held (SchemaKey filled on send, payloads checked on receipt).
+    with_registry => registry: Option<std::sync::Arc<crate::schema::Registry>>;
+    /// These adapters between majors.
+    with_adapters => adapters: crate::schema::AdapterGraph;
+    /// Whether received payloads are validated against the registry.
+    with_validate_payloads => validate_payloads: bool;
 });
 
 impl Default for Config {
@@ -178,6 +209,11 @@ impl Default for Config {
             compress_level: 1,
             reassembly_budget: None,
             busy_retry_after_ms: 100,
+            accepts: Vec::new(),
+            emits: Vec::new(),
+            registry: None,
+            adapters: crate::schema::AdapterGraph::new(),
+            validate_payloads: true,
         }
     }
 }
@@ -470,8 +506,8 @@ impl Connection {
         let local_hello = Hello {
             codecs,
             max_frame_bytes: config.limits.max_frame_bytes,
-            accepts: Vec::new(),
-            emits: Vec::new(),
+            accepts: config.accepts.clone(),
+            emits: config.emits.clone(),
             shared_mem: config.shared_mem,
             version: negotiate::VERSION_STRING.to_string(),
             attach: config.attach.iter().map(|s| s.name().to_string()).collect(),
@@ -479,6 +515,7 @@ impl Connection {
             shm_prefix: config.shm_prefix.clone(),
             crypt: config.sealer.is_some(),
             max_message_bytes: config.limits.max_message_bytes,
+            adapters: config.adapters.edges(),
         };
         let mut reassembler = Reassembler::new(config.limits.max_message_bytes);
         reassembler.set_max_pending_messages(config.max_pending_messages);
@@ -608,7 +645,7 @@ impl Connection {
 
     /// Queues a message; returns its msgId. The body is split into chunks of the negotiated
     /// `max_frame_bytes` without being copied.
-    pub fn send(&mut self, msg: Outgoing) -> Result<u64> {
+    pub fn send(&mut self, mut msg: Outgoing) -> Result<u64> {
         let neg = self.established()?;
         if msg.msg_type.is_control()
             && msg.msg_type != MsgType::CLARIFY_REQ
@@ -627,6 +664,9 @@ impl Connection {
                     msg.codec, neg.codecs
                 ),
             });
+        }
+        if msg.msg_type == MsgType::DATA {
+            schema::on_send(&self.config, &neg.peer, &mut msg)?;
         }
         let len = msg.body.len() as u64;
         if len > neg.peer_max_message_bytes {
@@ -1232,7 +1272,7 @@ impl Connection {
         }
     }
 
-    fn on_data(&mut self, msg: Message) {
+    fn on_data(&mut self, mut msg: Message) {
         let (ch, id) = (msg.header.channel_id, msg.header.msg_id);
         let Some(neg) = self.negotiated.as_ref() else {
             return self.refuse(
@@ -1254,14 +1294,22 @@ impl Connection {
             );
         }
         let mut ether = None;
-        if self.config.decode_ethers && msg.header.msg_type == MsgType::DATA {
+        let enforce = schema::enforced(&self.config);
+        if (self.config.decode_ethers || enforce) && msg.header.msg_type == MsgType::DATA {
             let checked = if codec == CodecId::JSON || codec == CodecId::PROTOBUF {
                 crate::codec::decode_ether(codec, &msg.body).map(|e| ether = Some(e))
-            } else {
+            } else if self.config.decode_ethers {
                 crate::codec::validate_body(codec, &msg.body)
+            } else {
+                Ok(())
             };
             if let Err(e) = checked {
                 return self.refuse(ch, id, e);
+            }
+        }
+        if let (true, Some(e)) = (enforce, ether.as_mut()) {
+            if let Err(err) = schema::on_receive(&self.config, &mut msg.header, &mut msg.body, e) {
+                return self.refuse(ch, id, err);
             }
         }
         self.events.push_back(Event::Message(Incoming {
