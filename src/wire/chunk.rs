@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::frame::FrameError;
+use super::recvbuf::RecvBuffers;
 use super::{Flags, Frame, FrameHeader, HeaderForm};
 use crate::error::{ErrorCode, Violation};
 
@@ -99,15 +100,12 @@ impl ReassemblyBudget {
 /// Chunks smaller than this are copied while they wait, so that a small slice cannot pin a
 /// whole receive buffer (which would escape the pending-bytes bound); larger ones stay slices
 /// of the buffer they were read into (each about fills its own).
-const SMALL_CHUNK: usize = 64 << 10;
-
-fn own_small(b: Bytes) -> Bytes {
-    if b.len() < SMALL_CHUNK {
-        Bytes::copy_from_slice(&b)
-    } else {
-        b
-    }
-}
+/// The most message buffers a connection keeps for reuse, and their bytes in all: a
+/// connection that receives large chunked messages cycles through warm buffers instead of
+/// faulting in fresh pages for every message (see [`RecvBuffers`]).
+pub const BODY_SPARES: usize = 2;
+/// See [`BODY_SPARES`].
+pub const BODY_SPARE_BYTES: usize = 64 << 20;
 
 /// Default bound on the number of messages pending reassembly at once per connection.
 pub const DEFAULT_MAX_PENDING_MESSAGES: usize = 4096;
@@ -117,9 +115,11 @@ struct Partial {
     header: FrameHeader,
     flags: Flags,
     form: HeaderForm,
-    /// The chunks so far, as received (slices of the receive buffer, not copies): they are
-    /// copied once, into a buffer of the exact size, when the last one arrives.
-    chunks: Vec<Bytes>,
+    /// The payload so far. Each chunk is copied in as it arrives, while its bytes are still
+    /// in cache, and its frame is let go at once, so the receive buffer it was read into can
+    /// be reused for the next frame; the buffer itself comes from the reused ones.
+    body: BytesMut,
+    /// Payload bytes so far.
     len: usize,
     frames: u32,
 }
@@ -134,6 +134,8 @@ pub struct Reassembler {
     discarding: HashSet<(u32, u64)>,
     /// A budget shared with other connections, if any.
     shared: Option<ReassemblyBudget>,
+    /// Message buffers to reuse.
+    bodies: RecvBuffers,
 }
 
 impl Drop for Reassembler {
@@ -153,6 +155,7 @@ impl Reassembler {
             pending_bytes: 0,
             discarding: HashSet::new(),
             shared: None,
+            bodies: RecvBuffers::with_limits(BODY_SPARES, BODY_SPARE_BYTES),
         }
     }
 
@@ -179,7 +182,10 @@ impl Reassembler {
 
     /// Drops every incomplete message (the connection closed).
     pub fn clear(&mut self) {
-        self.pending.clear();
+        for (_, p) in self.pending.drain() {
+            let size = p.body.capacity();
+            self.bodies.give(p.body, size);
+        }
         self.discarding.clear();
         if let Some(b) = &self.shared {
             b.give(self.pending_bytes);
@@ -265,7 +271,10 @@ impl Reassembler {
                     return Err(err(ErrorCode::ERR_BUSY, self.shared_full(len)));
                 }
                 let len0 = frame.payload.len();
-                let chunks = vec![own_small(frame.payload)];
+                // Room for this chunk (a reused buffer may hold many); it grows by doubling
+                // beyond, so what a message holds stays within twice its bytes.
+                let mut body = self.bodies.take(len0);
+                body.extend_from_slice(&frame.payload);
                 self.pending_bytes += len;
                 self.pending.insert(
                     key,
@@ -274,7 +283,7 @@ impl Reassembler {
                         header: frame.header,
                         flags,
                         form: frame.header_form,
-                        chunks,
+                        body,
                         len: len0,
                         frames: 1,
                     },
@@ -313,7 +322,7 @@ impl Reassembler {
                 }
                 let p = self.pending.get_mut(&key).expect("present");
                 p.len += frame.payload.len();
-                p.chunks.push(own_small(frame.payload));
+                p.body.extend_from_slice(&frame.payload);
                 p.frames += 1;
                 self.pending_bytes += len;
                 if more {
@@ -324,15 +333,16 @@ impl Reassembler {
                 if let Some(b) = &self.shared {
                     b.give(p.len as u64);
                 }
-                let mut body = BytesMut::with_capacity(p.len);
-                for c in &p.chunks {
-                    body.extend_from_slice(c);
-                }
+                let mut rest = p.body;
+                let size = rest.capacity();
+                let body = rest.split().freeze();
+                // The rest of the allocation waits, as a spare, for this message to go.
+                self.bodies.give(rest, size);
                 Ok(Some(Message {
                     header: p.header,
                     flags: p.flags,
                     header_form: p.form,
-                    body: body.freeze(),
+                    body,
                     frames: p.frames,
                     stream_offset: p.stream_offset,
                 }))
@@ -376,6 +386,8 @@ impl Reassembler {
             if let Some(b) = &self.shared {
                 b.give(p.len as u64);
             }
+            let size = p.body.capacity();
+            self.bodies.give(p.body, size);
         }
     }
 
@@ -420,6 +432,43 @@ mod tests {
             header_form: HeaderForm::Capnp,
             payload: Bytes::copy_from_slice(payload),
         }
+    }
+
+    /// Pushes `body` as chunks of `chunk` bytes of message `id`; returns the message.
+    fn reassemble(r: &mut Reassembler, id: u64, body: &[u8], chunk: u64) -> Message {
+        let parts = split(Bytes::copy_from_slice(body), Flags::NONE, chunk);
+        let mut out = None;
+        for (flags, part) in parts {
+            out = r.push(frame(1, id, flags, &part)).unwrap();
+        }
+        out.expect("complete")
+    }
+
+    #[test]
+    fn message_buffers_are_reused_once_the_message_is_gone() {
+        let mut r = Reassembler::new(64 << 20);
+        let body: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        let first = reassemble(&mut r, 1, &body, 1 << 20);
+        assert_eq!(first.body, body);
+        assert_eq!(first.frames, 4);
+        let at = first.body.as_ptr();
+        // Still held: the next message cannot land there.
+        let second = reassemble(&mut r, 2, &body, 1 << 20);
+        assert_ne!(second.body.as_ptr(), at);
+        drop(first);
+        // Gone: the next message reuses its warm buffer.
+        let third = reassemble(&mut r, 3, &body, 1 << 20);
+        assert_eq!(third.body.as_ptr(), at);
+        assert_eq!(third.body, body);
+        drop((second, third));
+        // Tiny chunks cost tiny buffers, not a spare-sized one each.
+        let mut tiny = Reassembler::new(1 << 20);
+        for id in 0..100 {
+            tiny.push(frame(1, id, Flags::MORE, b"ab")).unwrap();
+        }
+        assert_eq!(tiny.pending_bytes(), 200);
+        let held: usize = tiny.pending.values().map(|p| p.body.capacity()).sum();
+        assert!(held <= 100 * 64, "{held} bytes held for 200 pending");
     }
 
     #[test]

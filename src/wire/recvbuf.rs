@@ -34,10 +34,13 @@ struct Spare {
 }
 
 /// The spare receive buffers of one connection (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RecvBuffers {
     spares: Vec<Spare>,
     spare_bytes: usize,
+    /// The most spares, and the most bytes of spares, kept.
+    max_spares: usize,
+    max_spare_bytes: usize,
     /// The allocation size of the buffer in use, when this knows it (0: unknown).
     current: usize,
     /// Buffers taken back from the spares, and fresh ones allocated here (for tests and
@@ -46,10 +49,61 @@ pub struct RecvBuffers {
     fresh: u64,
 }
 
+impl Default for RecvBuffers {
+    fn default() -> Self {
+        Self::with_limits(MAX_SPARES, MAX_SPARE_BYTES)
+    }
+}
+
 impl RecvBuffers {
-    /// No spares yet.
+    /// No spares yet; at most [`MAX_SPARES`] of [`MAX_SPARE_BYTES`] in all.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// No spares yet; at most `max_spares` of `max_spare_bytes` in all.
+    pub fn with_limits(max_spares: usize, max_spare_bytes: usize) -> Self {
+        RecvBuffers {
+            spares: Vec::new(),
+            spare_bytes: 0,
+            max_spares,
+            max_spare_bytes,
+            current: 0,
+            reused: 0,
+            fresh: 0,
+        }
+    }
+
+    /// An empty buffer with room for at least `need` bytes: a spare whose messages are gone
+    /// when there is one, else a fresh one of exactly `need` (so a peer's tiny chunks cost
+    /// tiny buffers). Hand it back with [`RecvBuffers::give`].
+    pub fn take(&mut self, need: usize) -> BytesMut {
+        match self.reclaim(need) {
+            Some((buf, _)) => buf,
+            None => {
+                self.fresh += 1;
+                BytesMut::with_capacity(need)
+            }
+        }
+    }
+
+    /// Keeps `buf`, the rest of an allocation of `size` bytes whose front may still be in
+    /// use (a message split off it), as a spare if the bounds allow.
+    pub fn give(&mut self, mut buf: BytesMut, size: usize) {
+        buf.clear();
+        self.keep(buf, size);
+    }
+
+    /// A spare of at least `need` bytes whose messages are all gone, with its size.
+    fn reclaim(&mut self, need: usize) -> Option<(BytesMut, usize)> {
+        let i = self
+            .spares
+            .iter_mut()
+            .position(|s| s.size >= need && s.buf.try_reclaim(need))?;
+        let s = self.spares.swap_remove(i);
+        self.spare_bytes -= s.size;
+        self.reused += 1;
+        Some((s.buf, s.size))
     }
 
     /// Makes room for `additional` more bytes after the `buf.len()` bytes of `buf`, keeping
@@ -60,17 +114,8 @@ impl RecvBuffers {
             return;
         }
         let need = buf.len().saturating_add(additional);
-        let free = self
-            .spares
-            .iter_mut()
-            .position(|s| s.size >= need && s.buf.try_reclaim(need));
-        let next = match free {
-            Some(i) => {
-                let s = self.spares.swap_remove(i);
-                self.spare_bytes -= s.size;
-                self.reused += 1;
-                (s.buf, s.size)
-            }
+        let next = match self.reclaim(need) {
+            Some(spare) => spare,
             None => {
                 self.fresh += 1;
                 let size = need.max(MIN_SPARE_BYTES);
@@ -93,7 +138,10 @@ impl RecvBuffers {
         if size < MIN_SPARE_BYTES {
             return;
         }
-        if self.spares.len() >= MAX_SPARES || self.spare_bytes + size > MAX_SPARE_BYTES {
+        if size > self.max_spare_bytes {
+            return;
+        }
+        if self.spares.len() >= self.max_spares || self.spare_bytes + size > self.max_spare_bytes {
             // Make room by freeing a spare that is still shared (it would free itself when
             // its messages go anyway) in favour of the newer one; else drop the newcomer.
             match self.spares.iter().position(|s| s.size <= size) {
@@ -103,7 +151,7 @@ impl RecvBuffers {
                 }
                 None => return,
             }
-            if self.spare_bytes + size > MAX_SPARE_BYTES {
+            if self.spare_bytes + size > self.max_spare_bytes {
                 return;
             }
         }
