@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,9 +37,9 @@ use xcp::conn::Outgoing;
 use xcp::{Attachment, ErrorCode};
 
 use crate::{
-    code_arg, codec_arg, config, ether_arg, exported, lock, message, panic_text, raise, raise_with,
-    runtime, seconds, set_code, timeout_error, to_py_err, type_name, Message, Region, RegionState,
-    Server, Session,
+    code_arg, codec_arg, config, empty_args, ether_arg, exported, lock, message, panic_text,
+    prepare_tensor, raise, raise_with, runtime, seconds, set_code, tensor_ether, timeout_error,
+    to_py_err, type_name, Message, Region, Server, Session, TensorOut, TensorSource,
 };
 
 /// A running asyncio operation of `xcp.aio`: `cancel()` aborts its task on the runtime.
@@ -507,11 +507,7 @@ fn _aio_bind(
     let url = url.to_string();
     let fut = async move { Ok(xcp::Server::bind(&url, cfg).await?) };
     start(event_loop, done, None, "bind", fut, |py, server| {
-        let s = Server {
-            url: server.local_url(),
-            inner: Mutex::new(Some(Arc::new(server))),
-        };
-        Ok(Py::new(py, s)?.into_any())
+        Ok(Py::new(py, Server::new(server))?.into_any())
     })
 }
 
@@ -697,20 +693,130 @@ fn _aio_alloc(
         ));
     }
     let s = session.get().inner.clone();
+    let pool = s.pool().clone();
     let fut = async move { Ok(s.alloc(nbytes).await?) };
-    start(event_loop, done, None, "alloc", fut, |py, region| {
-        let r = Region {
-            nbytes: region.len(),
-            state: Mutex::new(RegionState {
-                region: Some(region),
-                exports: 0,
-                gone: "",
-                dtype: String::new(),
-                shape: Vec::new(),
-            }),
-        };
+    start(event_loop, done, None, "alloc", fut, move |py, region| {
+        let r = Region::new(region, pool, String::new(), Vec::new());
         Ok(Py::new(py, r)?.into_any())
     })
+}
+
+/// Starts `session.empty(shape, dtype)`; `done` gets an `xcp.Region` shaped as the tensor.
+#[pyfunction]
+fn _aio_empty(
+    event_loop: &Bound<'_, PyAny>,
+    done: &Bound<'_, PyAny>,
+    session: &Bound<'_, Session>,
+    shape: &Bound<'_, PyAny>,
+    dtype: &Bound<'_, PyAny>,
+) -> PyResult<AioOp> {
+    let (nbytes, name, dims) = empty_args(shape, dtype)?;
+    let s = session.get().inner.clone();
+    let pool = s.pool().clone();
+    let fut = async move { Ok(s.alloc(nbytes.max(1)).await?) };
+    start(event_loop, done, None, "empty", fut, move |py, region| {
+        let r = Region::new(region, pool, name.to_string(), dims);
+        Ok(Py::new(py, r)?.into_any())
+    })
+}
+
+/// The Ether and regions to send for a prepared tensor, on the runtime: a copy is allocated
+/// there (awaiting room in the pool) and filled with the GIL held, the worker stepping aside
+/// meanwhile (`block_in_place`); inline bytes go into the Ether.
+async fn finish_tensor(
+    s: &xcp::Session,
+    mut e: xcp::Ether,
+    out: TensorOut,
+) -> Outcome<(xcp::Ether, Vec<(Attachment, xcp::attach::Region)>)> {
+    let TensorOut { mut att, source } = out;
+    match source {
+        TensorSource::Ours(r) => Ok((e, vec![(att, r)])),
+        TensorSource::Copy(imp) => {
+            let mut region = s.alloc(imp.nbytes.max(1)).await?;
+            tokio::task::block_in_place(|| {
+                Python::attach(|_py| {
+                    region[..imp.nbytes].copy_from_slice(imp.bytes());
+                    // The producer's capsule goes with the GIL held.
+                    drop(imp);
+                })
+            });
+            Ok((e, vec![(att, region)]))
+        }
+        TensorSource::Inline(b) => {
+            att.size_bytes = b.len() as u64;
+            att.inline_bytes = Some(b);
+            e.attachments.push(att);
+            Ok((e, Vec::new()))
+        }
+    }
+}
+
+/// Starts `session.send_tensor(tensor, ether, ...)`; `done` gets the msgId.
+#[pyfunction]
+#[pyo3(signature = (event_loop, done, session, tensor, ether=None, *, id="tensor", codec="json"))]
+#[allow(clippy::too_many_arguments)]
+fn _aio_send_tensor(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    done: &Bound<'_, PyAny>,
+    session: &Bound<'_, Session>,
+    tensor: &Bound<'_, PyAny>,
+    ether: Option<&Bound<'_, PyAny>>,
+    id: &str,
+    codec: &str,
+) -> PyResult<AioOp> {
+    let e = tensor_ether(py, ether)?;
+    let codec = codec_arg(codec)?;
+    let s = session.get().inner.clone();
+    let out = prepare_tensor(py, &s, tensor, id)?;
+    let fut = async move {
+        let (e, regions) = finish_tensor(&s, e, out).await?;
+        let sent = if regions.is_empty() {
+            match Outgoing::ether(&e, codec) {
+                Ok(out) => s.send(out).await,
+                Err(err) => Err(err),
+            }
+        } else {
+            s.send_regions(e, codec, regions).await
+        };
+        Ok(sent?)
+    };
+    start(event_loop, done, None, "send_tensor", fut, int)
+}
+
+/// Starts `session.request_tensor(tensor, ether, ...)`; `done` gets the reply.
+#[pyfunction]
+#[pyo3(signature = (event_loop, done, session, tensor, ether=None, *, id="tensor", codec="json", timeout=None))]
+#[allow(clippy::too_many_arguments)]
+fn _aio_request_tensor(
+    py: Python<'_>,
+    event_loop: &Bound<'_, PyAny>,
+    done: &Bound<'_, PyAny>,
+    session: &Bound<'_, Session>,
+    tensor: &Bound<'_, PyAny>,
+    ether: Option<&Bound<'_, PyAny>>,
+    id: &str,
+    codec: &str,
+    timeout: Option<f64>,
+) -> PyResult<AioOp> {
+    let e = tensor_ether(py, ether)?;
+    let codec = codec_arg(codec)?;
+    let timeout = seconds("timeout", timeout)?;
+    let s = session.get().inner.clone();
+    let out = prepare_tensor(py, &s, tensor, id)?;
+    let fut = async move {
+        let (e, regions) = finish_tensor(&s, e, out).await?;
+        let reply = if regions.is_empty() {
+            match Outgoing::ether(&e, codec) {
+                Ok(out) => s.request(out).await,
+                Err(err) => Err(err),
+            }
+        } else {
+            s.request_regions(e, codec, regions).await
+        };
+        Ok(reply?)
+    };
+    start(event_loop, done, timeout, "request_tensor", fut, msg)
 }
 
 /// Starts `session.close()`; `done` gets None.
@@ -738,6 +844,9 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_aio_nack, m)?)?;
     m.add_function(wrap_pyfunction!(_aio_ping, m)?)?;
     m.add_function(wrap_pyfunction!(_aio_alloc, m)?)?;
+    m.add_function(wrap_pyfunction!(_aio_empty, m)?)?;
+    m.add_function(wrap_pyfunction!(_aio_send_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(_aio_request_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(_aio_close, m)?)?;
     Ok(())
 }

@@ -5,12 +5,15 @@
 //! tokio multi-thread runtime per process with the GIL released, so other Python threads run
 //! meanwhile; while waiting it checks for signals every 100 ms, so Ctrl-C interrupts it.
 //! The asyncio API (`xcp.aio`) runs its calls as tasks on the same runtime, bridged to the
-//! event loop in [`aio`]. DLPack (`__dlpack__`) and CUDA tensors are later steps.
+//! event loop in [`aio`]. CUDA tensors are a later step.
 //!
-//! Zero copy goes through the buffer protocol: a [`Region`] is a writable buffer over a loaned
-//! slot of the session's shared pool, a [`View`] a read-only buffer over the peer's mapped
-//! segment. Both count their outstanding buffer exports so the memory behind a pointer handed
-//! to Python stays alive (and is not sent away or released) while any export is live.
+//! Zero copy goes through the buffer protocol and DLPack ([`dlpack`]): a [`Region`] is a
+//! writable buffer over a loaned slot of the session's shared pool, a [`View`] a read-only
+//! buffer over the peer's mapped segment; both have `__dlpack__`. Both count their
+//! outstanding exports (buffers and DLPack tensors) so the memory behind a pointer handed to
+//! Python stays alive (and is not released, nor sent by `send`) while any export is live.
+//! `send_tensor` hands a region over even with arrays over it alive: the region holds its
+//! pool, which keeps every segment mapped, so those arrays stay valid memory.
 //!
 //! No Rust panic reaches Python as a panic: errors of the library become the exceptions of
 //! `xcp._errors` (see [`to_py_err`]), and a panic inside a blocking call is caught and raised
@@ -19,7 +22,7 @@
 use std::ffi::c_int;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +36,7 @@ use xcp::conn::{Incoming, Outgoing};
 use xcp::{AttachConfig, Attachment, Error, ErrorCode, SessionConfig};
 
 mod aio;
+mod dlpack;
 
 // ---------------------------------------------------------------------------------------------
 // The runtime and the blocking wait.
@@ -661,10 +665,103 @@ unsafe fn refuse(view: *mut ffi::Py_buffer, e: PyErr) -> PyResult<()> {
 /// until it releases its view, so a region can be sent once, and only after every buffer over
 /// it is released (`del` the arrays and memoryviews, or use `with memoryview(region) as m:`).
 /// `dtype` and `shape`, when set, travel with the attachment.
+///
+/// `Session.empty(shape, dtype)` makes one shaped as a tensor: `__dlpack__` gives numpy and
+/// torch arrays over the same memory, and `Session.send_tensor` sends the region (or such an
+/// array) by handle, handing it over even while arrays over it are alive (do not write to
+/// them afterwards).
 #[pyclass(module = "xcp._xcp", frozen)]
 struct Region {
-    state: Mutex<RegionState>,
+    state: Arc<Mutex<RegionState>>,
     nbytes: usize,
+    /// The pool it came from: holding it keeps every segment of the pool mapped, so an array
+    /// over this region stays valid memory after the region was handed over by `send_tensor`
+    /// (and came back to the pool).
+    _pool: xcp::attach::Pool,
+}
+
+/// Every live region of this process (of any session), to find the one a tensor lies in.
+static REGIONS: Mutex<Vec<Weak<Mutex<RegionState>>>> = Mutex::new(Vec::new());
+
+impl Region {
+    /// A region of `pool` for Python, registered so `send_tensor` finds arrays over it.
+    fn new(
+        region: xcp::attach::Region,
+        pool: xcp::attach::Pool,
+        dtype: String,
+        shape: Vec<u32>,
+    ) -> Region {
+        let nbytes = region.len();
+        let state = Arc::new(Mutex::new(RegionState {
+            region: Some(region),
+            exports: 0,
+            gone: "",
+            dtype,
+            shape,
+        }));
+        let mut all = lock(&REGIONS);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&state));
+        Region {
+            state,
+            nbytes,
+            _pool: pool,
+        }
+    }
+
+    /// Counts a released export (a buffer, or a DLPack tensor whose deleter ran).
+    fn unexport(&self) {
+        let mut st = lock(&self.state);
+        st.exports = st.exports.saturating_sub(1);
+    }
+}
+
+/// The live region whose memory starts at `addr` and holds at least `nbytes`, and that has
+/// exports: an array over a region's memory always came from one of its exports (DLPack or
+/// buffer). An array left over from a region handed over before, whose slot the pool loaned
+/// again to a region nothing was exported from, so does not take that region away (it is
+/// copied).
+fn region_at(addr: usize, nbytes: usize) -> Option<Arc<Mutex<RegionState>>> {
+    let all = lock(&REGIONS);
+    all.iter().filter_map(Weak::upgrade).find(|r| {
+        let st = lock(r);
+        st.exports > 0
+            && st
+                .region
+                .as_ref()
+                .is_some_and(|g| g.as_ptr() as usize == addr && g.len() >= nbytes)
+    })
+}
+
+/// The DLPack dtype and shape of a tensor with these attachment fields over `nbytes` bytes
+/// (no dtype: uint8; no shape: one dimension over all the bytes), and the bytes it needs.
+fn tensor_of(
+    dtype: &str,
+    shape: &[u32],
+    nbytes: usize,
+) -> Result<(xcp::attach::dlpack_ffi::DLDataType, Vec<i64>, usize), String> {
+    let dt = if dtype.is_empty() {
+        dlpack::dtype_of("uint8").expect("a known dtype")
+    } else {
+        dlpack::dtype_of(dtype)
+            .ok_or_else(|| format!("dtype {dtype:?}: not a dtype DLPack names"))?
+    };
+    let size = dlpack::itemsize(dt);
+    let dims: Vec<i64> = if shape.is_empty() {
+        vec![(nbytes / size) as i64]
+    } else {
+        shape.iter().map(|&d| i64::from(d)).collect()
+    };
+    let need = dims
+        .iter()
+        .try_fold(size, |acc, &d| acc.checked_mul(d as usize))
+        .ok_or_else(|| format!("shape {shape:?}: the size overflows"))?;
+    if need > nbytes {
+        return Err(format!(
+            "shape {shape:?} of {dtype} needs {need} bytes, the memory has {nbytes}"
+        ));
+    }
+    Ok((dt, dims, need))
 }
 
 /// What a [`Region`] guards.
@@ -709,8 +806,50 @@ impl Region {
 
     /// Counts a released buffer export.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
-        let mut st = lock(&self.state);
-        st.exports = st.exports.saturating_sub(1);
+        self.unexport();
+    }
+
+    /// A DLPack capsule over the region (writable), shaped by its `dtype` and `shape` (uint8
+    /// over every byte when they are not set): `np.from_dlpack(region)` and
+    /// `torch.from_dlpack(region)` give arrays over the same memory. "dltensor_versioned"
+    /// when `max_version` is (1, 0) or later, else the legacy "dltensor"; `copy=True` gives a
+    /// copy. The region cannot be `send()`-ed or released while such an array lives;
+    /// `send_tensor` hands it over anyway (do not write to the array after that).
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        slf: &Bound<'py, Self>,
+        stream: Option<&Bound<'py, PyAny>>,
+        max_version: Option<&Bound<'py, PyAny>>,
+        dl_device: Option<&Bound<'py, PyAny>>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (versioned, copy) = dlpack::protocol_args(stream, max_version, dl_device, copy)?;
+        let this = slf.get();
+        let (ptr, need, dt, dims) = {
+            let mut st = lock(&this.state);
+            let gone = st.gone;
+            let Some(region) = st.region.as_ref() else {
+                return Err(raise(
+                    "InvalidError",
+                    format!("this region was {gone}: it has no memory any more"),
+                ));
+            };
+            let (dt, dims, need) = tensor_of(&st.dtype, &st.shape, region.len())
+                .map_err(pyo3::exceptions::PyBufferError::new_err)?;
+            let ptr = region.as_ptr();
+            st.exports += 1;
+            (ptr, need, dt, dims)
+        };
+        // SAFETY (of the pointer): the slot stays loaned (or, after send_tensor, mapped by the
+        // pool this region holds) while the export is counted, and the capsule's tensor keeps
+        // `slf` alive until its deleter uncounts it.
+        let keep = dlpack::Keep::Region(slf.clone().unbind());
+        dlpack::capsule(slf.py(), keep, ptr, need, dims, dt, false, versioned, copy)
+    }
+
+    /// `(1, 0)`: the CPU (DLPack's kDLCPU).
+    fn __dlpack_device__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        dlpack::cpu_device(py)
     }
 
     /// Its size in bytes.
@@ -875,16 +1014,54 @@ impl View {
 
     /// Counts a released export; the last one after `release()` drops the bytes.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
-        let dropped = {
-            let mut st = lock(&self.state);
-            st.exports = st.exports.saturating_sub(1);
-            if st.exports == 0 && st.released {
-                st.data.take()
-            } else {
-                None
-            }
+        self.unexport();
+    }
+
+    /// A read-only DLPack capsule over the bytes where they arrived (no copy), shaped by the
+    /// sender's `dtype` and `shape` (uint8 over every byte when it gave none):
+    /// `np.from_dlpack(view)` is a read-only array over the mapped segment. The versioned
+    /// capsule ("dltensor_versioned", flagged read-only) needs `max_version` >= (1, 0); the
+    /// legacy one cannot say read-only, so it is refused (BufferError, as numpy does for its
+    /// read-only arrays) unless `copy=True`. The mapping, and the sender's ACK, wait until
+    /// the consumer's tensor is deleted, even after `release()`.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        slf: &Bound<'py, Self>,
+        stream: Option<&Bound<'py, PyAny>>,
+        max_version: Option<&Bound<'py, PyAny>>,
+        dl_device: Option<&Bound<'py, PyAny>>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (versioned, copy) = dlpack::protocol_args(stream, max_version, dl_device, copy)?;
+        if !versioned && !copy {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "a received view is read-only, which the legacy DLPack capsule cannot signal: \
+                 ask with max_version=(1, 0) (numpy >= 2.1, torch >= 2.4) or copy=True",
+            ));
+        }
+        let this = slf.get();
+        let (ptr, need, dt, dims) = {
+            let mut st = lock(&this.state);
+            let data = match (&st.data, st.released) {
+                (Some(d), false) => d,
+                _ => return Err(released_error(&this.id)),
+            };
+            let bytes = data.bytes();
+            let (dt, dims, need) = tensor_of(&this.dtype, &this.shape, bytes.len())
+                .map_err(pyo3::exceptions::PyBufferError::new_err)?;
+            let ptr = bytes.as_ptr();
+            st.exports += 1;
+            (ptr, need, dt, dims)
         };
-        drop(dropped);
+        // SAFETY (of the pointer): the bytes live while `data` does, which waits for every
+        // counted export; the tensor keeps `slf` alive and is flagged read-only.
+        let keep = dlpack::Keep::View(slf.clone().unbind());
+        dlpack::capsule(slf.py(), keep, ptr, need, dims, dt, true, versioned, copy)
+    }
+
+    /// `(1, 0)`: the CPU (DLPack's kDLCPU).
+    fn __dlpack_device__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        dlpack::cpu_device(py)
     }
 
     /// Its size in bytes.
@@ -956,6 +1133,23 @@ impl View {
     }
 }
 
+impl View {
+    /// Counts a released export (a buffer, or a DLPack tensor whose deleter ran); the last
+    /// one after `release()` drops the bytes (and so lets the ACK go).
+    fn unexport(&self) {
+        let dropped = {
+            let mut st = lock(&self.state);
+            st.exports = st.exports.saturating_sub(1);
+            if st.exports == 0 && st.released {
+                st.data.take()
+            } else {
+                None
+            }
+        };
+        drop(dropped);
+    }
+}
+
 /// The error of using a released view.
 fn released_error(id: &str) -> PyErr {
     raise(
@@ -998,6 +1192,32 @@ impl Message {
     #[getter]
     fn body<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.body)
+    }
+
+    /// The tensor of a `send_tensor`: the attachment `id` (default: "tensor", or the only
+    /// attachment), an `xcp.View` with `__dlpack__`: `np.from_dlpack(msg.tensor())` is a
+    /// read-only array over the bytes where they arrived, no copy. Raises
+    /// `xcp.InvalidError` when there is no such attachment.
+    #[pyo3(signature = (id=None))]
+    fn tensor<'py>(&self, py: Python<'py>, id: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
+        let d = self.attachments.bind(py);
+        let want = id.unwrap_or("tensor");
+        if let Some(v) = d.get_item(want)? {
+            return Ok(v);
+        }
+        if id.is_none() && d.len() == 1 {
+            if let Some((_, v)) = d.iter().next() {
+                return Ok(v);
+            }
+        }
+        let ids: Vec<String> = d.keys().iter().map(|k| k.to_string()).collect();
+        Err(raise(
+            "InvalidError",
+            format!(
+                "message {}: no tensor attachment {want:?} (attachments: {ids:?})",
+                self.msg_id
+            ),
+        ))
     }
 
     /// `Message(msg_id=..., kind=..., attachments=[...])`.
@@ -1299,16 +1519,90 @@ impl Session {
         }
         let s = self.inner.clone();
         let region = call(py, None, "alloc", async move { s.alloc(nbytes).await })?;
-        Ok(Region {
-            nbytes: region.len(),
-            state: Mutex::new(RegionState {
-                region: Some(region),
-                exports: 0,
-                gone: "",
-                dtype: String::new(),
-                shape: Vec::new(),
-            }),
+        let pool = self.inner.pool().clone();
+        Ok(Region::new(region, pool, String::new(), Vec::new()))
+    }
+
+    /// A writable `xcp.Region` of the session's pool shaped as a tensor: `shape` (a tuple of
+    /// ints) of `dtype` ("float32", "float16", "bfloat16", "int8", "uint8", "int32",
+    /// "int64", ... or a numpy or torch dtype), compact row-major. `np.from_dlpack(region)`
+    /// (or `torch.from_dlpack(region)`) is an array over the same memory; fill it, then
+    /// `send_tensor(region)` (or the array) sends it by handle with no copy.
+    fn empty(
+        &self,
+        py: Python<'_>,
+        shape: &Bound<'_, PyAny>,
+        dtype: &Bound<'_, PyAny>,
+    ) -> PyResult<Region> {
+        let (nbytes, name, dims) = empty_args(shape, dtype)?;
+        let s = self.inner.clone();
+        let region = call(
+            py,
+            None,
+            "alloc",
+            async move { s.alloc(nbytes.max(1)).await },
+        )?;
+        let pool = self.inner.pool().clone();
+        Ok(Region::new(region, pool, name.to_string(), dims))
+    }
+
+    /// Sends a tensor: any object with `__dlpack__` in host memory (a numpy array, a torch
+    /// CPU tensor, an `xcp.Region` from `empty`, a received `xcp.View`), as the attachment
+    /// `id` of `ether` (default `Ether("tensor")`) with its dtype and shape. A tensor that
+    /// starts at the first byte of one of our regions goes by handle with no copy (the region
+    /// is handed over: arrays over it must not be written to afterwards); any other is
+    /// copied once into a region of the pool, which goes by handle, or, when the session
+    /// negotiated no handle scheme, copied once inline into the message. The receiver gets
+    /// it with `msg.tensor()`. Raises `xcp.InvalidError` for device (non-CPU) tensors,
+    /// non-C-contiguous ones and dtypes xcp does not know. Returns the msgId.
+    #[pyo3(signature = (tensor, ether=None, *, id="tensor", codec="json"))]
+    fn send_tensor(
+        &self,
+        py: Python<'_>,
+        tensor: &Bound<'_, PyAny>,
+        ether: Option<&Bound<'_, PyAny>>,
+        id: &str,
+        codec: &str,
+    ) -> PyResult<u64> {
+        let e = tensor_ether(py, ether)?;
+        let codec = codec_arg(codec)?;
+        let out = prepare_tensor(py, &self.inner, tensor, id)?;
+        let (e, regions) = finish_tensor_sync(py, &self.inner, e, out)?;
+        let s = self.inner.clone();
+        call(py, None, "send_tensor", async move {
+            if regions.is_empty() {
+                s.send(Outgoing::ether(&e, codec)?).await
+            } else {
+                s.send_regions(e, codec, regions).await
+            }
         })
+    }
+
+    /// `send_tensor`, then waits for the reply (as `request` does) and returns it.
+    #[pyo3(signature = (tensor, ether=None, *, id="tensor", codec="json", timeout=None))]
+    fn request_tensor(
+        &self,
+        py: Python<'_>,
+        tensor: &Bound<'_, PyAny>,
+        ether: Option<&Bound<'_, PyAny>>,
+        id: &str,
+        codec: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<Message> {
+        let e = tensor_ether(py, ether)?;
+        let codec = codec_arg(codec)?;
+        let timeout = seconds("timeout", timeout)?;
+        let out = prepare_tensor(py, &self.inner, tensor, id)?;
+        let (e, regions) = finish_tensor_sync(py, &self.inner, e, out)?;
+        let s = self.inner.clone();
+        let m = call(py, timeout, "request_tensor", async move {
+            if regions.is_empty() {
+                s.request(Outgoing::ether(&e, codec)?).await
+            } else {
+                s.request_regions(e, codec, regions).await
+            }
+        })?;
+        message(py, m)
     }
 
     /// Closes gracefully (what was sent is flushed). Closing a closed session is no error.
@@ -1367,6 +1661,157 @@ impl Session {
             self.inner.peer(),
             self.inner.is_closed()
         )
+    }
+}
+
+/// The byte size, dtype name and attachment shape of `empty(shape, dtype)`.
+fn empty_args(
+    shape: &Bound<'_, PyAny>,
+    dtype: &Bound<'_, PyAny>,
+) -> PyResult<(usize, &'static str, Vec<u32>)> {
+    let dims: Vec<i64> = if let Ok(n) = shape.extract::<i64>() {
+        vec![n]
+    } else {
+        shape.extract().map_err(|_| {
+            raise(
+                "InvalidError",
+                format!("shape: a tuple of ints, got {}", type_name(shape)),
+            )
+        })?
+    };
+    if dims.len() > xcp::codec::dlpack::MAX_NDIM {
+        return Err(raise(
+            "InvalidError",
+            format!("shape: {} dimensions, at most 64", dims.len()),
+        ));
+    }
+    let name = dlpack::dtype_arg(dtype)?;
+    let dt = dlpack::dtype_of(name).expect("a known dtype");
+    let (nbytes, dims) = dlpack::layout(&dims, dt)?;
+    Ok((nbytes, name, dims))
+}
+
+/// The Ether of a `send_tensor` (`Ether("tensor")` when none is given).
+fn tensor_ether(py: Python<'_>, ether: Option<&Bound<'_, PyAny>>) -> PyResult<xcp::Ether> {
+    match ether {
+        Some(e) if !e.is_none() => ether_arg(py, e),
+        _ => Ok(xcp::Ether::new("tensor", Map::new())),
+    }
+}
+
+/// Where the bytes of a tensor to send come from.
+pub(crate) enum TensorSource {
+    /// One of our regions, taken: it goes by handle (inline where no scheme was negotiated).
+    Ours(xcp::attach::Region),
+    /// Another host tensor, to copy once into a new region of the pool.
+    Copy(dlpack::Imported),
+    /// Copied once inline (no handle scheme negotiated).
+    Inline(Bytes),
+}
+
+/// A tensor ready to send: its attachment (id, dtype, shape) and its bytes.
+pub(crate) struct TensorOut {
+    pub(crate) att: Attachment,
+    pub(crate) source: TensorSource,
+}
+
+/// Whether a session sends attachments by handle.
+fn by_handle(s: &xcp::Session) -> bool {
+    s.negotiated().shared_mem && !s.negotiated().attach.is_empty()
+}
+
+/// Takes the tensor of a `send_tensor` (the GIL is held): one of our regions (by itself or
+/// under an array that starts at its first byte) is taken out of its `Region`; any other host
+/// tensor is read through `__dlpack__`.
+pub(crate) fn prepare_tensor(
+    py: Python<'_>,
+    session: &xcp::Session,
+    tensor: &Bound<'_, PyAny>,
+    id: &str,
+) -> PyResult<TensorOut> {
+    let take =
+        |state: &Mutex<RegionState>, dtype: String, shape: Vec<u32>| -> PyResult<TensorOut> {
+            let mut st = lock(state);
+            let gone = st.gone;
+            let region = st.region.take().ok_or_else(|| {
+                raise(
+                    "InvalidError",
+                    format!("send_tensor: this region was {gone} already"),
+                )
+            })?;
+            st.gone = "sent";
+            let att = Attachment {
+                id: id.to_string(),
+                dtype,
+                shape,
+                ..Default::default()
+            };
+            Ok(TensorOut {
+                att,
+                source: TensorSource::Ours(region),
+            })
+        };
+    if let Ok(r) = tensor.cast::<Region>() {
+        let r = r.get();
+        let (dtype, shape) = {
+            let st = lock(&r.state);
+            let len = st.region.as_ref().map_or(r.nbytes, |g| g.len());
+            let (dt, dims, _) = tensor_of(&st.dtype, &st.shape, len)
+                .map_err(|e| raise("InvalidError", format!("send_tensor: {e}")))?;
+            let dims: Vec<u32> = dims.iter().map(|&d| d as u32).collect();
+            (dlpack::name_of(dt).unwrap_or("uint8").to_string(), dims)
+        };
+        return take(&r.state, dtype, shape);
+    }
+    let imp = dlpack::import(py, tensor)?;
+    if imp.nbytes > 0 {
+        if let Some(state) = region_at(imp.addr, imp.nbytes) {
+            let (dtype, shape) = (imp.dtype.to_string(), imp.shape.clone());
+            drop(imp);
+            return take(&state, dtype, shape);
+        }
+    }
+    let att = Attachment {
+        id: id.to_string(),
+        dtype: imp.dtype.to_string(),
+        shape: imp.shape.clone(),
+        ..Default::default()
+    };
+    let source = if by_handle(session) {
+        TensorSource::Copy(imp)
+    } else {
+        let b = Bytes::copy_from_slice(imp.bytes());
+        drop(imp);
+        TensorSource::Inline(b)
+    };
+    Ok(TensorOut { att, source })
+}
+
+/// The Ether and regions to send for `out`, on the sync path: a copy is allocated (waiting
+/// with the GIL released) and filled here; inline bytes go into the Ether.
+fn finish_tensor_sync(
+    py: Python<'_>,
+    session: &xcp::Session,
+    mut e: xcp::Ether,
+    out: TensorOut,
+) -> PyResult<(xcp::Ether, Vec<(Attachment, xcp::attach::Region)>)> {
+    let TensorOut { mut att, source } = out;
+    match source {
+        TensorSource::Ours(r) => Ok((e, vec![(att, r)])),
+        TensorSource::Copy(imp) => {
+            let n = imp.nbytes.max(1);
+            let s = session.clone();
+            let mut region = call(py, None, "alloc", async move { s.alloc(n).await })?;
+            region[..imp.nbytes].copy_from_slice(imp.bytes());
+            drop(imp);
+            Ok((e, vec![(att, region)]))
+        }
+        TensorSource::Inline(b) => {
+            att.size_bytes = b.len() as u64;
+            att.inline_bytes = Some(b);
+            e.attachments.push(att);
+            Ok((e, Vec::new()))
+        }
     }
 }
 
@@ -1462,6 +1907,41 @@ struct Server {
     /// The URL really bound: with the real port when bound to port 0.
     #[pyo3(get)]
     url: String,
+    /// Set by `close()`: a waiting `accept()` stops then (it holds the server too, so
+    /// dropping ours alone would not end it).
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    /// A Python server over a bound library server.
+    fn new(server: xcp::Server) -> Server {
+        Server {
+            url: server.local_url(),
+            inner: Mutex::new(Some(std::sync::Arc::new(server))),
+            stop: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The `xcp.ClosedError` of a closed server.
+    fn closed_error(&self) -> PyErr {
+        raise_with(
+            "ClosedError",
+            format!("server {} is closed", self.url),
+            |x| x.setattr("reason", "ServerStopped"),
+        )
+    }
+}
+
+/// Resolves once `close()` was called on the server of `stop`.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[pymethods]
@@ -1483,10 +1963,7 @@ impl Server {
         let server = call(py, None, "bind", async move {
             xcp::Server::bind(&url, cfg).await
         })?;
-        Ok(Server {
-            url: server.local_url(),
-            inner: Mutex::new(Some(std::sync::Arc::new(server))),
-        })
+        Ok(Server::new(server))
     }
 
     /// The next connection whose handshake completed, as a `Session`. Raises
@@ -1495,20 +1972,29 @@ impl Server {
     #[pyo3(signature = (timeout=None))]
     fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Session> {
         let timeout = seconds("timeout", timeout)?;
-        let server = lock(&self.inner).clone().ok_or_else(|| {
-            raise_with(
-                "ClosedError",
-                format!("server {} is closed", self.url),
-                |x| x.setattr("reason", "ServerStopped"),
-            )
+        // Subscribed before the check: a close() from now on is seen.
+        let stop = self.stop.subscribe();
+        let server = lock(&self.inner)
+            .clone()
+            .ok_or_else(|| self.closed_error())?;
+        let s = call(py, timeout, "accept", async move {
+            tokio::select! {
+                r = server.accept() => r.map(Some),
+                _ = stopped(stop) => Ok(None),
+            }
         })?;
-        let s = call(py, timeout, "accept", async move { server.accept().await })?;
-        Ok(Session { inner: s })
+        match s {
+            Some(s) => Ok(Session { inner: s }),
+            None => Err(self.closed_error()),
+        }
     }
 
-    /// Stops accepting and removes a Unix socket file. Sessions accepted live on.
+    /// Stops accepting and removes a Unix socket file; an `accept()` waiting in another
+    /// thread raises `xcp.ClosedError` (reason "ServerStopped") at once. Sessions accepted
+    /// live on.
     fn close(&self) {
         let server = lock(&self.inner).take();
+        self.stop.send_replace(true);
         drop(server);
     }
 
@@ -1551,6 +2037,7 @@ fn _xcp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ether>()?;
     m.add_class::<Region>()?;
     m.add_class::<View>()?;
+    m.add_function(wrap_pyfunction!(dlpack::_dlpack_live, m)?)?;
     aio::register(m)?;
     Ok(())
 }

@@ -80,3 +80,32 @@ def test_python_server_in_this_process_accepts(url_for):
         t.join(10)
         assert got == [xcp.Ether("hi", {"a": 1})]
     assert server.closed
+
+
+def test_close_stops_an_accept_waiting_in_another_thread():
+    """A thread blocked in Server.accept() raises xcp.ClosedError (reason ServerStopped) as
+    soon as another thread closes the server, not at its timeout."""
+    import threading
+    import time
+
+    server = xcp.Server.bind("tcp://127.0.0.1:0")
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            server.accept(timeout=30)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            got.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    server.close()
+    t.join(timeout=10)
+    assert not t.is_alive(), "accept() still waits after close()"
+    assert time.monotonic() - start < 5
+    assert len(got) == 1 and isinstance(got[0], xcp.ClosedError), got
+    assert got[0].reason == "ServerStopped"
+    with pytest.raises(xcp.ClosedError):
+        server.accept(timeout=1)

@@ -11,8 +11,13 @@ The asyncio API is :mod:`xcp.aio` (imported with the package): the same calls as
 coroutines (``await xcp.aio.connect(url)``, ``await session.request(...)``, ``async for msg in
 session``), on the same Rust runtime, with cancellation that leaves the session usable.
 
-Not in this release (later steps of the package): DLPack (``__dlpack__``, ``send_tensor``),
-CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate options, ``session.stats()`` and the
+Tensors (DLPack, host memory): ``session.empty(shape, dtype)`` is a region shaped as a
+tensor with ``__dlpack__`` (``numpy.from_dlpack(region)`` writes straight into the shared
+segment); ``session.send_tensor(t)`` / ``request_tensor(t)`` send any object with
+``__dlpack__`` (by handle with no copy when it lies in one of our regions, else copied
+once); the receiver's ``msg.tensor()`` is a read-only view with ``__dlpack__``.
+
+Not in this release (later steps of the package): CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate options, ``session.stats()`` and the
 ``python -m xcp.bench`` benchmark.
 
 Processes: the extension runs one tokio runtime per process. A child made by ``fork`` after

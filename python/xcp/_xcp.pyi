@@ -5,12 +5,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from typing_extensions import Buffer, Self
 
 _Codec = Literal["json", "protobuf", "JSON", "PROTOBUF"]
 _Attachments = Mapping[str, "Region | Buffer"]
+#: A dtype: a name such as "float32", "float16", "bfloat16", "int8", "uint8", "int32",
+#: "int64", or a numpy dtype / scalar type, or a torch dtype.
+_DType = Any
+#: The arguments of ``__dlpack__`` (the array API standard).
+_Capsule = Any
+
+class _SupportsDLPack(Protocol):
+    def __dlpack__(self, *, stream: Any = ..., max_version: Any = ...) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+def _dlpack_live() -> int:
+    """Managed DLPack tensors exported by xcp whose deleter has not run (a test hook)."""
 
 def connect(
     url: str,
@@ -47,9 +59,11 @@ class Server:
         and starts accepting. ``handles=False`` offers no handle schemes."""
     def accept(self, timeout: float | None = None) -> Session:
         """The next connection whose handshake completed. ``xcp.TimeoutError`` after
-        ``timeout`` seconds (None: no limit); ``xcp.ClosedError`` once closed."""
+        ``timeout`` seconds (None: no limit); ``xcp.ClosedError`` once closed (also for an
+        ``accept()`` waiting in another thread when ``close()`` is called)."""
     def close(self) -> None:
-        """Stops accepting (and removes a Unix socket file); accepted sessions live on."""
+        """Stops accepting (and removes a Unix socket file); a waiting ``accept()`` raises
+        ``xcp.ClosedError`` (reason ``"ServerStopped"``). Accepted sessions live on."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -101,6 +115,32 @@ class Session:
         """Sends a PING; returns the round-trip time in seconds."""
     def alloc(self, nbytes: int) -> Region:
         """A writable region of ``nbytes`` from the session's shared pool."""
+    def empty(self, shape: int | tuple[int, ...] | list[int], dtype: _DType) -> Region:
+        """A writable region of the pool shaped as a ``shape`` tensor of ``dtype`` (compact
+        row-major); ``numpy.from_dlpack(region)`` is an array over the same memory."""
+    def send_tensor(
+        self,
+        tensor: _SupportsDLPack,
+        ether: Ether | None = None,
+        *,
+        id: str = "tensor",
+        codec: _Codec = "json",
+    ) -> int:
+        """Sends a host tensor (any object with ``__dlpack__``) as attachment ``id`` of
+        ``ether`` (default ``Ether("tensor")``): by handle with no copy when it starts at the
+        first byte of one of our regions, else copied once into a region of the pool (or
+        inline when no handle scheme was negotiated). ``xcp.InvalidError`` for device
+        tensors, non-C-contiguous ones and unknown dtypes. Returns the msgId."""
+    def request_tensor(
+        self,
+        tensor: _SupportsDLPack,
+        ether: Ether | None = None,
+        *,
+        id: str = "tensor",
+        codec: _Codec = "json",
+        timeout: float | None = None,
+    ) -> Message:
+        """``send_tensor``, then waits for the reply and returns it."""
     def close(self) -> None:
         """Closes gracefully; closing a closed session is no error."""
     def __enter__(self) -> Self: ...
@@ -135,6 +175,10 @@ class Message:
     @property
     def body(self) -> bytes:
         """The wire body (a copy)."""
+    def tensor(self, id: str | None = None) -> View:
+        """The tensor attachment ``id`` (default ``"tensor"``, or the only attachment): a
+        read-only view with ``__dlpack__`` (``numpy.from_dlpack(msg.tensor())``, no copy).
+        ``xcp.InvalidError`` when there is none."""
 
 class Ether:
     """The body of a DATA message: ``kind``, ``schema_version``, ``payload``, ``metadata``.
@@ -173,6 +217,18 @@ class Region:
         """Gives the slot back unsent; refused while buffers over it are exported."""
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> _Capsule:
+        """A writable DLPack capsule over the region ("dltensor_versioned" when
+        ``max_version`` >= (1, 0), else "dltensor"), shaped by ``dtype`` and ``shape``."""
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(1, 0)``: the CPU."""
 
 class View:
     """A received attachment: a read-only buffer over the bytes where they arrived."""
@@ -210,6 +266,20 @@ class View:
         """Ends the view; the sender's ACK goes once exported buffers are released too."""
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> _Capsule:
+        """A read-only DLPack capsule over the bytes where they arrived (no copy), shaped by
+        the sender's ``dtype`` and ``shape``. Needs ``max_version`` >= (1, 0) (the legacy
+        capsule cannot say read-only: BufferError) unless ``copy=True``. The mapping and the
+        sender's ACK wait until the consumer's tensor is deleted."""
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(1, 0)``: the CPU."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -333,3 +403,31 @@ def _aio_alloc(
 
 def _aio_close(event_loop: asyncio.AbstractEventLoop, done: _Done, session: Session) -> AioOp:
     """``session.close``; the result is None."""
+def _aio_empty(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    shape: int | tuple[int, ...] | list[int],
+    dtype: _DType,
+) -> AioOp: ...
+def _aio_send_tensor(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    tensor: _SupportsDLPack,
+    ether: Ether | None = None,
+    *,
+    id: str = "tensor",
+    codec: _Codec = "json",
+) -> AioOp: ...
+def _aio_request_tensor(
+    event_loop: asyncio.AbstractEventLoop,
+    done: _Done,
+    session: Session,
+    tensor: _SupportsDLPack,
+    ether: Ether | None = None,
+    *,
+    id: str = "tensor",
+    codec: _Codec = "json",
+    timeout: float | None = None,
+) -> AioOp: ...

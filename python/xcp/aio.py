@@ -268,6 +268,50 @@ class Session:
         result: Region = await _call(_xcp._aio_alloc, self._inner, nbytes)
         return result
 
+    async def empty(self, shape: int | tuple[int, ...] | list[int], dtype: Any) -> Region:
+        """A writable :class:`xcp.Region` of the pool shaped as a ``shape`` tensor of
+        ``dtype`` (see :meth:`xcp.Session.empty`); waits (without blocking the loop) while
+        the pool is full."""
+        result: Region = await _call(_xcp._aio_empty, self._inner, shape, dtype)
+        return result
+
+    async def send_tensor(
+        self,
+        tensor: Any,
+        ether: Ether | None = None,
+        *,
+        id: str = "tensor",
+        codec: _Codec = "json",
+    ) -> int:
+        """Sends a host tensor (any object with ``__dlpack__``) as attachment ``id`` of
+        ``ether``, as :meth:`xcp.Session.send_tensor` does (by handle with no copy when it
+        lies in one of our regions, else copied once); returns its msgId."""
+        result: int = await _call(
+            _xcp._aio_send_tensor, self._inner, tensor, ether, id=id, codec=codec
+        )
+        return result
+
+    async def request_tensor(
+        self,
+        tensor: Any,
+        ether: Ether | None = None,
+        *,
+        id: str = "tensor",
+        codec: _Codec = "json",
+        timeout: float | None = None,
+    ) -> Message:
+        """:meth:`send_tensor`, then returns the reply (as :meth:`request`)."""
+        result: Message = await _call(
+            _xcp._aio_request_tensor,
+            self._inner,
+            tensor,
+            ether,
+            id=id,
+            codec=codec,
+            timeout=timeout,
+        )
+        return result
+
     async def close(self) -> None:
         """Closes gracefully (what was sent is flushed); closing a closed session is no
         error."""
