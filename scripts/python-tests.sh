@@ -2,10 +2,13 @@
 # The Python package's checks (python/, issue 21), from a fresh clone with only the Rust
 # toolchain and Python 3 (3.11 or later):
 #   1. a virtual environment at target/py-venv, made if missing (python3 -m venv);
-#   2. maturin, numpy and pytest from PyPI into it (major versions pinned);
+#   2. maturin, numpy, pytest and pyzmq (the bench's baseline) from PyPI into it (major
+#      versions pinned);
 #   3. the extension built into it (`maturin develop` in python/, target dir target/python);
 #   4. the Rust `xcp` binary (`cargo build --bin xcp`), which the tests run as a peer;
-#   5. `pytest -q python/tests`, then the examples python/examples/kv_handoff.py (sync) and
+#   5. `pytest -q python/tests` (with `python -m xcp.bench --quick` on tiny sizes, TLS and
+#      QUIC with certificates from `xcp cert dev`, 1,000 hand-offs of 64 MiB: XCP_SKIP_SOAK=1
+#      skips those), then the examples python/examples/kv_handoff.py (sync) and
 #      python/examples/aio_embedding.py (asyncio), each over a Unix socket and over TCP.
 # Every step is printed before it runs; the exit code is the verdict (non-zero on any failure).
 #
@@ -46,9 +49,9 @@ else
 fi
 VPY="$VENV/bin/python"
 
-step "pip install maturin numpy pytest"
+step "pip install maturin numpy pytest pyzmq"
 run "$VPY" -m pip install --quiet --disable-pip-version-check \
-    'maturin>=1.5,<2' 'numpy>=1.24,<3' 'pytest>=8,<10'
+    'maturin>=1.5,<2' 'numpy>=1.24,<3' 'pytest>=8,<10' 'pyzmq>=25,<28'
 
 step "extension: maturin develop (python/ -> $VENV, cargo target $PY_TARGET)"
 (

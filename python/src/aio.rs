@@ -25,8 +25,9 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,8 +39,9 @@ use xcp::{Attachment, ErrorCode};
 
 use crate::{
     code_arg, codec_arg, config, empty_args, ether_arg, exported, lock, message, panic_text,
-    prepare_tensor, raise, raise_with, runtime, seconds, set_code, tensor_ether, timeout_error,
-    to_py_err, type_name, Message, Region, Server, Session, TensorOut, TensorSource,
+    prepare_tensor, raise, raise_with, runtime, seconds, sent_paths, set_code, tensor_ether,
+    timeout_error, tls_arg, to_py_err, type_name, Message, Region, Server, Session, Stats,
+    TensorOut, TensorSource,
 };
 
 /// A running asyncio operation of `xcp.aio`: `cancel()` aborts its task on the runtime.
@@ -301,14 +303,16 @@ fn int(py: Python<'_>, id: u64) -> PyResult<Py<PyAny>> {
     Ok(id.into_pyobject(py)?.into_any().unbind())
 }
 
-/// A received message as an `xcp.Message`.
-fn msg(py: Python<'_>, m: xcp::conn::Incoming) -> PyResult<Py<PyAny>> {
-    Ok(Py::new(py, message(py, m)?)?.into_any())
+/// The conversion of a received message to an `xcp.Message`, counted in `stats`.
+fn msg(
+    stats: Arc<Stats>,
+) -> impl FnOnce(Python<'_>, xcp::conn::Incoming) -> PyResult<Py<PyAny>> + Send + 'static {
+    move |py, m| Ok(Py::new(py, message(py, m, &stats)?)?.into_any())
 }
 
 /// A library session as an `xcp.Session` (the sync class; `xcp.aio.Session` wraps it).
 fn session(py: Python<'_>, s: xcp::Session) -> PyResult<Py<PyAny>> {
-    Ok(Py::new(py, Session { inner: s })?.into_any())
+    Ok(Py::new(py, Session::new(s))?.into_any())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,7 +453,7 @@ fn take(
 
 /// Starts `connect` (see `xcp.connect`); `done` gets an `xcp.Session`.
 #[pyfunction]
-#[pyo3(signature = (event_loop, done, url, *, connect_timeout=10.0, request_timeout=30.0, handles=true, require_handles=false))]
+#[pyo3(signature = (event_loop, done, url, *, connect_timeout=10.0, request_timeout=30.0, handles=true, require_handles=false, cert=None, key=None, ca=None, server_name=None))]
 #[allow(clippy::too_many_arguments)]
 fn _aio_connect(
     event_loop: &Bound<'_, PyAny>,
@@ -459,6 +463,10 @@ fn _aio_connect(
     request_timeout: f64,
     handles: bool,
     require_handles: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    server_name: Option<&str>,
 ) -> PyResult<AioOp> {
     if require_handles && !handles {
         return Err(raise(
@@ -466,7 +474,8 @@ fn _aio_connect(
             "require_handles=True with handles=False: nothing could ever be sent by handle".into(),
         ));
     }
-    let cfg = config(connect_timeout, request_timeout, handles)?;
+    let tls = tls_arg(cert, key, ca, server_name)?;
+    let cfg = config(connect_timeout, request_timeout, handles, tls)?;
     let url = url.to_string();
     let fut = async move {
         let s = xcp::Session::connect(&url, cfg).await?;
@@ -494,7 +503,8 @@ fn _aio_connect(
 
 /// Starts `Server.bind`; `done` gets an `xcp.Server`.
 #[pyfunction]
-#[pyo3(signature = (event_loop, done, url, *, handles=true, connect_timeout=10.0, request_timeout=30.0))]
+#[pyo3(signature = (event_loop, done, url, *, handles=true, connect_timeout=10.0, request_timeout=30.0, cert=None, key=None, ca=None))]
+#[allow(clippy::too_many_arguments)]
 fn _aio_bind(
     event_loop: &Bound<'_, PyAny>,
     done: &Bound<'_, PyAny>,
@@ -502,8 +512,12 @@ fn _aio_bind(
     handles: bool,
     connect_timeout: f64,
     request_timeout: f64,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
 ) -> PyResult<AioOp> {
-    let cfg = config(connect_timeout, request_timeout, handles)?;
+    let tls = tls_arg(cert, key, ca, None)?;
+    let cfg = config(connect_timeout, request_timeout, handles, tls)?;
     let url = url.to_string();
     let fut = async move { Ok(xcp::Server::bind(&url, cfg).await?) };
     start(event_loop, done, None, "bind", fut, |py, server| {
@@ -549,8 +563,10 @@ fn _aio_send(
     let codec = codec_arg(codec)?;
     let pending = collect(py, attachments)?;
     let s = session.get().inner.clone();
+    let stats = session.get().stats.clone();
     let fut = async move {
         let regions = materialize(&s, pending).await?;
+        stats.record(true, &sent_paths(&s, &e, &regions));
         let sent = if regions.is_empty() {
             match Outgoing::ether(&e, codec) {
                 Ok(out) => s.send(out).await,
@@ -583,8 +599,11 @@ fn _aio_request(
     let timeout = seconds("timeout", timeout)?;
     let pending = collect(py, attachments)?;
     let s = session.get().inner.clone();
+    let stats = session.get().stats.clone();
+    let sent = stats.clone();
     let fut = async move {
         let regions = materialize(&s, pending).await?;
+        sent.record(true, &sent_paths(&s, &e, &regions));
         let reply = if regions.is_empty() {
             match Outgoing::ether(&e, codec) {
                 Ok(out) => s.request(out).await,
@@ -595,7 +614,7 @@ fn _aio_request(
         };
         Ok(reply?)
     };
-    start(event_loop, done, timeout, "request", fut, msg)
+    start(event_loop, done, timeout, "request", fut, msg(stats))
 }
 
 /// Starts `session.recv(timeout)`; `done` gets an `xcp.Message`.
@@ -609,10 +628,11 @@ fn _aio_recv(
 ) -> PyResult<AioOp> {
     let timeout = seconds("timeout", timeout)?;
     let s = session.get().inner.clone();
+    let stats = session.get().stats.clone();
     // The library's recv may be dropped before it returns (a cancel, a timeout) without
     // losing a message: one not taken off the queue yet stays there for the next recv.
     let fut = async move { Ok(s.recv().await?) };
-    start(event_loop, done, timeout, "recv", fut, msg)
+    start(event_loop, done, timeout, "recv", fut, msg(stats))
 }
 
 /// Starts `session.reply(msg, ether)`; `done` gets the msgId.
@@ -631,7 +651,9 @@ fn _aio_reply(
     let codec = codec_arg(codec)?;
     let (to, channel) = (msg.msg_id, msg.channel);
     let s = session.get().inner.clone();
+    let stats = session.get().stats.clone();
     let fut = async move {
+        stats.record(true, &[]);
         let sent = match Outgoing::ether(&e, codec) {
             Ok(out) => s.send(out.reply_to(to).on_channel(channel)).await,
             Err(err) => Err(err),
@@ -769,8 +791,10 @@ fn _aio_send_tensor(
     let codec = codec_arg(codec)?;
     let s = session.get().inner.clone();
     let out = prepare_tensor(py, &s, tensor, id)?;
+    let stats = session.get().stats.clone();
     let fut = async move {
         let (e, regions) = finish_tensor(&s, e, out).await?;
+        stats.record(true, &sent_paths(&s, &e, &regions));
         let sent = if regions.is_empty() {
             match Outgoing::ether(&e, codec) {
                 Ok(out) => s.send(out).await,
@@ -804,8 +828,11 @@ fn _aio_request_tensor(
     let timeout = seconds("timeout", timeout)?;
     let s = session.get().inner.clone();
     let out = prepare_tensor(py, &s, tensor, id)?;
+    let stats = session.get().stats.clone();
+    let sent = stats.clone();
     let fut = async move {
         let (e, regions) = finish_tensor(&s, e, out).await?;
+        sent.record(true, &sent_paths(&s, &e, &regions));
         let reply = if regions.is_empty() {
             match Outgoing::ether(&e, codec) {
                 Ok(out) => s.request(out).await,
@@ -816,7 +843,7 @@ fn _aio_request_tensor(
         };
         Ok(reply?)
     };
-    start(event_loop, done, timeout, "request_tensor", fut, msg)
+    start(event_loop, done, timeout, "request_tensor", fut, msg(stats))
 }
 
 /// Starts `session.close()`; `done` gets None.

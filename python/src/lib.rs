@@ -19,9 +19,11 @@
 //! `xcp._errors` (see [`to_py_err`]), and a panic inside a blocking call is caught and raised
 //! as `xcp.XcpError`.
 
+use std::collections::BTreeMap;
 use std::ffi::c_int;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -237,6 +239,16 @@ fn set_code(e: &Bound<'_, PyAny>, code: ErrorCode, detail: &str) -> PyResult<()>
 /// `xcp._errors` (all subclasses of `xcp.XcpError`), with the variant's fields as attributes.
 fn to_py_err(e: Error) -> PyErr {
     let message = e.to_string();
+    // A TLS refusal the stream reports as I/O or as a closed connection (the peer refused our
+    // certificate after the handshake) is a TlsError too, with the failure it carries.
+    if !matches!(e, Error::Tls { .. }) {
+        if let Some(failure) = e.tls_failure() {
+            return raise_with("TlsError", message.clone(), |x| {
+                x.setattr("failure", format!("{failure:?}"))?;
+                x.setattr("detail", message.as_str())
+            });
+        }
+    }
     match &e {
         Error::Nack {
             msg_id,
@@ -1248,7 +1260,7 @@ fn uri_path(uri: &str) -> String {
 
 /// A received message for Python. The library's message is dropped here: from now on only
 /// the Python views hold the lease, so the ACK goes when they are released.
-fn message(py: Python<'_>, m: Incoming) -> PyResult<Message> {
+fn message(py: Python<'_>, m: Incoming, stats: &Stats) -> PyResult<Message> {
     let codec = m.header.body_codec;
     let ether = if codec == CodecId::JSON || codec == CodecId::PROTOBUF {
         Some(m.ether().map_err(to_py_err)?)
@@ -1256,6 +1268,8 @@ fn message(py: Python<'_>, m: Incoming) -> PyResult<Message> {
         None
     };
     let attachments = PyDict::new(py);
+    // (path, bytes) of each attachment, for the session's stats.
+    let mut seen: Vec<(String, u64)> = Vec::new();
     if let Some(e) = &ether {
         for a in &e.attachments {
             let (data, path) = match (m.view(&a.id), &a.inline_bytes) {
@@ -1265,6 +1279,7 @@ fn message(py: Python<'_>, m: Incoming) -> PyResult<Message> {
                 (None, None) => continue,
             };
             let nbytes = data.bytes().len();
+            seen.push((path.clone(), nbytes as u64));
             let view = View {
                 state: Mutex::new(ViewState {
                     data: Some(data),
@@ -1286,6 +1301,7 @@ fn message(py: Python<'_>, m: Incoming) -> PyResult<Message> {
         Some(e) => Some(Py::new(py, Ether::from_rust(py, e)?)?),
         None => None,
     };
+    stats.record(false, &seen);
     Ok(Message {
         msg_id: m.msg_id(),
         in_reply_to: m.header.in_reply_to,
@@ -1306,6 +1322,115 @@ fn message(py: Python<'_>, m: Incoming) -> PyResult<Message> {
 #[pyclass(module = "xcp._xcp", frozen)]
 struct Session {
     inner: xcp::Session,
+    /// What this Python session sent and received, by path (see `stats()`).
+    stats: Arc<Stats>,
+}
+
+impl Session {
+    /// A Python session over a library session, with its counters at zero.
+    fn new(inner: xcp::Session) -> Session {
+        Session {
+            inner,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+}
+
+/// The counters of `Session.stats()`: DATA messages and attachment bytes sent and received,
+/// in total and by the path each attachment took ("memfd", "shm", "inline", ...), counted
+/// where the Python layer hands a message to the session and where it turns a received one
+/// into a `Message`.
+#[derive(Default)]
+pub(crate) struct Stats {
+    inner: Mutex<[Side; 2]>,
+}
+
+/// One direction of [`Stats`].
+#[derive(Default, Clone)]
+struct Side {
+    messages: u64,
+    bytes: u64,
+    /// path -> (messages with an attachment on it, attachment bytes on it)
+    paths: BTreeMap<String, (u64, u64)>,
+}
+
+impl Stats {
+    /// Counts one message, sent (`sent`) or received, whose attachments took `paths`
+    /// ((path, bytes) each; empty for a message without attachments).
+    pub(crate) fn record(&self, sent: bool, paths: &[(String, u64)]) {
+        let mut all = lock(&self.inner);
+        let side = &mut all[usize::from(!sent)];
+        side.messages += 1;
+        let mut counted: Vec<&str> = Vec::new();
+        for (path, n) in paths {
+            side.bytes += n;
+            let e = side.paths.entry(path.clone()).or_default();
+            e.1 += n;
+            if !counted.contains(&path.as_str()) {
+                e.0 += 1;
+                counted.push(path);
+            }
+        }
+    }
+
+    /// The counters as `{"sent": {...}, "received": {...}}`.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let all = lock(&self.inner).clone();
+        let d = PyDict::new(py);
+        for (name, side) in ["sent", "received"].iter().zip(all.iter()) {
+            let s = PyDict::new(py);
+            s.set_item("messages", side.messages)?;
+            s.set_item("bytes", side.bytes)?;
+            let by = PyDict::new(py);
+            for (path, (m, b)) in &side.paths {
+                let p = PyDict::new(py);
+                p.set_item("messages", m)?;
+                p.set_item("bytes", b)?;
+                by.set_item(path, p)?;
+            }
+            s.set_item("by_path", by)?;
+            d.set_item(*name, s)?;
+        }
+        Ok(d)
+    }
+}
+
+/// The path an attachment of ours will take on `session`: its segment's scheme where the
+/// session negotiated that scheme and the region is not below the inline threshold (the
+/// library's rule), "inline" otherwise. An inline fallback after a refused handle (the peer's
+/// ERR_ATTACHMENT) is not seen here.
+fn sent_path(session: &xcp::Session, region: &xcp::attach::Region) -> String {
+    let n = session.negotiated();
+    let scheme = region.segment().scheme();
+    let threshold = AttachConfig::default().inline_threshold;
+    if n.shared_mem
+        && n.attach.contains(&scheme)
+        && scheme != xcp::attach::Scheme::Local
+        && region.len() >= threshold
+    {
+        scheme.name().to_string()
+    } else {
+        "inline".to_string()
+    }
+}
+
+/// The (path, bytes) of every attachment of a message about to be sent: the regions (see
+/// [`sent_path`]) and the bytes already inline in the Ether.
+pub(crate) fn sent_paths(
+    session: &xcp::Session,
+    e: &xcp::Ether,
+    regions: &[(Attachment, xcp::attach::Region)],
+) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = e
+        .attachments
+        .iter()
+        .filter_map(|a| a.inline_bytes.as_ref())
+        .map(|b| ("inline".to_string(), b.len() as u64))
+        .collect();
+    for (_, r) in regions {
+        out.push((sent_path(session, r), r.len() as u64));
+    }
+    out
 }
 
 /// The regions of an `attachments=` argument, taken out of their `Region` objects (a
@@ -1414,6 +1539,8 @@ impl Session {
         let e = ether_arg(py, ether)?;
         let codec = codec_arg(codec)?;
         let regions = take_regions(py, &self.inner, attachments)?;
+        self.stats
+            .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         call(py, None, "send", async move {
             if regions.is_empty() {
@@ -1440,6 +1567,8 @@ impl Session {
         let codec = codec_arg(codec)?;
         let timeout = seconds("timeout", timeout)?;
         let regions = take_regions(py, &self.inner, attachments)?;
+        self.stats
+            .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         let m = call(py, timeout, "request", async move {
             if regions.is_empty() {
@@ -1448,7 +1577,7 @@ impl Session {
                 s.request_regions(e, codec, regions).await
             }
         })?;
-        message(py, m)
+        message(py, m, &self.stats)
     }
 
     /// The next message that is not a reply to one of our requests. Raises
@@ -1460,7 +1589,7 @@ impl Session {
         let timeout = seconds("timeout", timeout)?;
         let s = self.inner.clone();
         let m = call(py, timeout, "recv", async move { s.recv().await })?;
-        message(py, m)
+        message(py, m, &self.stats)
     }
 
     /// Sends `ether` as the reply to `msg` (its inReplyTo and channel) and returns its msgId.
@@ -1475,6 +1604,7 @@ impl Session {
         let e = ether_arg(py, ether)?;
         let codec = codec_arg(codec)?;
         let (to, channel) = (msg.msg_id, msg.channel);
+        self.stats.record(true, &[]);
         let s = self.inner.clone();
         call(py, None, "reply", async move {
             let out = Outgoing::ether(&e, codec)?.reply_to(to).on_channel(channel);
@@ -1568,6 +1698,8 @@ impl Session {
         let codec = codec_arg(codec)?;
         let out = prepare_tensor(py, &self.inner, tensor, id)?;
         let (e, regions) = finish_tensor_sync(py, &self.inner, e, out)?;
+        self.stats
+            .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         call(py, None, "send_tensor", async move {
             if regions.is_empty() {
@@ -1594,6 +1726,8 @@ impl Session {
         let timeout = seconds("timeout", timeout)?;
         let out = prepare_tensor(py, &self.inner, tensor, id)?;
         let (e, regions) = finish_tensor_sync(py, &self.inner, e, out)?;
+        self.stats
+            .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         let m = call(py, timeout, "request_tensor", async move {
             if regions.is_empty() {
@@ -1602,7 +1736,18 @@ impl Session {
                 s.request_regions(e, codec, regions).await
             }
         })?;
-        message(py, m)
+        message(py, m, &self.stats)
+    }
+
+    /// What this session sent and received: `{"sent": {...}, "received": {...}}`, each with
+    /// `messages` (DATA messages: sends, requests, replies, tensors; received messages and
+    /// replies), `bytes` (attachment bytes) and `by_path`, path ("memfd", "shm", "inline",
+    /// ...) -> `{"messages": n, "bytes": n}` (the messages with an attachment on that path,
+    /// and the bytes of those attachments). Sent attachments are counted as they are handed
+    /// to the session, by the path the session's negotiation gives them; received ones by
+    /// `view.path`. The same counters as this session's `xcp.aio.Session`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.stats.to_dict(py)
     }
 
     /// Closes gracefully (what was sent is flushed). Closing a closed session is no error.
@@ -1840,8 +1985,59 @@ fn code_arg(code: &Bound<'_, PyAny>) -> PyResult<ErrorCode> {
         })
 }
 
+/// The certificate material of the `cert=`, `key=`, `ca=` and `server_name=` arguments of
+/// `connect` and `Server.bind` (paths to PEM files): all three files make a configuration
+/// that serves and connects (mutual authentication); `ca` alone a client that trusts the CA
+/// but has no certificate (servers refuse it; it cannot serve). None of them: no TLS
+/// material (a `tls://` or `quic://` URL then fails). A missing or unusable file raises
+/// `xcp.TlsError` with `failure == "File"`, a key of another certificate "KeyMismatch".
+pub(crate) fn tls_arg(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    server_name: Option<&str>,
+) -> PyResult<Option<xcp::transport::TlsConfig>> {
+    use xcp::transport::TlsConfig;
+    let tls = match (cert.as_deref(), key.as_deref(), ca.as_deref()) {
+        (None, None, None) => None,
+        (Some(c), Some(k), Some(a)) => Some(TlsConfig::from_files(c, k, a).map_err(to_py_err)?),
+        (None, None, Some(a)) => Some(TlsConfig::trust_only(a).map_err(to_py_err)?),
+        (c, k, a) => {
+            let missing: Vec<&str> = [("cert", c), ("key", k), ("ca", a)]
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(n, _)| *n)
+                .collect();
+            return Err(raise_with(
+                "TlsError",
+                format!(
+                    "TLS: cert=, key= and ca= go together (or ca= alone, for a client without                      a certificate); missing: {}",
+                    missing.join(", ")
+                ),
+                |x| {
+                    x.setattr("failure", "Config")?;
+                    x.setattr("detail", format!("missing {}", missing.join(", ")))
+                },
+            ));
+        }
+    };
+    match (tls, server_name) {
+        (Some(t), Some(n)) => Ok(Some(t.with_server_name(n))),
+        (None, Some(_)) => Err(raise(
+            "InvalidError",
+            "server_name= needs the TLS material too (ca=, and cert= and key=)".into(),
+        )),
+        (t, None) => Ok(t),
+    }
+}
+
 /// The session configuration of the keyword arguments of `connect` and `Server.bind`.
-fn config(connect_timeout: f64, request_timeout: f64, handles: bool) -> PyResult<SessionConfig> {
+fn config(
+    connect_timeout: f64,
+    request_timeout: f64,
+    handles: bool,
+    tls: Option<xcp::transport::TlsConfig>,
+) -> PyResult<SessionConfig> {
     let ct = seconds("connect_timeout", Some(connect_timeout))?.unwrap_or_default();
     let rt = seconds("request_timeout", Some(request_timeout))?.unwrap_or_default();
     let attach = if handles {
@@ -1849,10 +2045,14 @@ fn config(connect_timeout: f64, request_timeout: f64, handles: bool) -> PyResult
     } else {
         AttachConfig::inline_only()
     };
-    Ok(SessionConfig::default()
+    let cfg = SessionConfig::default()
         .with_connect_timeout(ct)
         .with_request_timeout(rt)
-        .with_attach(attach))
+        .with_attach(attach);
+    Ok(match tls {
+        Some(t) => cfg.with_tls(t),
+        None => cfg,
+    })
 }
 
 /// Connects to `url` ("tcp://host:port" or "unix:///path") and returns the `Session` once the
@@ -1860,8 +2060,15 @@ fn config(connect_timeout: f64, request_timeout: f64, handles: bool) -> PyResult
 /// raises `xcp.AttachmentError` when no handle scheme was negotiated (the peer offers none,
 /// or is on another host) instead of falling back to inline bytes. A bad URL raises
 /// `xcp.InvalidError`, no answer within `connect_timeout` seconds `xcp.TimeoutError`.
+///
+/// `tls://host:port` and `quic://host:port` (another host) take `cert=`, `key=` and `ca=`
+/// (paths to PEM files: this side's certificate and key, the CA the server's certificate
+/// must chain to; `ca=` alone for a client without a certificate) and `server_name=` (the
+/// name to check the server's certificate against instead of the URL's host). A missing
+/// file or a refused handshake raises `xcp.TlsError`.
 #[pyfunction]
-#[pyo3(signature = (url, *, connect_timeout=10.0, request_timeout=30.0, handles=true, require_handles=false))]
+#[pyo3(signature = (url, *, connect_timeout=10.0, request_timeout=30.0, handles=true, require_handles=false, cert=None, key=None, ca=None, server_name=None))]
+#[allow(clippy::too_many_arguments)]
 fn connect(
     py: Python<'_>,
     url: &str,
@@ -1869,6 +2076,10 @@ fn connect(
     request_timeout: f64,
     handles: bool,
     require_handles: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    server_name: Option<&str>,
 ) -> PyResult<Session> {
     if require_handles && !handles {
         return Err(raise(
@@ -1876,7 +2087,8 @@ fn connect(
             "require_handles=True with handles=False: nothing could ever be sent by handle".into(),
         ));
     }
-    let cfg = config(connect_timeout, request_timeout, handles)?;
+    let tls = tls_arg(cert, key, ca, server_name)?;
+    let cfg = config(connect_timeout, request_timeout, handles, tls)?;
     let url = url.to_string();
     let s = call(py, None, "connect", async move {
         xcp::Session::connect(&url, cfg).await
@@ -1896,7 +2108,7 @@ fn connect(
             |x| set_code(x, ErrorCode::ERR_ATTACHMENT, "no handle scheme negotiated"),
         ));
     }
-    Ok(Session { inner: s })
+    Ok(Session::new(s))
 }
 
 /// A listening socket for XCP connections: `Server.bind(url)`, then `accept()` sessions.
@@ -1948,17 +2160,24 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 impl Server {
     /// Binds `url` ("tcp://127.0.0.1:0" for any free port, "unix:///path/x.sock") and starts
     /// accepting; `url` then gives the address really bound. `handles=False` offers no handle
-    /// schemes (peers send attachments inline).
+    /// schemes (peers send attachments inline). `tls://` and `quic://` need `cert=`, `key=`
+    /// and `ca=` (PEM paths: the server's certificate and key, the CA clients' certificates
+    /// must chain to: clients must present one); a missing file raises `xcp.TlsError`.
     #[staticmethod]
-    #[pyo3(signature = (url, *, handles=true, connect_timeout=10.0, request_timeout=30.0))]
+    #[pyo3(signature = (url, *, handles=true, connect_timeout=10.0, request_timeout=30.0, cert=None, key=None, ca=None))]
+    #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
         url: &str,
         handles: bool,
         connect_timeout: f64,
         request_timeout: f64,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
     ) -> PyResult<Server> {
-        let cfg = config(connect_timeout, request_timeout, handles)?;
+        let tls = tls_arg(cert, key, ca, None)?;
+        let cfg = config(connect_timeout, request_timeout, handles, tls)?;
         let url = url.to_string();
         let server = call(py, None, "bind", async move {
             xcp::Server::bind(&url, cfg).await
@@ -1984,7 +2203,7 @@ impl Server {
             }
         })?;
         match s {
-            Some(s) => Ok(Session { inner: s }),
+            Some(s) => Ok(Session::new(s)),
             None => Err(self.closed_error()),
         }
     }

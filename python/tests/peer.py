@@ -1,4 +1,4 @@
-"""A Python XCP peer for the tests, run as its own process: ``python peer.py MODE URL``.
+"""A Python XCP peer for the tests, run as its own process: ``python peer.py MODE URL [DIR]``.
 
 It binds ``URL`` (``tcp://127.0.0.1:0`` or ``unix:///...``), prints ``listening on URL``
 (the address really bound) on its first stdout line, and serves every connection in a thread
@@ -20,6 +20,9 @@ of its own until its stdin closes. MODE is what it does with each message:
 - ``refuse``: NACKs every message with ERR_BUSY, retry_after_ms 250.
 - ``silent``: receives and never answers.
 - ``close``: closes each session when its first message arrives.
+
+With DIR (for ``tls://`` and ``quic://`` URLs) it binds with the certificates ``xcp cert dev
+DIR`` wrote: ``DIR/server.pem``, ``DIR/server.key`` and ``DIR/ca.pem``.
 """
 
 from __future__ import annotations
@@ -150,7 +153,13 @@ def serve(mode: str, session: xcp.Session) -> None:
 def main() -> None:
     """Binds, announces the URL, and serves until stdin closes."""
     mode, url = sys.argv[1], sys.argv[2]
-    server = xcp.Server.bind(url)
+    if len(sys.argv) > 3:
+        d = sys.argv[3]
+        server = xcp.Server.bind(
+            url, cert=f"{d}/server.pem", key=f"{d}/server.key", ca=f"{d}/ca.pem"
+        )
+    else:
+        server = xcp.Server.bind(url)
     print(f"listening on {server.url}", flush=True)
 
     def accept_loop() -> None:

@@ -17,8 +17,13 @@ segment); ``session.send_tensor(t)`` / ``request_tensor(t)`` send any object wit
 ``__dlpack__`` (by handle with no copy when it lies in one of our regions, else copied
 once); the receiver's ``msg.tensor()`` is a read-only view with ``__dlpack__``.
 
-Not in this release (later steps of the package): CUDA tensors by ``cuda-ipc``, TLS/QUIC certificate options, ``session.stats()`` and the
-``python -m xcp.bench`` benchmark.
+Across hosts, ``tls://`` and ``quic://`` URLs take ``cert=``, ``key=`` and ``ca=`` (PEM
+paths; :class:`TlsError` when a file is missing or the handshake is refused).
+``session.stats()`` counts messages and attachment bytes sent and received, by path
+(``"memfd"``, ``"shm"``, ``"inline"``). ``python -m xcp.bench`` measures xcp against pyzmq,
+``multiprocessing`` and the Rust client.
+
+Not in this release (a later step of the package): CUDA tensors by ``cuda-ipc``.
 
 Processes: the extension runs one tokio runtime per process. A child made by ``fork`` after
 xcp was used cannot use it (``xcp.InvalidError`` says so); use multiprocessing's ``"spawn"``

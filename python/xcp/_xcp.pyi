@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -31,12 +32,20 @@ def connect(
     request_timeout: float = 30.0,
     handles: bool = True,
     require_handles: bool = False,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    server_name: str | None = None,
 ) -> Session:
-    """Connects to ``url`` (``tcp://host:port`` or ``unix:///path``) and returns the session
+    """Connects to ``url`` (``tcp://host:port`` or ``unix:///path``; across hosts
+    ``tls://host:port`` or ``quic://host:port`` with ``cert=``, ``key=`` and ``ca=``, PEM
+    paths, or ``ca=`` alone for a client without a certificate; ``server_name=`` checks the
+    server's certificate against that name instead of the URL's host) and returns the session
     once the handshake finished. ``handles=False`` sends every attachment inline;
     ``require_handles=True`` raises ``xcp.AttachmentError`` when no handle scheme was
     negotiated. A bad URL raises ``xcp.InvalidError``; no answer within ``connect_timeout``
-    seconds ``xcp.TimeoutError``; a refused connection ``xcp.ClosedError``."""
+    seconds ``xcp.TimeoutError``; a refused connection ``xcp.ClosedError``; a missing
+    certificate file or a refused TLS handshake ``xcp.TlsError``."""
 
 class Server:
     """A listening socket for XCP connections; ``with server:`` closes it."""
@@ -54,9 +63,14 @@ class Server:
         handles: bool = True,
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        ca: str | os.PathLike[str] | None = None,
     ) -> Server:
-        """Binds ``url`` (``tcp://127.0.0.1:0`` for any free port, ``unix:///path/x.sock``)
-        and starts accepting. ``handles=False`` offers no handle schemes."""
+        """Binds ``url`` (``tcp://127.0.0.1:0`` for any free port, ``unix:///path/x.sock``;
+        ``tls://`` or ``quic://`` with ``cert=``, ``key=`` and ``ca=``, PEM paths; clients
+        must present a certificate of that CA) and starts accepting. ``handles=False`` offers
+        no handle schemes. A missing certificate file raises ``xcp.TlsError``."""
     def accept(self, timeout: float | None = None) -> Session:
         """The next connection whose handshake completed. ``xcp.TimeoutError`` after
         ``timeout`` seconds (None: no limit); ``xcp.ClosedError`` once closed (also for an
@@ -113,6 +127,11 @@ class Session:
         raises ``xcp.NackError``."""
     def ping(self) -> float:
         """Sends a PING; returns the round-trip time in seconds."""
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``{"sent": {...}, "received": {...}}``, each ``{"messages": n, "bytes": n,
+        "by_path": {path: {"messages": n, "bytes": n}}}``: DATA messages, attachment bytes,
+        and by path (``"memfd"``, ``"shm"``, ``"inline"``, ...) the messages with an attachment
+        on it and those attachments' bytes."""
     def alloc(self, nbytes: int) -> Region:
         """A writable region of ``nbytes`` from the session's shared pool."""
     def empty(self, shape: int | tuple[int, ...] | list[int], dtype: _DType) -> Region:
@@ -317,6 +336,10 @@ def _aio_connect(
     request_timeout: float = 30.0,
     handles: bool = True,
     require_handles: bool = False,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    server_name: str | None = None,
 ) -> AioOp:
     """``connect``; the result is a ``Session``."""
 
@@ -328,6 +351,9 @@ def _aio_bind(
     handles: bool = True,
     connect_timeout: float = 10.0,
     request_timeout: float = 30.0,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
 ) -> AioOp:
     """``Server.bind``; the result is a ``Server``."""
 

@@ -33,6 +33,7 @@ thread (from another thread, use ``asyncio.run_coroutine_threadsafe``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -118,6 +119,11 @@ async def _settle(settling: deque[asyncio.Future[None]]) -> None:
             settling.popleft()
 
 
+def _path(p: str | os.PathLike[str] | None) -> str | None:
+    """A ``cert=``/``key=``/``ca=`` argument as the str the extension takes."""
+    return None if p is None else os.fspath(p)
+
+
 async def connect(
     url: str,
     *,
@@ -125,12 +131,17 @@ async def connect(
     request_timeout: float = 30.0,
     handles: bool = True,
     require_handles: bool = False,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    server_name: str | None = None,
 ) -> Session:
-    """Connects to ``url`` (``tcp://host:port`` or ``unix:///path``) and returns the
-    :class:`Session` once the handshake finished; the arguments and errors are those of
-    :func:`xcp.connect` (``xcp.InvalidError`` for a bad URL, ``xcp.TimeoutError`` after
-    ``connect_timeout`` seconds, ``xcp.ClosedError`` when refused, ``xcp.AttachmentError``
-    with ``require_handles=True`` and no handle scheme)."""
+    """Connects to ``url`` (``tcp://host:port``, ``unix:///path``, ``tls://host:port`` or
+    ``quic://host:port``) and returns the :class:`Session` once the handshake finished; the
+    arguments and errors are those of :func:`xcp.connect` (``xcp.InvalidError`` for a bad
+    URL, ``xcp.TimeoutError`` after ``connect_timeout`` seconds, ``xcp.ClosedError`` when
+    refused, ``xcp.AttachmentError`` with ``require_handles=True`` and no handle scheme,
+    ``xcp.TlsError`` for a missing certificate file or a refused TLS handshake)."""
     inner = await _call(
         _xcp._aio_connect,
         url=url,
@@ -138,6 +149,10 @@ async def connect(
         request_timeout=request_timeout,
         handles=handles,
         require_handles=require_handles,
+        cert=_path(cert),
+        key=_path(key),
+        ca=_path(ca),
+        server_name=server_name,
     )
     return Session(inner)
 
@@ -176,6 +191,11 @@ class Session:
         """What the handshake settled: ``{"codecs": [...], "handles": [...],
         "max_frame_bytes": n}`` (``handles`` empty when attachments go inline)."""
         return self._inner.negotiated
+
+    def stats(self) -> dict[str, Any]:
+        """Messages and attachment bytes sent and received, by path: see
+        :meth:`xcp.Session.stats` (the same counters: ``self.sync`` is the same session)."""
+        return self._inner.stats()
 
     async def send(
         self,
@@ -373,16 +393,23 @@ class Server:
         handles: bool = True,
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        ca: str | os.PathLike[str] | None = None,
     ) -> Server:
-        """Binds ``url`` (``tcp://127.0.0.1:0`` for any free port, ``unix:///path/x.sock``)
-        and starts accepting; ``url`` then gives the address really bound.
-        ``handles=False`` offers no handle schemes."""
+        """Binds ``url`` (``tcp://127.0.0.1:0`` for any free port, ``unix:///path/x.sock``,
+        ``tls://`` or ``quic://`` with ``cert=``, ``key=`` and ``ca=``) and starts accepting;
+        ``url`` then gives the address really bound. ``handles=False`` offers no handle
+        schemes."""
         inner = await _call(
             _xcp._aio_bind,
             url=url,
             handles=handles,
             connect_timeout=connect_timeout,
             request_timeout=request_timeout,
+            cert=_path(cert),
+            key=_path(key),
+            ca=_path(ca),
         )
         return Server(inner)
 
