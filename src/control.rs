@@ -619,31 +619,34 @@ fn hello_from_json(o: &Obj<'_>) -> Result<Hello> {
 }
 
 fn adapters_from_json(o: &Obj<'_>) -> Result<Vec<AdapterEdge>> {
-    let mut out = Vec::new();
-    for (i, r) in o.array("adapters")?.iter().enumerate() {
-        let ctx = format!("{}.adapters[{i}]", o.ctx);
-        let Value::Object(map) = r else {
-            return Err(Error::malformed(
-                Violation::Control,
-                format!("{ctx}: expected a JSON object"),
-            ));
-        };
-        let ro = Obj { map, ctx: &ctx };
-        let kind_id = match ro.get("kind_id") {
-            Some(Value::String(kind)) => fnv1a32(kind),
-            _ => ro.uint("kind_id")?,
-        };
-        out.push(AdapterEdge {
-            kind_id,
+    objects_from_json(o, "adapters", |ro| {
+        Ok(AdapterEdge {
+            kind_id: kind_id_from_json(ro)?,
             from_major: ro.uint("from_major")?,
             to_major: ro.uint("to_major")?,
             cost: ro.uint("cost")?,
-        });
-    }
-    Ok(out)
+        })
+    })
 }
 
 fn kind_ranges_from_json(o: &Obj<'_>, key: &str) -> Result<Vec<KindRange>> {
+    objects_from_json(o, key, |ro| {
+        Ok(KindRange {
+            kind_id: kind_id_from_json(ro)?,
+            major: ro.uint("major")?,
+            min_minor: ro.uint("min_minor")?,
+            max_minor: ro.uint("max_minor")?,
+        })
+    })
+}
+
+/// Each element of the array `key` of `o`, an object, read by `f`; errors name
+/// `key[i]`.
+fn objects_from_json<T>(
+    o: &Obj<'_>,
+    key: &str,
+    f: impl Fn(&Obj<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for (i, r) in o.array(key)?.iter().enumerate() {
         let ctx = format!("{}.{key}[{i}]", o.ctx);
@@ -653,20 +656,17 @@ fn kind_ranges_from_json(o: &Obj<'_>, key: &str) -> Result<Vec<KindRange>> {
                 format!("{ctx}: expected a JSON object"),
             ));
         };
-        let ro = Obj { map, ctx: &ctx };
-        // Lenient: a kind name stands for its FNV-1a 32 hash.
-        let kind_id = match ro.get("kind_id") {
-            Some(Value::String(kind)) => fnv1a32(kind),
-            _ => ro.uint("kind_id")?,
-        };
-        out.push(KindRange {
-            kind_id,
-            major: ro.uint("major")?,
-            min_minor: ro.uint("min_minor")?,
-            max_minor: ro.uint("max_minor")?,
-        });
+        out.push(f(&Obj { map, ctx: &ctx })?);
     }
     Ok(out)
+}
+
+/// `kind_id`, leniently: a kind name stands for its FNV-1a 32 hash.
+fn kind_id_from_json(ro: &Obj<'_>) -> Result<u32> {
+    match ro.get("kind_id") {
+        Some(Value::String(kind)) => Ok(fnv1a32(kind)),
+        _ => ro.uint("kind_id"),
+    }
 }
 
 /// A JSON object being read leniently, with the name of where it sits for error messages.

@@ -35,13 +35,13 @@ use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use xcp::conn::Outgoing;
-use xcp::{Attachment, ErrorCode};
+use xcp::Attachment;
 
 use crate::{
-    code_arg, codec_arg, config, empty_args, ether_arg, exported, lock, message, panic_text,
-    prepare_tensor, raise, raise_with, runtime, seconds, sent_paths, set_code, tensor_ether,
-    timeout_error, tls_arg, to_py_err, type_name, Message, Region, Server, Session, Stats,
-    TensorOut, TensorSource,
+    by_handle, code_arg, codec_arg, config, connect_config, empty_args, ether_arg, exported, lock,
+    message, no_handles_error, panic_text, prepare_tensor, raise, raise_with, request_ether,
+    runtime, seconds, send_ether, sent_paths, tensor_ether, timeout_error, tls_arg, to_py_err,
+    type_name, Message, Region, Server, Session, Stats, TensorOut, TensorSource,
 };
 
 /// A running asyncio operation of `xcp.aio`: `cancel()` aborts its task on the runtime.
@@ -468,33 +468,24 @@ fn _aio_connect(
     ca: Option<PathBuf>,
     server_name: Option<&str>,
 ) -> PyResult<AioOp> {
-    if require_handles && !handles {
-        return Err(raise(
-            "InvalidError",
-            "require_handles=True with handles=False: nothing could ever be sent by handle".into(),
-        ));
-    }
-    let tls = tls_arg(cert, key, ca, server_name)?;
-    let cfg = config(connect_timeout, request_timeout, handles, tls)?;
+    let cfg = connect_config(
+        connect_timeout,
+        request_timeout,
+        handles,
+        require_handles,
+        cert,
+        key,
+        ca,
+        server_name,
+    )?;
     let url = url.to_string();
     let fut = async move {
         let s = xcp::Session::connect(&url, cfg).await?;
-        let by_handle = s.negotiated().shared_mem && !s.negotiated().attach.is_empty();
-        if require_handles && !by_handle {
+        if require_handles && !by_handle(&s) {
             let peer = s.peer().to_string();
             // Best effort: the error below is what matters.
             let _ = s.close().await;
-            return Err(Fail::Later(Box::new(move || {
-                raise_with(
-                    "AttachmentError",
-                    format!(
-                        "{peer}: no attachment handle scheme was negotiated (the peer offers \
-                         none, or is on another host), and require_handles=True refuses the \
-                         inline fallback"
-                    ),
-                    |x| set_code(x, ErrorCode::ERR_ATTACHMENT, "no handle scheme negotiated"),
-                )
-            })));
+            return Err(Fail::Later(Box::new(move || no_handles_error(&peer))));
         }
         Ok(s)
     };
@@ -567,15 +558,7 @@ fn _aio_send(
     let fut = async move {
         let regions = materialize(&s, pending).await?;
         stats.record(true, &sent_paths(&s, &e, &regions));
-        let sent = if regions.is_empty() {
-            match Outgoing::ether(&e, codec) {
-                Ok(out) => s.send(out).await,
-                Err(err) => Err(err),
-            }
-        } else {
-            s.send_regions(e, codec, regions).await
-        };
-        Ok(sent?)
+        Ok(send_ether(&s, e, codec, regions).await?)
     };
     start(event_loop, done, None, "send", fut, int)
 }
@@ -604,15 +587,7 @@ fn _aio_request(
     let fut = async move {
         let regions = materialize(&s, pending).await?;
         sent.record(true, &sent_paths(&s, &e, &regions));
-        let reply = if regions.is_empty() {
-            match Outgoing::ether(&e, codec) {
-                Ok(out) => s.request(out).await,
-                Err(err) => Err(err),
-            }
-        } else {
-            s.request_regions(e, codec, regions).await
-        };
-        Ok(reply?)
+        Ok(request_ether(&s, e, codec, regions).await?)
     };
     start(event_loop, done, timeout, "request", fut, msg(stats))
 }
@@ -795,15 +770,7 @@ fn _aio_send_tensor(
     let fut = async move {
         let (e, regions) = finish_tensor(&s, e, out).await?;
         stats.record(true, &sent_paths(&s, &e, &regions));
-        let sent = if regions.is_empty() {
-            match Outgoing::ether(&e, codec) {
-                Ok(out) => s.send(out).await,
-                Err(err) => Err(err),
-            }
-        } else {
-            s.send_regions(e, codec, regions).await
-        };
-        Ok(sent?)
+        Ok(send_ether(&s, e, codec, regions).await?)
     };
     start(event_loop, done, None, "send_tensor", fut, int)
 }
@@ -833,15 +800,7 @@ fn _aio_request_tensor(
     let fut = async move {
         let (e, regions) = finish_tensor(&s, e, out).await?;
         sent.record(true, &sent_paths(&s, &e, &regions));
-        let reply = if regions.is_empty() {
-            match Outgoing::ether(&e, codec) {
-                Ok(out) => s.request(out).await,
-                Err(err) => Err(err),
-            }
-        } else {
-            s.request_regions(e, codec, regions).await
-        };
-        Ok(reply?)
+        Ok(request_ether(&s, e, codec, regions).await?)
     };
     start(event_loop, done, timeout, "request_tensor", fut, msg(stats))
 }

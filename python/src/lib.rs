@@ -1543,11 +1543,7 @@ impl Session {
             .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         call(py, None, "send", async move {
-            if regions.is_empty() {
-                s.send(Outgoing::ether(&e, codec)?).await
-            } else {
-                s.send_regions(e, codec, regions).await
-            }
+            send_ether(&s, e, codec, regions).await
         })
     }
 
@@ -1571,11 +1567,7 @@ impl Session {
             .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         let m = call(py, timeout, "request", async move {
-            if regions.is_empty() {
-                s.request(Outgoing::ether(&e, codec)?).await
-            } else {
-                s.request_regions(e, codec, regions).await
-            }
+            request_ether(&s, e, codec, regions).await
         })?;
         message(py, m, &self.stats)
     }
@@ -1702,11 +1694,7 @@ impl Session {
             .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         call(py, None, "send_tensor", async move {
-            if regions.is_empty() {
-                s.send(Outgoing::ether(&e, codec)?).await
-            } else {
-                s.send_regions(e, codec, regions).await
-            }
+            send_ether(&s, e, codec, regions).await
         })
     }
 
@@ -1730,11 +1718,7 @@ impl Session {
             .record(true, &sent_paths(&self.inner, &e, &regions));
         let s = self.inner.clone();
         let m = call(py, timeout, "request_tensor", async move {
-            if regions.is_empty() {
-                s.request(Outgoing::ether(&e, codec)?).await
-            } else {
-                s.request_regions(e, codec, regions).await
-            }
+            request_ether(&s, e, codec, regions).await
         })?;
         message(py, m, &self.stats)
     }
@@ -1861,8 +1845,73 @@ pub(crate) struct TensorOut {
 }
 
 /// Whether a session sends attachments by handle.
-fn by_handle(s: &xcp::Session) -> bool {
+pub(crate) fn by_handle(s: &xcp::Session) -> bool {
     s.negotiated().shared_mem && !s.negotiated().attach.is_empty()
+}
+
+/// Sends `e`: with `regions` through the library's attachment path (by handle, or inline
+/// where it decides so), as a plain Ether when there are none.
+pub(crate) async fn send_ether(
+    s: &xcp::Session,
+    e: xcp::Ether,
+    codec: CodecId,
+    regions: Vec<(Attachment, xcp::attach::Region)>,
+) -> xcp::Result<u64> {
+    if regions.is_empty() {
+        s.send(Outgoing::ether(&e, codec)?).await
+    } else {
+        s.send_regions(e, codec, regions).await
+    }
+}
+
+/// [`send_ether`], then waits for the reply.
+pub(crate) async fn request_ether(
+    s: &xcp::Session,
+    e: xcp::Ether,
+    codec: CodecId,
+    regions: Vec<(Attachment, xcp::attach::Region)>,
+) -> xcp::Result<Incoming> {
+    if regions.is_empty() {
+        s.request(Outgoing::ether(&e, codec)?).await
+    } else {
+        s.request_regions(e, codec, regions).await
+    }
+}
+
+/// The session configuration `connect` builds from its arguments (both APIs), refusing
+/// `require_handles` without `handles`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn connect_config(
+    connect_timeout: f64,
+    request_timeout: f64,
+    handles: bool,
+    require_handles: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    server_name: Option<&str>,
+) -> PyResult<SessionConfig> {
+    if require_handles && !handles {
+        return Err(raise(
+            "InvalidError",
+            "require_handles=True with handles=False: nothing could ever be sent by handle".into(),
+        ));
+    }
+    let tls = tls_arg(cert, key, ca, server_name)?;
+    config(connect_timeout, request_timeout, handles, tls)
+}
+
+/// The `xcp.AttachmentError` of a `require_handles=True` connect to `peer` that negotiated
+/// no handle scheme (the GIL is held).
+pub(crate) fn no_handles_error(peer: &str) -> PyErr {
+    raise_with(
+        "AttachmentError",
+        format!(
+            "{peer}: no attachment handle scheme was negotiated (the peer offers none, or is on \
+             another host), and require_handles=True refuses the inline fallback"
+        ),
+        |x| set_code(x, ErrorCode::ERR_ATTACHMENT, "no handle scheme negotiated"),
+    )
 }
 
 /// Takes the tensor of a `send_tensor` (the GIL is held): one of our regions (by itself or
@@ -2081,32 +2130,26 @@ fn connect(
     ca: Option<PathBuf>,
     server_name: Option<&str>,
 ) -> PyResult<Session> {
-    if require_handles && !handles {
-        return Err(raise(
-            "InvalidError",
-            "require_handles=True with handles=False: nothing could ever be sent by handle".into(),
-        ));
-    }
-    let tls = tls_arg(cert, key, ca, server_name)?;
-    let cfg = config(connect_timeout, request_timeout, handles, tls)?;
+    let cfg = connect_config(
+        connect_timeout,
+        request_timeout,
+        handles,
+        require_handles,
+        cert,
+        key,
+        ca,
+        server_name,
+    )?;
     let url = url.to_string();
     let s = call(py, None, "connect", async move {
         xcp::Session::connect(&url, cfg).await
     })?;
-    let by_handle = s.negotiated().shared_mem && !s.negotiated().attach.is_empty();
-    if require_handles && !by_handle {
+    if require_handles && !by_handle(&s) {
         let peer = s.peer().to_string();
         let c = s.clone();
         // Best effort: the error below is what matters.
         let _ = call(py, None, "close", async move { c.close().await });
-        return Err(raise_with(
-            "AttachmentError",
-            format!(
-                "{peer}: no attachment handle scheme was negotiated (the peer offers none, or \
-                 is on another host), and require_handles=True refuses the inline fallback"
-            ),
-            |x| set_code(x, ErrorCode::ERR_ATTACHMENT, "no handle scheme negotiated"),
-        ));
+        return Err(no_handles_error(&peer));
     }
     Ok(Session::new(s))
 }

@@ -91,20 +91,22 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// The TLS alert a QUIC error code carries (RFC 9001 §4.8: 0x100 + the alert), if it is one.
+fn alert_of(code: u64) -> Option<rustls::AlertDescription> {
+    (0x100..0x200)
+        .contains(&code)
+        .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
+}
+
 /// Words for a QUIC connection error.
 pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError as C;
-    let alert = |code: u64| {
-        (0x100..0x200)
-            .contains(&code)
-            .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
-    };
     match e {
-        C::TransportError(te) => match alert(u64::from(te.code)) {
+        C::TransportError(te) => match alert_of(u64::from(te.code)) {
             Some(_) => format!("TLS: {}", explain_local(&te.reason)),
             None => format!("QUIC transport error: {te}"),
         },
-        C::ConnectionClosed(cc) => match alert(u64::from(cc.error_code)) {
+        C::ConnectionClosed(cc) => match alert_of(u64::from(cc.error_code)) {
             Some(a) => match tls::explain_alert(a) {
                 Some(w) => format!("TLS: {w} (alert {a:?})"),
                 None => format!("TLS: the peer refused the handshake (alert {a:?})"),
@@ -126,44 +128,48 @@ pub(crate) fn explain(e: &quinn::ConnectionError) -> String {
 /// those are read from it.
 fn failure_of(e: &quinn::ConnectionError) -> Option<TlsFailure> {
     use quinn::ConnectionError as C;
-    let alert = |code: u64| {
-        (0x100..0x200)
-            .contains(&code)
-            .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
-    };
     match e {
-        C::TransportError(te) if alert(u64::from(te.code)).is_some() => Some({
-            let r = te.reason.as_str();
-            if r.contains("UnknownIssuer") || r.contains("BadSignature") {
-                TlsFailure::PeerCertificateUntrusted
-            } else if r.contains("not valid for name") || r.contains("NotValidForName") {
-                TlsFailure::PeerCertificateWrongName
-            } else if r.contains("xpired") || r.contains("NotValidYet") {
-                TlsFailure::PeerCertificateDated
-            } else if r.contains("no certificates") {
-                TlsFailure::PeerSentNoCertificate
-            } else {
-                TlsFailure::Handshake
-            }
-        }),
-        C::ConnectionClosed(cc) => alert(u64::from(cc.error_code)).map(tls::failure_of_alert),
+        C::TransportError(te) if alert_of(u64::from(te.code)).is_some() => {
+            Some(local_failure(&te.reason))
+        }
+        C::ConnectionClosed(cc) => alert_of(u64::from(cc.error_code)).map(tls::failure_of_alert),
         _ => None,
     }
 }
 
-/// Words for a TLS failure of our own side, which quinn reports as text only.
-fn explain_local(reason: &str) -> String {
-    let words = if reason.contains("UnknownIssuer") {
-        "the peer's certificate is not signed by our CA (--ca)"
-    } else if reason.contains("not valid for name") || reason.contains("NotValidForName") {
-        "the server's certificate is not valid for the name we connect to (use a name it \
-         lists, or set the server name)"
-    } else if reason.contains("xpired") {
-        "the peer's certificate has expired"
-    } else if reason.contains("no certificates") {
-        "the peer sent no certificate (a client needs --cert and --key)"
+/// The kind of a TLS failure of our own side, which quinn reports as text only.
+fn local_failure(reason: &str) -> TlsFailure {
+    let r = reason;
+    if r.contains("UnknownIssuer") || r.contains("BadSignature") {
+        TlsFailure::PeerCertificateUntrusted
+    } else if r.contains("not valid for name") || r.contains("NotValidForName") {
+        TlsFailure::PeerCertificateWrongName
+    } else if r.contains("xpired") || r.contains("NotValidYet") {
+        TlsFailure::PeerCertificateDated
+    } else if r.contains("no certificates") {
+        TlsFailure::PeerSentNoCertificate
     } else {
-        "our check of the peer failed"
+        TlsFailure::Handshake
+    }
+}
+
+/// Words for a TLS failure of our own side (see [`local_failure`]).
+fn explain_local(reason: &str) -> String {
+    let words = match local_failure(reason) {
+        TlsFailure::PeerCertificateUntrusted => {
+            "the peer's certificate is not signed by our CA (--ca)"
+        }
+        TlsFailure::PeerCertificateWrongName => {
+            "the server's certificate is not valid for the name we connect to (use a name it \
+             lists, or set the server name)"
+        }
+        TlsFailure::PeerCertificateDated => {
+            "the peer's certificate has expired or is not valid yet"
+        }
+        TlsFailure::PeerSentNoCertificate => {
+            "the peer sent no certificate (a client needs --cert and --key)"
+        }
+        _ => "our check of the peer failed",
     };
     format!("{words} ({reason})")
 }
