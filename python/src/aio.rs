@@ -374,6 +374,11 @@ async fn materialize(
     s: &xcp::Session,
     pending: Vec<(String, Pending)>,
 ) -> Outcome<Vec<(Attachment, xcp::attach::Region)>> {
+    if pending.is_empty() {
+        // Nothing to copy or check: no GIL, so no block_in_place (each one hands this worker's
+        // tasks to a fresh thread while it waits for a GIL the event loop may hold).
+        return Ok(Vec::new());
+    }
     let mut copies = Vec::with_capacity(pending.len());
     for (_, p) in &pending {
         copies.push(match p {
