@@ -100,6 +100,9 @@ pub struct Hello {
     pub max_message_bytes: u64,
     /// Extension: the adapters it applies to Ethers it receives (in CAPS: the responder's).
     pub adapters: Vec<AdapterEdge>,
+    /// Extension: it can move frames through a same-host shared-memory ring (SPEC §9; in CAPS:
+    /// both asked, and the ring's memfd comes with the CAPS frame).
+    pub ring: bool,
 }
 
 /// The body of ACK.
@@ -452,6 +455,10 @@ fn hello_to_json(h: &Hello, m: &mut Map<String, Value>) {
     m.insert("shm_prefix".into(), h.shm_prefix.clone().into());
     m.insert("crypt".into(), h.crypt.into());
     m.insert("max_message_bytes".into(), h.max_message_bytes.into());
+    // Written only when set, so a HELLO without the ring is what it always was.
+    if h.ring {
+        m.insert("ring".into(), true.into());
+    }
     // Written only when there are some, so a HELLO without adapters is what it always was.
     if !h.adapters.is_empty() {
         m.insert(
@@ -503,6 +510,7 @@ fn hello_to_proto(h: &Hello) -> proto::Hello {
                 cost: a.cost,
             })
             .collect(),
+        ring: h.ring,
     }
 }
 
@@ -569,6 +577,7 @@ fn hello_from_proto(ctx: &str, h: proto::Hello) -> Result<Hello> {
                 })
             })
             .collect::<Result<Vec<_>>>()?,
+        ring: h.ring,
     })
 }
 
@@ -615,6 +624,7 @@ fn hello_from_json(o: &Obj<'_>) -> Result<Hello> {
         crypt: o.bool("crypt")?,
         max_message_bytes: o.uint("max_message_bytes")?,
         adapters: adapters_from_json(o)?,
+        ring: o.bool("ring")?,
     })
 }
 
@@ -788,6 +798,7 @@ mod tests {
             shm_prefix: "xcp-42-".into(),
             crypt: true,
             max_message_bytes: 256 << 20,
+            ring: true,
             adapters: vec![AdapterEdge {
                 kind_id: fnv1a32("embedding"),
                 from_major: 1,
@@ -1114,7 +1125,13 @@ mod tests {
             any::<bool>(),
             ".{0,8}",
             prop::collection::vec("[a-z-]{0,8}", 0..3),
-            (".{0,8}", ".{0,8}", any::<bool>(), any::<u64>()),
+            (
+                ".{0,8}",
+                ".{0,8}",
+                any::<bool>(),
+                any::<u64>(),
+                any::<bool>(),
+            ),
             prop::collection::vec(
                 (any::<u32>(), any::<u16>(), any::<u16>(), any::<u32>()),
                 0..3,
@@ -1134,6 +1151,7 @@ mod tests {
                         shm_prefix: rest.1,
                         crypt: rest.2,
                         max_message_bytes: rest.3,
+                        ring: rest.4,
                         adapters: adapters
                             .into_iter()
                             .map(|(kind_id, from_major, to_major, cost)| AdapterEdge {

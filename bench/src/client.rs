@@ -57,11 +57,15 @@ pub enum PathId {
     Quic,
     /// Baseline: gRPC unary over TLS 1.3 (mutual authentication).
     GrpcTls,
+    /// XCP through the same-host ring (SPEC §9), bytes inline.
+    Ring,
+    /// XCP through the same-host ring, bytes by memfd handle, receiver does not touch them.
+    RingMemfd,
 }
 
 impl PathId {
     /// Every path, in the order they run and print.
-    pub const ALL: [PathId; 14] = [
+    pub const ALL: [PathId; 16] = [
         PathId::RawTcp,
         PathId::RawUnix,
         PathId::Http2,
@@ -71,11 +75,13 @@ impl PathId {
         PathId::Tls,
         PathId::Quic,
         PathId::Unix,
+        PathId::Ring,
         PathId::Sealed,
         PathId::Shm,
         PathId::ShmTouch,
         PathId::Memfd,
         PathId::MemfdTouch,
+        PathId::RingMemfd,
     ];
 
     /// The name used by `--paths`, the table and the JSON.
@@ -95,6 +101,8 @@ impl PathId {
             PathId::Tls => "tls",
             PathId::Quic => "quic",
             PathId::GrpcTls => "grpc-tls",
+            PathId::Ring => "ring",
+            PathId::RingMemfd => "ring-memfd",
         }
     }
 
@@ -115,6 +123,8 @@ impl PathId {
             PathId::Tls => "XCP over TLS 1.3 (rustls, ring, mutual auth), bytes inline, 48-byte reply",
             PathId::Quic => "XCP over QUIC (quinn, mutual auth), a stream per channel, bytes inline",
             PathId::GrpcTls => "baseline: gRPC unary over TLS 1.3 (tonic + rustls, mutual auth), 8-byte reply",
+            PathId::Ring => "XCP through the same-host shared-memory ring (ring://), bytes inline, 48-byte reply",
+            PathId::RingMemfd => "XCP through the same-host ring, bytes by memfd handle; receiver does NOT touch them",
         }
     }
 
@@ -131,26 +141,36 @@ impl PathId {
     pub fn by_handle(self) -> bool {
         matches!(
             self,
-            PathId::Shm | PathId::ShmTouch | PathId::Memfd | PathId::MemfdTouch
+            PathId::Shm | PathId::ShmTouch | PathId::Memfd | PathId::MemfdTouch | PathId::RingMemfd
         )
     }
 
     /// Whether the receiver reads every byte (always for bytes that cross the socket).
     pub fn touched(self) -> bool {
-        !matches!(self, PathId::Shm | PathId::Memfd)
+        !matches!(self, PathId::Shm | PathId::Memfd | PathId::RingMemfd)
+    }
+
+    /// Whether the row goes through the same-host ring.
+    fn ring(self) -> bool {
+        matches!(self, PathId::Ring | PathId::RingMemfd)
     }
 
     fn unix(self) -> bool {
         matches!(
             self,
-            PathId::RawUnix | PathId::Unix | PathId::Memfd | PathId::MemfdTouch
+            PathId::RawUnix
+                | PathId::Unix
+                | PathId::Memfd
+                | PathId::MemfdTouch
+                | PathId::Ring
+                | PathId::RingMemfd
         )
     }
 
     fn attach(self) -> AttachMode {
         match self {
             PathId::Shm | PathId::ShmTouch => AttachMode::Shm,
-            PathId::Memfd | PathId::MemfdTouch => AttachMode::Memfd,
+            PathId::Memfd | PathId::MemfdTouch | PathId::RingMemfd => AttachMode::Memfd,
             _ => AttachMode::None,
         }
     }
@@ -354,6 +374,8 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
         .unix()
         .then(|| env.dir.join(format!("{}.sock", path.name())));
     let listen = match (&socket, path) {
+        // The server binds the socket; its clients ask for the ring by the URL.
+        (Some(p), _) if path.ring() => format!("ring://{}", p.display()),
         (Some(p), _) => format!("unix://{}", p.display()),
         (None, PathId::Tls) => "tls://127.0.0.1:0".to_string(),
         (None, PathId::Quic) => "quic://127.0.0.1:0".to_string(),
@@ -373,7 +395,13 @@ pub fn start_server(path: PathId, env: &Env) -> Result<ServerProc, String> {
             AttachMode::Memfd => "memfd",
         };
         args.extend(["--attach".into(), attach.into()]);
-        args.extend(["--io".into(), env.io.name().into()]);
+        // The ring needs no I/O interface but for its wake-ups: epoll.
+        let io = if path.ring() {
+            xcp::transport::IoMode::Epoll
+        } else {
+            env.io
+        };
+        args.extend(["--io".into(), io.name().into()]);
         if path.by_handle() && path.touched() {
             args.push("--touch".into());
         }

@@ -39,7 +39,9 @@ What is measured (every row, every path):
     at most ~128 MiB is in flight, at least 2), for a fixed time; MB/s counts payload bytes
     (10^6 bytes per MB), msg/s completed requests.
   - x raw: throughput relative to raw-tcp at the same size in the same run.
-  Handle rows (shm, memfd) send every size by handle (no inline threshold); `-touch` rows have
+  `ring` rows go through the same-host shared-memory ring (ring:///path, SPEC §9): frames in
+  shared memory, the Unix socket only for wake-ups and descriptors; compare with unix.
+  Handle rows (shm, memfd, ring-memfd) send every size by handle (no inline threshold); `-touch` rows have
   the receiver read every byte (CRC32C of the view), the others answer from the descriptor
   alone. Payload bytes are pseudo-random (incompressible) and produced before timing; a handle
   row's client allocates a pooled region per request but does not write it while timed (a
@@ -69,8 +71,8 @@ pub struct BenchArgs {
     pub quick: bool,
 
     /// Paths to run, comma-separated: raw-tcp, raw-unix, http2, grpc, grpc-tls, tcp, tls, quic, unix,
-    /// tcp-comp-crypt, shm, shm-touch, memfd, memfd-touch (default: all but the across-hosts
-    /// rows tls, quic and grpc-tls, which --tls adds).
+    /// ring, tcp-comp-crypt, shm, shm-touch, memfd, memfd-touch, ring-memfd (default: all but
+    /// the across-hosts rows tls, quic and grpc-tls, which --tls adds).
     #[arg(long, value_name = "LIST")]
     pub paths: Option<String>,
 

@@ -30,6 +30,8 @@ What it does:
   4. a 64 MiB F32 tensor (TENSOR_F32 body) inline over TCP: chunked into 1 MiB frames
   5. the same tensor as an attachment by shm handle over TCP, then by memfd handle over the
      Unix socket: only a URI crosses the socket; the server maps the segment
+  6. the same-host ring (ring://, SPEC §9): small round trips through shared memory against
+     the Unix socket, and the tensor inline through the ring
   Tensor steps run several times; the table shows the median. Exit 1 if any check fails.";
 
 /// Arguments of `xcp demo`.
@@ -110,7 +112,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
     let unix_url = format!("unix://{}", env.dir.join("demo.sock").display());
     let unix = server(unix_url, "memfd")?;
     println!(
-        "[1/6] servers: {} (shm handles) and {} (memfd handles), separate processes",
+        "[1/7] servers: {} (shm handles) and {} (memfd handles), separate processes",
         tcp.url, unix.url
     );
     let inline = Session::connect(&tcp.url, config(None))
@@ -131,7 +133,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
         return Err(format!("text: the echo differs: {back:?}"));
     }
     println!(
-        "[2/6] text: sent {:?} (Protobuf Ether), echoed back identical in {:.0} µs",
+        "[2/7] text: sent {:?} (Protobuf Ether), echoed back identical in {:.0} µs",
         "hello from xcp demo",
         time.as_secs_f64() * 1e6
     );
@@ -168,7 +170,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
         return Err("arrow: the decoded embeddings differ".into());
     }
     println!(
-        "[3/6] arrow: 1,000 embeddings x 384 as one ARROW_IPC batch ({:.2} MB), echoed, decoded, all {} values equal, {:.1} ms",
+        "[3/7] arrow: 1,000 embeddings x 384 as one ARROW_IPC batch ({:.2} MB), echoed, decoded, all {} values equal, {:.1} ms",
         body.len() as f64 / 1e6,
         1000 * 384,
         time.as_secs_f64() * 1e3
@@ -202,7 +204,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
     }
     let inline_time = median(&mut times);
     println!(
-        "[4/6] tensor inline: {} F32 [{} x {}] over TCP in {} frames of 1 MiB, server CRC32C matches, median {:.1} ms ({:.0} MB/s)",
+        "[4/7] tensor inline: {} F32 [{} x {}] over TCP in {} frames of 1 MiB, server CRC32C matches, median {:.1} ms ({:.0} MB/s)",
         label(body.len()),
         shape[0],
         shape[1],
@@ -265,7 +267,7 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
         }
         let time = median(&mut times);
         println!(
-            "[{}/6] {name}: {} by {uri} (only the URI crossed the socket), server mapped it, read every byte, CRC32C matches, median {:.2} ms ({:.0} MB/s, {:.1}x inline)",
+            "[{}/7] {name}: {} by {uri} (only the URI crossed the socket), server mapped it, read every byte, CRC32C matches, median {:.2} ms ({:.0} MB/s, {:.1}x inline)",
             5 + n,
             label(data.len()),
             time.as_secs_f64() * 1e3,
@@ -279,9 +281,73 @@ async fn steps(args: &DemoArgs) -> R<Vec<Step>> {
         });
         let _ = s.close().await;
     }
+    // The same-host ring: the Unix server again, its client asking for the ring (SPEC §9).
+    let ring_url = unix.url.replacen("unix://", "ring://", 1);
+    let small = Outgoing::ether(&Ether::text("a small message"), CodecId::PROTOBUF)
+        .map_err(err("encode"))?;
+    let mut p50 = Vec::new();
+    for url in [&unix.url, &ring_url] {
+        let s = Session::connect(url, config(None))
+            .await
+            .map_err(err("connect"))?;
+        let mut times = Vec::with_capacity(ROUND_TRIPS);
+        for _ in 0..ROUND_TRIPS {
+            let t = Instant::now();
+            let reply = s
+                .request(small.clone())
+                .await
+                .map_err(err("small request"))?;
+            times.push(t.elapsed());
+            if reply.body != small.body {
+                return Err(format!("small message over {url}: the echo differs"));
+            }
+        }
+        p50.push((median(&mut times), s.io()));
+        if url == &ring_url {
+            // And the tensor inline, through shared memory instead of the socket.
+            let mut times = Vec::new();
+            for _ in 0..args.repeat.max(1) {
+                let t = Instant::now();
+                let reply = s
+                    .request(Outgoing::data(CodecId::TENSOR_F32, body.clone()))
+                    .await
+                    .map_err(err("ring tensor"))?;
+                times.push(t.elapsed());
+                let sum = Summary::decode(&reply.body).ok_or("ring tensor: bad reply")?;
+                if sum.crc != want_body || sum.bytes != body.len() as u64 {
+                    return Err(format!("ring tensor: the server saw {sum:?}"));
+                }
+            }
+            let time = median(&mut times);
+            out.push(Step {
+                name: "tensor inline (ring)",
+                bytes: body.len(),
+                time,
+            });
+            out.push(Step {
+                name: "small round trip (ring)",
+                bytes: 2 * small.body.len(),
+                time: p50[1].0,
+            });
+            println!(
+                "[7/7] ring ({}): small-message round trip p50 {:.1} µs against {:.1} µs on the Unix socket ({:.2}x); {} inline through the ring, server CRC32C matches, median {:.1} ms ({:.0} MB/s)",
+                p50[1].1,
+                p50[1].0.as_secs_f64() * 1e6,
+                p50[0].0.as_secs_f64() * 1e6,
+                p50[1].0.as_secs_f64() / p50[0].0.as_secs_f64(),
+                label(body.len()),
+                time.as_secs_f64() * 1e3,
+                body.len() as f64 / time.as_secs_f64() / 1e6
+            );
+        }
+        let _ = s.close().await;
+    }
     drop((tcp, unix));
     Ok(out)
 }
+
+/// The small round trips of the ring step, on each transport.
+const ROUND_TRIPS: usize = 2000;
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort_unstable();

@@ -44,8 +44,9 @@ stderr is not being read (a stalled pipe) they are dropped and counted (\"xcp: N
 dropped\"). Lines a peer can cause (bad frames, failed handshakes, connections opened and
 closed) are rate-limited, per peer and process-wide, with a summary of what was suppressed.
 
-URLs: tcp://HOST:PORT, unix:///absolute/path/to/socket, tls://HOST:PORT (TLS 1.3) or
-quic://HOST:PORT (QUIC). tls:// and quic:// authenticate both ends: give every side
+URLs: tcp://HOST:PORT, unix:///absolute/path/to/socket, ring:///absolute/path/to/socket (the
+same-host shared-memory ring, SPEC §9: a client asks for it, a server on a Unix socket agrees),
+tls://HOST:PORT (TLS 1.3) or quic://HOST:PORT (QUIC). tls:// and quic:// authenticate both ends: give every side
 `--cert FILE --key FILE --ca FILE` (or XCP_TLS_CERT, XCP_TLS_KEY, XCP_TLS_CA); `xcp cert dev DIR`
 writes a development CA with a server and a client certificate.
 

@@ -147,10 +147,12 @@ impl AttachMode {
             )),
             AttachMode::Auto => Ok(AttachConfig::default()),
             AttachMode::Shm => Ok(only(Scheme::Shm)),
-            AttachMode::Memfd if url.starts_with("unix://") => Ok(only(Scheme::Memfd)),
+            AttachMode::Memfd if url.starts_with("unix://") || url.starts_with("ring://") => {
+                Ok(only(Scheme::Memfd))
+            }
             AttachMode::Memfd => Err(format!(
-                "--attach memfd needs a unix:// URL (memfd descriptors travel with SCM_RIGHTS \
-                 over Unix sockets), not {url}; use --attach shm for TCP"
+                "--attach memfd needs a unix:// or ring:// URL (memfd descriptors travel with \
+                 SCM_RIGHTS over Unix sockets), not {url}; use --attach shm for TCP"
             )),
             AttachMode::Inline => Ok(AttachConfig::inline_only()),
         }

@@ -161,10 +161,12 @@ fn demo_passes_and_prints_its_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
-        "[6/6]",
+        "[7/7] ring",
         "tensor inline (TCP)",
         "tensor by shm handle (TCP)",
         "tensor by memfd handle (Unix)",
+        "tensor inline (ring)",
+        "small round trip (ring)",
         "all checks passed",
     ] {
         assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");

@@ -1752,9 +1752,10 @@ impl Session {
         self.inner.peer().to_string()
     }
 
-    /// What the handshake settled: {"codecs": [...], "handles": [...], "max_frame_bytes": n}.
-    /// `handles` lists the handle schemes both sides took ("memfd", "shm"), empty when
-    /// attachments go inline.
+    /// What the handshake settled: {"codecs": [...], "handles": [...], "max_frame_bytes": n,
+    /// "ring": bool}. `handles` lists the handle schemes both sides took ("memfd", "shm"),
+    /// empty when attachments go inline; `ring` says frames go by the same-host ring (a
+    /// `ring://` URL).
     #[getter]
     fn negotiated<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let n = self.inner.negotiated();
@@ -1768,6 +1769,7 @@ impl Session {
         d.set_item("codecs", codecs)?;
         d.set_item("handles", handles)?;
         d.set_item("max_frame_bytes", n.max_frame_bytes)?;
+        d.set_item("ring", n.ring)?;
         Ok(d)
     }
 

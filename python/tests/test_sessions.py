@@ -7,15 +7,25 @@ import pytest
 import xcp
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def client_url(peer_url: str, transport: str) -> str:
+    """The URL a client uses: a ``ring`` client connects to a Unix socket's server."""
+    if transport == "ring":
+        return peer_url.replace("unix://", "ring://", 1)
+    return peer_url
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ring"])
 def test_request_send_recv_ping(python_peer, url_for, transport):
     peer = python_peer("echo", url_for(transport))
-    assert peer.url.startswith(f"{transport}://")
+    bound = "unix" if transport == "ring" else transport
+    assert peer.url.startswith(f"{bound}://")
     if transport == "tcp":
         assert not peer.url.endswith(":0"), "the server reports the port it bound"
-    with xcp.connect(peer.url) as s:
+    with xcp.connect(client_url(peer.url, transport)) as s:
         assert not s.closed
         assert "JSON" in s.negotiated["codecs"]
+        # Frames go by the same-host ring only where the URL asked for it.
+        assert s.negotiated["ring"] == (transport == "ring")
 
         sent = xcp.Ether("text", "hello", {"trace_id": "t-1"})
         reply = s.request(sent)
@@ -46,12 +56,12 @@ def test_request_send_recv_ping(python_peer, url_for, transport):
     assert s.closed
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ring"])
 def test_many_requests_from_threads(python_peer, url_for, transport):
     from concurrent.futures import ThreadPoolExecutor
 
     peer = python_peer("echo", url_for(transport))
-    with xcp.connect(peer.url) as s:
+    with xcp.connect(client_url(peer.url, transport)) as s:
 
         def one(i: int) -> int:
             return s.request(xcp.Ether("n", {"i": i})).ether.payload["i"]

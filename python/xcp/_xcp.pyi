@@ -97,8 +97,9 @@ class Session:
         """The peer's address."""
     @property
     def negotiated(self) -> dict[str, Any]:
-        """``{"codecs": [...], "handles": [...], "max_frame_bytes": n}``: what the handshake
-        settled; ``handles`` is empty when attachments go inline."""
+        """``{"codecs": [...], "handles": [...], "max_frame_bytes": n, "ring": bool}``: what
+        the handshake settled; ``handles`` is empty when attachments go inline; ``ring`` is
+        true when frames go by the same-host ring (a ``ring://`` URL)."""
     def send(
         self, ether: Ether, *, attachments: _Attachments | None = None, codec: _Codec = "json"
     ) -> int:

@@ -147,6 +147,10 @@ pub struct Config {
     /// Whether received payloads are validated against the registry's schemas (feature
     /// `schema`); a failure is NACK `ERR_MALFORMED` naming the JSON pointer.
     pub validate_payloads: bool,
+    /// `ring` in HELLO/CAPS (SPEC §9): as initiator, ask to move frames through a same-host
+    /// shared-memory ring; as responder, agree when asked. Only a Unix-socket session can
+    /// carry it (the session sets it from the transport).
+    pub ring: bool,
 }
 
 with_fields!(Config {
@@ -186,6 +190,8 @@ with_fields!(Config {
     with_adapters => adapters: crate::schema::AdapterGraph;
     /// Whether received payloads are validated against the registry.
     with_validate_payloads => validate_payloads: bool;
+    /// Whether the same-host ring is asked for (initiator) or agreed to (responder).
+    with_ring => ring: bool;
 });
 
 impl Default for Config {
@@ -214,6 +220,7 @@ impl Default for Config {
             registry: None,
             adapters: crate::schema::AdapterGraph::new(),
             validate_payloads: true,
+            ring: false,
         }
     }
 }
@@ -234,6 +241,10 @@ pub struct Negotiated {
     pub attach: Vec<crate::attach::Scheme>,
     /// The header form used on this connection.
     pub header_form: HeaderForm,
+    /// Frames move through the same-host ring after CAPS (SPEC §9): the responder passes
+    /// the ring's memfd with CAPS, and from then on the socket carries only descriptors,
+    /// wake-ups and the end of the connection.
+    pub ring: bool,
     /// What the peer announced (its HELLO, or its CAPS).
     pub peer: Hello,
 }
@@ -447,6 +458,9 @@ pub enum Event {
     Refused {
         /// The peer's msgId, when known.
         msg_id: u64,
+        /// The msgId of ours that the refused message answered (its `inReplyTo`), or 0: a
+        /// request waiting for it fails with `error`.
+        in_reply_to: u64,
         /// What was wrong.
         error: Error,
     },
@@ -516,6 +530,7 @@ impl Connection {
             crypt: config.sealer.is_some(),
             max_message_bytes: config.limits.max_message_bytes,
             adapters: config.adapters.edges(),
+            ring: config.ring,
         };
         let mut reassembler = Reassembler::new(config.limits.max_message_bytes);
         reassembler.set_max_pending_messages(config.max_pending_messages);
@@ -927,6 +942,13 @@ impl Connection {
 
     /// Refuses a message of the peer: NACK on the wire, `Refused` for the application.
     fn refuse(&mut self, channel_id: u32, msg_id: u64, error: Error) {
+        self.refuse_reply(0, channel_id, msg_id, error)
+    }
+
+    /// Refuses a message that may answer one of ours (`in_reply_to`, 0 when it does not):
+    /// the NACK goes to the peer, and the event names the request, whose caller must not
+    /// wait for a reply that was refused.
+    fn refuse_reply(&mut self, in_reply_to: u64, channel_id: u32, msg_id: u64, error: Error) {
         let (code, detail) = match &error {
             Error::Protocol { code, detail, .. } | Error::Incompatible { code, detail } => {
                 (*code, detail.clone())
@@ -939,7 +961,11 @@ impl Connection {
             0
         };
         self.queue_nack(channel_id, msg_id, code, retry, &detail);
-        self.events.push_back(Event::Refused { msg_id, error });
+        self.events.push_back(Event::Refused {
+            msg_id,
+            in_reply_to,
+            error,
+        });
     }
 
     fn on_frame_error(&mut self, e: FrameError) {
@@ -1004,6 +1030,7 @@ impl Connection {
     }
 
     fn on_message(&mut self, mut msg: Message) {
+        let reply_to = msg.header.in_reply_to;
         let (ch, id) = (msg.header.channel_id, msg.header.msg_id);
         let t = msg.header.msg_type;
         // Handshake messages, and what answers them, are plaintext; everything else is sealed
@@ -1019,7 +1046,8 @@ impl Connection {
         );
         if msg.flags.contains(Flags::CRYPT) {
             let Some(sealer) = &self.config.sealer else {
-                return self.refuse(
+                return self.refuse_reply(
+                    reply_to,
                     ch,
                     id,
                     Error::protocol(
@@ -1036,10 +1064,11 @@ impl Connection {
             };
             match sealer.open(peer_dir, id, ch, &ad, &msg.body) {
                 Ok(plain) => msg.body = plain,
-                Err(e) => return self.refuse(ch, id, e),
+                Err(e) => return self.refuse_reply(reply_to, ch, id, e),
             }
         } else if self.config.sealer.is_some() && !may_be_plain {
-            return self.refuse(
+            return self.refuse_reply(
+                reply_to,
                 ch,
                 id,
                 Error::protocol(
@@ -1052,7 +1081,7 @@ impl Connection {
         if msg.flags.contains(Flags::COMP) {
             match seal::decompress(&msg.body, self.config.limits.max_message_bytes) {
                 Ok(plain) => msg.body = plain,
-                Err(e) => return self.refuse(ch, id, e),
+                Err(e) => return self.refuse_reply(reply_to, ch, id, e),
             }
         }
         if t.is_control() {
@@ -1115,6 +1144,7 @@ impl Connection {
                             shared_mem: caps.shared_mem,
                             attach: schemes_named(&caps.attach),
                             header_form: self.form,
+                            ring: caps.ring,
                             peer,
                         };
                         self.establish(neg);
@@ -1157,6 +1187,13 @@ impl Connection {
                 if let Err(e) = negotiate::check_frame_floor(caps.max_frame_bytes, "CAPS") {
                     return self.fail(e);
                 }
+                if caps.ring && !self.local_hello.ring {
+                    // The responder would write to a ring we never read: nothing could arrive.
+                    return self.fail(Error::malformed(
+                        Violation::Control,
+                        "CAPS turns on the shared-memory ring, which our HELLO did not ask for",
+                    ));
+                }
                 let mfb = match caps.max_frame_bytes {
                     0 => crate::wire::DEFAULT_MAX_FRAME_BYTES,
                     v => v,
@@ -1176,6 +1213,7 @@ impl Connection {
                             .filter(|s| self.local_hello.attach.contains(s)),
                     ),
                     header_form: self.form,
+                    ring: caps.ring,
                     peer: caps,
                 };
                 self.establish(neg);
@@ -1273,9 +1311,11 @@ impl Connection {
     }
 
     fn on_data(&mut self, mut msg: Message) {
+        let reply_to = msg.header.in_reply_to;
         let (ch, id) = (msg.header.channel_id, msg.header.msg_id);
         let Some(neg) = self.negotiated.as_ref() else {
-            return self.refuse(
+            return self.refuse_reply(
+                reply_to,
                 ch,
                 id,
                 Error::malformed(Violation::Sequence, "DATA before the handshake finished"),
@@ -1283,7 +1323,8 @@ impl Connection {
         };
         let codec = msg.header.body_codec;
         if !neg.codecs.contains(&codec) {
-            return self.refuse(
+            return self.refuse_reply(
+                reply_to,
                 ch,
                 id,
                 Error::protocol(
@@ -1304,12 +1345,12 @@ impl Connection {
                 Ok(())
             };
             if let Err(e) = checked {
-                return self.refuse(ch, id, e);
+                return self.refuse_reply(reply_to, ch, id, e);
             }
         }
         if let (true, Some(e)) = (enforce, ether.as_mut()) {
             if let Err(err) = schema::on_receive(&self.config, &mut msg.header, &mut msg.body, e) {
-                return self.refuse(ch, id, err);
+                return self.refuse_reply(reply_to, ch, id, err);
             }
         }
         self.events.push_back(Event::Message(Incoming {

@@ -22,7 +22,8 @@ fn or_default(v: u64, default: u64) -> u64 {
 /// `codecs` is the intersection (in `local`'s order), `max_frame_bytes` and
 /// `max_message_bytes` the minimum, `shared_mem` true only when both offer it and report the
 /// same non-empty `host_id`, `attach` the intersection (empty without `shared_mem`), `crypt`
-/// true only when both hold a key, `accepts`, `emits` and `adapters` the responder's own. An empty codec intersection is
+/// true only when both hold a key, `ring` only when both ask, `accepts`, `emits` and `adapters`
+/// the responder's own. An empty codec intersection is
 /// `Error::Incompatible(ERR_CODEC_UNSUPPORTED)`; a peer `max_frame_bytes` under
 /// [`MIN_PEER_MAX_FRAME_BYTES`] is `Error::Incompatible(ERR_MESSAGE_TOO_LARGE)`.
 pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
@@ -70,6 +71,7 @@ pub fn negotiate(local: &Hello, peer: &Hello) -> Result<Hello> {
             or_default(peer.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES),
         ),
         adapters: local.adapters.clone(),
+        ring: local.ring && peer.ring,
     })
 }
 

@@ -836,3 +836,31 @@ fn tiny_frame_limits_are_refused_at_the_handshake() {
     let frames = std::iter::from_fn(|| server.poll_transmit()).count();
     assert_eq!(frames, 1 + 4, "the CAPS, then 1000 bytes in frames of 256");
 }
+
+#[test]
+fn a_refused_reply_names_the_request_it_answered() {
+    // A reply whose body does not decode is refused like any message, and the event carries
+    // its inReplyTo, so the session can fail the request instead of waiting for ever.
+    let mut p = Pair::new(Config::default(), Config::default());
+    Pair::events(&mut p.client);
+    Pair::events(&mut p.server);
+    for (in_reply_to, body) in [(41u64, &b"{\"crc\":1}"[..]), (0, b"not json")] {
+        let hdr = FrameHeader {
+            msg_type: MsgType::DATA,
+            body_codec: CodecId::JSON,
+            msg_id: 900 + in_reply_to,
+            in_reply_to,
+            ..Default::default()
+        };
+        inject(&mut p, &hdr, Flags::NONE, Bytes::copy_from_slice(body));
+        let ev = Pair::events(&mut p.server);
+        assert!(
+            matches!(&ev[..], [Event::Refused { msg_id, in_reply_to: to, error }]
+                if *msg_id == 900 + in_reply_to && *to == in_reply_to
+                    && error.code() == ErrorCode::ERR_MALFORMED),
+            "{ev:?}"
+        );
+        // The NACK went back for the reply's own msgId.
+        assert!(nack_codes(&mut p.client).contains(&(900 + in_reply_to, ErrorCode::ERR_MALFORMED)));
+    }
+}

@@ -39,6 +39,7 @@ use crate::codec::CodecId;
 use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
 use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result, Violation};
 use crate::ether::{Attachment, Ether};
+use crate::transport::ring::{self, RingConfig, RingMemory};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
 
@@ -226,6 +227,8 @@ pub(crate) struct Channels {
     pub(crate) max_leases: usize,
     /// A server's connection count, released when the driver ends.
     pub(crate) guard: Option<super::ConnGuard>,
+    /// The same-host ring's settings, used when CAPS turns it on.
+    pub(crate) ring: RingConfig,
 }
 
 /// One staged message: its frames, the first with the descriptors it carries.
@@ -488,6 +491,9 @@ struct Driver {
     max_leases: usize,
     /// Bounds the lines this peer can make us log (see [`super::ratelog`]).
     plog: PeerLog,
+    ring_config: RingConfig,
+    /// The ring's memory, made for the CAPS being written: the switch waits for its last byte.
+    ring_pending: Option<Arc<RingMemory>>,
 }
 
 /// Runs one connection until it is over.
@@ -503,6 +509,7 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         inline_threshold,
         max_leases,
         guard,
+        ring,
     } = ch;
     let _guard = guard;
     let (release_tx, release_rx) = mpsc::unbounded_channel();
@@ -546,6 +553,8 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         live_leases: 0,
         max_leases,
         plog: PeerLog::new(),
+        ring_config: ring,
+        ring_pending: None,
     };
     d.main_loop().await;
 
@@ -731,6 +740,10 @@ impl Driver {
                     self.out.advance(n);
                     if self.out.is_empty() {
                         self.proto_bytes = 0;
+                        if let Some(mem) = self.ring_pending.take() {
+                            // CAPS and its memfd are out: everything after goes by the ring.
+                            self.switch_to_ring(mem, ring::End::Responder);
+                        }
                     }
                 }
                 Step::Wrote(Err(e)) => self.io_failed(e, "write"),
@@ -859,6 +872,13 @@ impl Driver {
                         );
                     }
                 }
+                if neg.ring {
+                    if let Err(e) = self.start_ring() {
+                        self.note_error(e);
+                        self.broken = true;
+                        return;
+                    }
+                }
                 if let Some(tx) = self.connected.take() {
                     if tx.send(Ok(neg)).is_err() {
                         // Nobody waits for this connection any more.
@@ -887,6 +907,7 @@ impl Driver {
                     if let Err(e) = self.conn.nack(m.msg_id(), e.code(), retry, &detail) {
                         tracing::debug!(peer = %self.peer, "NACK: {e}");
                     }
+                    self.reply_refused(m.header.in_reply_to, e);
                     return;
                 }
                 let to = m.header.in_reply_to;
@@ -942,13 +963,18 @@ impl Driver {
                     let _ = tx.send(Ok(rtt));
                 }
             }
-            Event::Refused { msg_id, error } => {
+            Event::Refused {
+                msg_id,
+                in_reply_to,
+                error,
+            } => {
                 peer_log!(
                     self.plog,
                     self.peer,
                     WARN,
                     "refused msgId {msg_id} from the peer: {error}"
                 );
+                self.reply_refused(in_reply_to, error);
             }
             Event::Closed(err) => {
                 match &err {
@@ -1200,11 +1226,11 @@ impl Driver {
         if with_uri.is_empty() {
             return Ok(());
         }
-        let Some(mapper) = self.mapper.as_mut() else {
+        if self.mapper.is_none() {
             return Err(Error::attachment(
                 "attachment by handle, but no handle scheme was negotiated",
             ));
-        };
+        }
         let mut uris = Vec::with_capacity(with_uri.len());
         let mut fd_count = 0usize;
         for (id, uri) in with_uri {
@@ -1214,12 +1240,20 @@ impl Driver {
             }
             uris.push((id, u));
         }
+        if fd_count > 0 {
+            self.take_ring_fds()?;
+        }
         // The descriptors that came with this message's first frame; taken now, so that a
         // refusal below still consumes them.
         let at = m.stream_offset;
         let fds: Vec<OwnedFd> = match self.fds.iter().position(|g| g.start <= at && at < g.end) {
             Some(i) => self.fds.remove(i).map(|g| g.fds).unwrap_or_default(),
             None => Vec::new(),
+        };
+        let Some(mapper) = self.mapper.as_mut() else {
+            return Err(Error::attachment(
+                "attachment by handle, but no handle scheme was negotiated",
+            ));
         };
         if fd_count > fds.len() {
             return Err(Error::attachment(format!(
@@ -1276,10 +1310,129 @@ impl Driver {
         Ok(())
     }
 
+    /// A reply to our request `to` (0: none) was refused: its caller gets the reason instead
+    /// of waiting for a reply that will not come.
+    fn reply_refused(&mut self, to: u64, error: Error) {
+        if to == 0 {
+            return;
+        }
+        if let Some(tx) = self.requests.remove(&to) {
+            let _ = tx.send(Err(error));
+        }
+    }
+
+    /// CAPS turned the ring on. The responder makes the memory and sends its memfd with CAPS
+    /// (the switch follows once CAPS is written); the initiator maps the memfd that came with
+    /// CAPS and switches at once (the responder sends nothing on the socket after CAPS).
+    fn start_ring(&mut self) -> Result<()> {
+        let ring_err = |what: String| Error::malformed(Violation::Control, what);
+        match self.conn.role() {
+            crate::conn::Role::Responder => {
+                let (mem, fd) = RingMemory::create(self.ring_config.capacity).map_err(|e| {
+                    Error::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("ring for {}: {e}", self.peer),
+                    ))
+                })?;
+                // CAPS was queued before the event: it is the last frame waiting.
+                let mut frames = Vec::new();
+                while let Some(f) = self.conn.poll_transmit() {
+                    frames.push(f);
+                }
+                let Some(caps) = frames.pop() else {
+                    return Err(Error::invalid("ring: no CAPS to send its memfd with"));
+                };
+                for f in frames {
+                    self.out.push(f);
+                }
+                self.out.push_with_fds(caps, vec![fd]);
+                self.ring_pending = Some(mem);
+            }
+            crate::conn::Role::Initiator => {
+                let fd = self.fds.pop_back().and_then(|mut g| g.fds.pop());
+                let Some(fd) = fd else {
+                    return Err(ring_err(
+                        "CAPS turned the ring on but carried no memfd (SPEC §9)".into(),
+                    ));
+                };
+                if !self.rbuf.is_empty() {
+                    return Err(ring_err(format!(
+                        "{} bytes followed CAPS on the socket, where the ring takes over",
+                        self.rbuf.len()
+                    )));
+                }
+                let mem = RingMemory::open(fd, ring::mem::MAX_CAPACITY)
+                    .map_err(|e| ring_err(format!("the ring's memfd: {e}")))?;
+                self.switch_to_ring(mem, ring::End::Initiator);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the ring where the socket's halves were; the socket itself stays under it for
+    /// wake-ups, descriptors and the end of the connection.
+    fn switch_to_ring(&mut self, mem: Arc<RingMemory>, end: ring::End) {
+        let sock = match &self.wr {
+            WriteHalf::Unix(w) => {
+                let s: &tokio::net::UnixStream = w.as_ref();
+                s.as_fd()
+                    .try_clone_to_owned()
+                    .map(std::os::unix::net::UnixStream::from)
+                    .and_then(|s| {
+                        s.set_nonblocking(true)?;
+                        tokio::net::UnixStream::from_std(s)
+                    })
+            }
+            _ => Err(std::io::Error::other("the ring needs a plain Unix socket")),
+        };
+        let sock = match sock {
+            Ok(s) => s,
+            Err(e) => return self.io_failed(e, "ring"),
+        };
+        let (r, w) = ring::split(sock, mem, end, self.ring_config.spin);
+        // Bytes read from the socket before the ring took over: ring positions start there.
+        let r = r.with_base(self.rx_total);
+        if let WriteHalf::Unix(old) = std::mem::replace(&mut self.wr, WriteHalf::Ring(w)) {
+            // Dropping it would shut the socket's write side, which the ring still uses.
+            old.forget();
+        }
+        self.rd = ReadHalf::Ring(r);
+        tracing::debug!(peer = %self.peer, "frames now go by the same-host ring");
+    }
+
+    /// Descriptors on the ring's socket, for the frames read so far (see
+    /// [`ring::RingRead::take_fds`]).
+    fn take_ring_fds(&mut self) -> Result<()> {
+        let ReadHalf::Ring(r) = &mut self.rd else {
+            return Ok(());
+        };
+        let mut groups = Vec::new();
+        if let Err(e) = r.take_fds(&mut groups) {
+            return Err(Error::protocol(
+                Violation::Attachment,
+                ErrorCode::ERR_ATTACHMENT,
+                format!("ring: {e}"),
+            ));
+        }
+        for (pos, fds) in groups {
+            let start = pos;
+            self.fds.push_back(FdGroup {
+                start,
+                end: start + 1,
+                fds,
+            });
+        }
+        self.bound_fds();
+        Ok(())
+    }
+
     /// Keeps received descriptors only where memfd was negotiated, and a bounded number.
     fn bound_fds(&mut self) {
         let take = if self.handle_schemes.contains(&Scheme::Memfd) {
             MAX_PENDING_FDS
+        } else if self.conn.config().ring && !self.conn.is_established() {
+            // The ring's memfd, coming with CAPS.
+            1
         } else {
             0
         };
@@ -1301,6 +1454,10 @@ impl Driver {
     /// Moves the connection's own frames (replies, NACKs, ACKs, handshake, keep-alive) to the
     /// write queue, counting them: see [`PROTO_BACKLOG`].
     fn pump_transmits(&mut self) {
+        if self.ring_pending.is_some() {
+            // Nothing may follow CAPS on the socket: it waits for the ring.
+            return;
+        }
         while let Some(f) = self.conn.poll_transmit() {
             self.proto_bytes += f.len();
             self.out.push(f);
@@ -1321,6 +1478,9 @@ impl Driver {
     /// Moves staged frames to the write queue, a frame per channel in turn, up to
     /// `FEED_TARGET`.
     fn feed_out(&mut self) {
+        if self.ring_pending.is_some() {
+            return;
+        }
         while self.out.bytes < FEED_TARGET {
             let Some((f, fds)) = self.staged.pop() else {
                 break;
@@ -1432,6 +1592,21 @@ async fn read_in(
     want: usize,
 ) -> std::io::Result<usize> {
     let start = *rx_total;
+    if let ReadHalf::Ring(r) = rd {
+        let mut groups = Vec::new();
+        let max = (rbuf.capacity() - rbuf.len()).max(want.min(READ_CHUNK * 4));
+        let n = r.read_ring(rbuf, max, &mut groups).await?;
+        *rx_total += n as u64;
+        for (pos, got) in groups {
+            let start = pos;
+            fds.push_back(FdGroup {
+                start,
+                end: start + 1,
+                fds: got,
+            });
+        }
+        return Ok(n);
+    }
     if let ReadHalf::Uring(r) = rd {
         // Straight into the read buffer, descriptors included: no scratch copy.
         let mut got = Vec::new();

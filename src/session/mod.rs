@@ -90,6 +90,10 @@ pub struct SessionConfig {
     pub server_reassembly_bytes: u64,
     /// How streams are opened: epoll or io_uring (and, across hosts, TLS).
     pub transport: crate::transport::TransportConfig,
+    /// The same-host ring (SPEC §9): whether a server agrees to it on Unix sockets, its
+    /// size, how long a side spins before it sleeps. A client asks for it with a
+    /// `ring:///path` URL.
+    pub ring: crate::transport::ring::RingConfig,
 }
 
 /// How attachments travel (SPEC §6 `shared_mem`/`attach`, §7).
@@ -159,6 +163,8 @@ with_fields!(SessionConfig {
     with_server_reassembly_bytes => server_reassembly_bytes: u64;
     /// How streams are opened (epoll or io_uring; TLS).
     with_transport => transport: crate::transport::TransportConfig;
+    /// The same-host ring's settings.
+    with_ring => ring: crate::transport::ring::RingConfig;
 });
 
 impl SessionConfig {
@@ -205,6 +211,7 @@ impl Default for SessionConfig {
             max_connections: 4096,
             server_reassembly_bytes: 1 << 30,
             transport: crate::transport::TransportConfig::default(),
+            ring: crate::transport::ring::RingConfig::default(),
         }
     }
 }
@@ -246,6 +253,12 @@ impl Session {
     /// finished. Fails with [`Error::Timeout`] after `connect_timeout`, with
     /// [`Error::Incompatible`] when the peer shares no codec (it NACKs
     /// `ERR_CODEC_UNSUPPORTED`) or speaks a newer major version.
+    ///
+    /// `ring:///path` connects to the Unix socket `path` and asks for the same-host ring
+    /// (SPEC §9): after the handshake every frame goes through shared memory, with no system
+    /// call per message ([`Session::io`] says [`Io::Ring`](crate::transport::Io::Ring)). A
+    /// peer that does not agree is [`Error::Incompatible`] (`ERR_ATTACHMENT`), never a silent
+    /// fall back to the socket.
     pub async fn connect(url: &str, config: SessionConfig) -> Result<Session> {
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let stream =
@@ -264,7 +277,31 @@ impl Session {
                 }
             };
         let peer = stream.peer_label();
-        start(stream, peer, Role::Initiator, &config, deadline, None).await
+        let ask_ring = matches!(
+            crate::transport::Url::parse(url)?,
+            crate::transport::Url::Ring(_)
+        );
+        let session = start(
+            stream,
+            peer,
+            Role::Initiator,
+            &config,
+            deadline,
+            None,
+            ask_ring,
+        )
+        .await?;
+        if ask_ring && !session.inner.negotiated.ring {
+            // Asked for by name: no silent fall back to the socket.
+            return Err(Error::Incompatible {
+                code: ErrorCode::ERR_ATTACHMENT,
+                detail: format!(
+                    "{url}: the peer does not offer the same-host ring (SPEC §9); connect with \
+                     unix:// to use the socket alone"
+                ),
+            });
+        }
+        Ok(session)
     }
 
     /// What the handshake settled.
@@ -590,6 +627,7 @@ async fn start(
     config: &SessionConfig,
     deadline: tokio::time::Instant,
     guard: Option<ConnGuard>,
+    ask_ring: bool,
 ) -> Result<Session> {
     let cap = config.max_in_flight.max(1);
     let (cmd_tx, cmd_rx) = mpsc::channel(cap);
@@ -598,11 +636,13 @@ async fn start(
     let (done_tx, done_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
     let unix = stream.is_unix();
-    let io = if stream.is_uring() {
+    let mut io = if stream.is_uring() {
         crate::transport::Io::Uring
     } else {
         crate::transport::Io::Epoll
     };
+    // The ring replaces a plain (epoll) Unix socket, whose descriptor its wake-ups then use.
+    let ring_capable = matches!(stream, Stream::Unix(_));
     // Across hosts (TLS, QUIC) no handle can work: everything goes inline, chunked.
     let remote = stream.is_remote();
     let offered: Vec<Scheme> = config
@@ -622,7 +662,13 @@ async fn start(
         conn_config.host_id = crate::attach::host_id().to_string();
         conn_config.shm_prefix = crate::attach::process_prefix().to_string();
     }
-    let fd_reads = offered.contains(&Scheme::Memfd);
+    conn_config.ring = ring_capable
+        && match role {
+            Role::Initiator => ask_ring,
+            Role::Responder => config.ring.offer,
+        };
+    // The ring's memfd comes with CAPS.
+    let fd_reads = offered.contains(&Scheme::Memfd) || conn_config.ring;
     let conn = Connection::new(role, conn_config, Instant::now());
     let task = tokio::spawn(driver::run(
         stream,
@@ -638,6 +684,7 @@ async fn start(
             inline_threshold: config.attach.inline_threshold,
             max_leases: config.attach.max_leases_per_peer,
             guard,
+            ring: config.ring.clone(),
         },
     ));
     let negotiated = match tokio::time::timeout_at(deadline, connected_rx).await {
@@ -657,6 +704,9 @@ async fn start(
             ));
         }
     };
+    if negotiated.ring {
+        io = crate::transport::Io::Ring;
+    }
     // Regions come from memfd when the peer takes memfd (or when no handle was negotiated:
     // then they are plain memory with no name in /dev/shm), else from POSIX shm.
     let scheme = if negotiated.attach.contains(&Scheme::Memfd)
@@ -706,11 +756,20 @@ const ACCEPT_QUEUE: usize = 128;
 
 impl Server {
     /// Binds `url` (`tcp://host:port`, port 0 for any; `unix:///path`; `tls://host:port` or
-    /// `quic://host:port` with `config.transport.tls`) and starts accepting.
+    /// `quic://host:port` with `config.transport.tls`) and starts accepting. `ring:///path`
+    /// binds the Unix socket `path`: a server on a Unix socket agrees to the same-host ring
+    /// whenever a client asks (and [`SessionConfig::ring`] offers it, the default); its
+    /// [`Server::local_url`] then says `ring://`.
     pub async fn bind(url: &str, config: SessionConfig) -> Result<Server> {
         let ring = config.transport.ring_for_io()?;
         let listener = Listener::bind_with(url, &config.transport).await?;
-        let local_url = listener.local_url();
+        let mut local_url = listener.local_url();
+        if let crate::transport::Url::Ring(_) = crate::transport::Url::parse(url)? {
+            // Bound as a Unix socket; clients of this URL ask for the ring.
+            if let Some(path) = local_url.strip_prefix("unix://") {
+                local_url = format!("ring://{path}");
+            }
+        }
         let socket_file = listener.socket_file();
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let accept_task = tokio::spawn(accept_loop(listener, config, ring, tx));
@@ -860,6 +919,7 @@ async fn accept_loop(
                 &config,
                 deadline,
                 Some(guard),
+                false,
             )
             .await
             {

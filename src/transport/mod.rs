@@ -69,6 +69,7 @@ pub mod quic;
 #[cfg(not(feature = "quic"))]
 #[path = "quic_off.rs"]
 pub mod quic;
+pub mod ring;
 mod tcp;
 #[cfg(feature = "tls")]
 pub mod tls;
@@ -106,8 +107,9 @@ pub const UNIX_SOCKET_BUFFER: usize = 4 << 20;
 /// only seconds later. 1024 absorbs a burst of a thousand clients.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
-const SUPPORTED: &str =
-    "supported are tcp://host:port, unix:///absolute/path, tls://host:port and quic://host:port";
+const SUPPORTED: &str = "supported are tcp://host:port, unix:///absolute/path, \
+     ring:///absolute/path (a Unix socket with the same-host ring), tls://host:port and \
+     quic://host:port";
 
 /// A parsed transport address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +119,9 @@ pub enum Url {
     Tcp(String),
     /// `unix:///absolute/path`.
     Unix(PathBuf),
+    /// `ring:///absolute/path`: a Unix socket that asks for the same-host shared-memory ring
+    /// (SPEC §9). A server binds it as `unix://`, and agrees to the ring when asked.
+    Ring(PathBuf),
     /// `tls://host:port`: TCP inside TLS 1.3, mutual authentication.
     Tls(String),
     /// `quic://host:port`: QUIC (UDP), mutual authentication.
@@ -135,6 +140,7 @@ impl Url {
         match scheme.to_ascii_lowercase().as_str() {
             "tcp" => tcp::parse_authority(url, rest).map(Url::Tcp),
             "unix" => unix::parse_path(url, rest).map(Url::Unix),
+            "ring" => unix::parse_path(url, rest).map(Url::Ring),
             "tls" => tls::parse_authority(url, rest).map(Url::Tls),
             "quic" => tls::parse_authority(url, rest).map(Url::Quic),
             other => Err(Error::invalid(format!(
@@ -149,6 +155,7 @@ impl fmt::Display for Url {
         match self {
             Url::Tcp(addr) => write!(f, "tcp://{addr}"),
             Url::Unix(path) => write!(f, "unix://{}", path.display()),
+            Url::Ring(path) => write!(f, "ring://{}", path.display()),
             Url::Tls(addr) => write!(f, "tls://{addr}"),
             Url::Quic(addr) => write!(f, "quic://{addr}"),
         }
@@ -209,14 +216,17 @@ pub enum Io {
     Epoll,
     /// Completions through io_uring.
     Uring,
+    /// The same-host shared-memory ring (SPEC §9): no system call per message.
+    Ring,
 }
 
 impl Io {
-    /// `"epoll"` or `"io_uring"`.
+    /// `"epoll"`, `"io_uring"` or `"ring"`.
     pub fn name(self) -> &'static str {
         match self {
             Io::Epoll => "epoll",
             Io::Uring => "io_uring",
+            Io::Ring => "ring",
         }
     }
 }
@@ -295,7 +305,7 @@ impl Stream {
     pub async fn connect(url: &str) -> Result<Stream> {
         match Url::parse(url)? {
             Url::Tcp(addr) => tcp::connect(&addr).await.map(Stream::Tcp),
-            Url::Unix(path) => unix::connect(&path).await.map(Stream::Unix),
+            Url::Unix(path) | Url::Ring(path) => unix::connect(&path).await.map(Stream::Unix),
             Url::Tls(_) | Url::Quic(_) => Err(tls::require(None, url).unwrap_err()),
         }
     }
@@ -318,6 +328,8 @@ impl Stream {
                     .await
                     .map(|s| Stream::Quic(Box::new(s)))
             }
+            // The ring's socket carries only wake-ups and descriptors: epoll is all it needs.
+            Url::Ring(_) => Stream::connect(url).await,
             _ => {
                 let ring = config.ring_for_io()?;
                 Stream::connect(url).await?.with_ring(ring)
@@ -411,7 +423,7 @@ impl Stream {
 }
 
 macro_rules! delegate_read {
-    ($ty:ident) => {
+    ($ty:ident $(, $extra:ident)*) => {
         impl AsyncRead for $ty {
             fn poll_read(
                 self: Pin<&mut Self>,
@@ -424,6 +436,7 @@ macro_rules! delegate_read {
                     $ty::Uring(s, ..) => Pin::new(s).poll_read(cx, buf),
                     $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Quic(s) => Pin::new(s).poll_read(cx, buf),
+                    $( $ty::$extra(s) => Pin::new(s).poll_read(cx, buf), )*
                 }
             }
         }
@@ -431,7 +444,7 @@ macro_rules! delegate_read {
 }
 
 macro_rules! delegate_write {
-    ($ty:ident) => {
+    ($ty:ident $(, $extra:ident)*) => {
         impl AsyncWrite for $ty {
             fn poll_write(
                 self: Pin<&mut Self>,
@@ -444,6 +457,7 @@ macro_rules! delegate_write {
                     $ty::Uring(s, ..) => Pin::new(s).poll_write(cx, buf),
                     $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Quic(s) => Pin::new(s).poll_write(cx, buf),
+                    $( $ty::$extra(s) => Pin::new(s).poll_write(cx, buf), )*
                 }
             }
 
@@ -458,6 +472,7 @@ macro_rules! delegate_write {
                     $ty::Uring(s, ..) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Quic(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $( $ty::$extra(s) => Pin::new(s).poll_write_vectored(cx, bufs), )*
                 }
             }
 
@@ -472,6 +487,7 @@ macro_rules! delegate_write {
                     $ty::Uring(s, ..) => Pin::new(s).poll_flush(cx),
                     $ty::Tls(s) => Pin::new(s).poll_flush(cx),
                     $ty::Quic(s) => Pin::new(s).poll_flush(cx),
+                    $( $ty::$extra(s) => Pin::new(s).poll_flush(cx), )*
                 }
             }
 
@@ -482,6 +498,7 @@ macro_rules! delegate_write {
                     $ty::Uring(s, ..) => Pin::new(s).poll_shutdown(cx),
                     $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Quic(s) => Pin::new(s).poll_shutdown(cx),
+                    $( $ty::$extra(s) => Pin::new(s).poll_shutdown(cx), )*
                 }
             }
         }
@@ -501,6 +518,8 @@ pub enum ReadHalf {
     Tls(tls::TlsRead),
     /// QUIC.
     Quic(quic::QuicRead),
+    /// The same-host ring (SPEC §9), after CAPS turned it on.
+    Ring(ring::RingRead),
 }
 
 /// The owned write half of a [`Stream`]. Shutting it down (`AsyncWriteExt::shutdown`) sends
@@ -517,12 +536,14 @@ pub enum WriteHalf {
     Tls(tls::TlsWrite),
     /// QUIC.
     Quic(quic::QuicWrite),
+    /// The same-host ring (SPEC §9), after CAPS turned it on.
+    Ring(ring::RingWrite),
 }
 
 delegate_read!(Stream);
 delegate_write!(Stream);
-delegate_read!(ReadHalf);
-delegate_write!(WriteHalf);
+delegate_read!(ReadHalf, Ring);
+delegate_write!(WriteHalf, Ring);
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -544,7 +565,7 @@ impl Listener {
     pub async fn bind(url: &str) -> Result<Listener> {
         match Url::parse(url)? {
             Url::Tcp(addr) => tcp::bind(&addr).await.map(Listener::Tcp),
-            Url::Unix(path) => {
+            Url::Unix(path) | Url::Ring(path) => {
                 let (l, file) = unix::bind(&path)?;
                 Ok(Listener::Unix(l, file))
             }
@@ -628,7 +649,7 @@ impl ReadHalf {
             ReadHalf::Tcp(r) => peer::peer_uid(AsRef::<TcpStream>::as_ref(r), false),
             ReadHalf::Unix(r) => peer::peer_uid(AsRef::<UnixStream>::as_ref(r), true),
             ReadHalf::Uring(r) => peer::peer_uid(r.fd(), r.is_unix()),
-            ReadHalf::Tls(_) | ReadHalf::Quic(_) => None,
+            ReadHalf::Tls(_) | ReadHalf::Quic(_) | ReadHalf::Ring(_) => None,
         }
     }
 
@@ -636,7 +657,7 @@ impl ReadHalf {
     pub fn passes_fds(&self) -> bool {
         match self {
             ReadHalf::Tcp(_) | ReadHalf::Tls(_) | ReadHalf::Quic(_) => false,
-            ReadHalf::Unix(_) => true,
+            ReadHalf::Unix(_) | ReadHalf::Ring(_) => true,
             ReadHalf::Uring(r) => r.is_unix(),
         }
     }
@@ -655,6 +676,15 @@ impl ReadHalf {
             ReadHalf::Tcp(r) => return r.read(scratch).await,
             ReadHalf::Tls(r) => return r.read(scratch).await,
             ReadHalf::Quic(r) => return r.read(scratch).await,
+            ReadHalf::Ring(r) => {
+                let mut buf = bytes::BytesMut::new();
+                let mut groups = Vec::new();
+                let n = r.read_ring(&mut buf, scratch.len(), &mut groups).await?;
+                r.take_fds(&mut groups)?;
+                scratch[..n].copy_from_slice(&buf);
+                fds.extend(groups.into_iter().flat_map(|(_, g)| g));
+                return Ok(n);
+            }
             ReadHalf::Unix(r) => (*r).as_ref(),
             ReadHalf::Uring(r) => return r.read_copy_with_fds(scratch, fds).await,
         };
@@ -676,7 +706,7 @@ impl WriteHalf {
     pub fn passes_fds(&self) -> bool {
         match self {
             WriteHalf::Tcp(_) | WriteHalf::Tls(_) | WriteHalf::Quic(_) => false,
-            WriteHalf::Unix(_) => true,
+            WriteHalf::Unix(_) | WriteHalf::Ring(_) => true,
             WriteHalf::Uring(w) => w.is_unix(),
         }
     }
@@ -694,6 +724,9 @@ impl WriteHalf {
                 .map(|s| bytes::Bytes::copy_from_slice(s))
                 .collect();
             return w.send_owned(&owned, fds).await;
+        }
+        if let WriteHalf::Ring(w) = self {
+            return w.write_ring(slices, fds).await;
         }
         let WriteHalf::Unix(w) = self else {
             return Err(io::Error::new(

@@ -88,11 +88,21 @@ impl Addr {
         }
     }
 
+    /// A Unix socket whose clients ask for the same-host ring (`ring:///path`, SPEC §9).
+    fn ring() -> Addr {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Addr {
+            url: format!("ring://{}/xcp.sock", dir.path().display()),
+            _dir: Some(dir),
+        }
+    }
+
     /// Another address of the same transport (for a second listener in one test).
     fn sibling(&self, name: &str) -> String {
+        let scheme = self.url.split("://").next().unwrap_or("unix");
         match &self._dir {
             None => self.url.clone(),
-            Some(d) => format!("unix://{}/{name}.sock", d.path().display()),
+            Some(d) => format!("{scheme}://{}/{name}.sock", d.path().display()),
         }
     }
 }
