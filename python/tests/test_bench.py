@@ -48,6 +48,7 @@ def test_bench_quick_json_has_every_row(tmp_path, xcp_bin):
             assert rows[(name, workload)]["status"] == "ok", rows[(name, workload)]
     # The xcp rows went the way they say.
     assert rows[("xcp-memfd", "hand-off")]["path"] == "memfd"
+    assert rows[("xcp-ring", "hand-off")]["path"] == "memfd"
     assert rows[("xcp-shm", "hand-off")]["path"] == "shm"
     assert rows[("xcp-inline", "hand-off")]["path"] == "inline"
     assert rows[("xcp-memfd", "hand-off")]["x_rust"] is not None

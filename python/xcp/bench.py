@@ -15,6 +15,9 @@ The transports (rows):
 
 - ``xcp-memfd``: xcp over a Unix socket, the array in a region of the session's pool (memfd),
   passed by handle; the receiver reads the sender's memory (no copy).
+- ``xcp-ring``: as ``xcp-memfd``, the client asking for the same-host ring (``ring://``):
+  every frame goes through shared memory, the Unix socket carries only the memfd
+  descriptors and wake-ups.
 - ``xcp-shm``: xcp over TCP on 127.0.0.1, by POSIX shm handle.
 - ``xcp-inline``: xcp over TCP with ``handles=False``: the bytes travel in the messages.
 - ``pyzmq``: a REQ/REP pair over TCP, pyzmq's defaults (``send(array)``, ``recv()``: the
@@ -28,10 +31,11 @@ The transports (rows):
   against the Rust echo server (``xcp serve``): the Python client's own cost, next to the
   Rust client's (the rows above pay Python on both ends).
 - ``rust-*``: the Rust client's own figures for the same kind of session, from one run of the
-  ``xcp`` binary's ``xcp bench`` (paths ``unix``, ``tcp``, ``memfd-touch``, ``shm-touch``;
-  the latency phase, one request at a time): ``rust-unix`` is the 64 B figure of the memfd
-  row's session kind and ``rust-memfd-touch`` its hand-off, ``rust-tcp`` both figures of the
-  inline row and the 64 B figure of the shm row, ``rust-shm-touch`` the shm row's hand-off.
+  ``xcp`` binary's ``xcp bench`` (paths ``unix``, ``ring``, ``tcp``, ``memfd-touch``,
+  ``shm-touch``; the latency phase, one request at a time): ``rust-unix`` is the 64 B figure
+  of the memfd row's session kind and ``rust-memfd-touch`` its hand-off (and the ring row's),
+  ``rust-ring`` the ring row's 64 B figure, ``rust-tcp`` both figures of the inline row and
+  the 64 B figure of the shm row, ``rust-shm-touch`` the shm row's hand-off.
 
 The table gives p50 and p99 round trips, MB/s for the hand-off, and ratios: ``x pickle``,
 ``x zmq``, ``x shm`` (how many times faster than that baseline: its p50 over this row's) and
@@ -69,6 +73,7 @@ __all__ = ["main", "run"]
 #: The rows in the order they run and print.
 PY_ROWS = [
     "xcp-memfd",
+    "xcp-ring",
     "xcp-shm",
     "xcp-inline",
     "pyzmq",
@@ -80,11 +85,12 @@ PY_ROWS = [
 #: The rows whose server is the Rust binary's echo server (``xcp serve``): the Python
 #: client alone against the Rust client, request/reply only.
 TO_RUST = {"xcp-unix-to-rust": "unix", "xcp-tcp-to-rust": "tcp"}
-RUST_ROWS = ["rust-unix", "rust-tcp", "rust-memfd-touch", "rust-shm-touch"]
+RUST_ROWS = ["rust-unix", "rust-ring", "rust-tcp", "rust-memfd-touch", "rust-shm-touch"]
 
 #: What each row is, for the table's legend and the JSON.
 DESCRIPTIONS = {
     "xcp-memfd": "xcp, Unix socket, memfd handle (receiver reads the sender's memory)",
+    "xcp-ring": "xcp, same-host ring (ring://: frames in shared memory), memfd handle",
     "xcp-shm": "xcp, TCP 127.0.0.1, POSIX shm handle",
     "xcp-inline": "xcp, TCP 127.0.0.1, handles=False: bytes inline in the messages",
     "pyzmq": "pyzmq REQ/REP over TCP 127.0.0.1 (defaults: the receiver gets a bytes copy)",
@@ -93,6 +99,7 @@ DESCRIPTIONS = {
     "xcp-unix-to-rust": "xcp client in Python, Unix socket, to the Rust echo server (xcp serve)",
     "xcp-tcp-to-rust": "xcp client in Python, TCP 127.0.0.1, to the Rust echo server (xcp serve)",
     "rust-unix": "the Rust client (xcp bench, path unix): XCP over a Unix socket, bytes inline",
+    "rust-ring": "the Rust client (xcp bench, path ring): XCP through the same-host ring, bytes inline",
     "rust-tcp": "the Rust client (xcp bench, path tcp): XCP over TCP, bytes inline",
     "rust-memfd-touch": "the Rust client (xcp bench, memfd-touch): by memfd handle, receiver reads every byte",
     "rust-shm-touch": "the Rust client (xcp bench, shm-touch): by shm handle, receiver reads every byte",
@@ -102,6 +109,8 @@ DESCRIPTIONS = {
 RUST_TWIN = {
     ("xcp-memfd", "request-reply"): "rust-unix",
     ("xcp-memfd", "hand-off"): "rust-memfd-touch",
+    ("xcp-ring", "request-reply"): "rust-ring",
+    ("xcp-ring", "hand-off"): "rust-memfd-touch",
     ("xcp-shm", "request-reply"): "rust-tcp",
     ("xcp-shm", "hand-off"): "rust-shm-touch",
     ("xcp-inline", "request-reply"): "rust-tcp",
@@ -114,6 +123,7 @@ RUST_TWIN = {
 #: small size, hand-off at the large size).
 RUST_PATHS = {
     "rust-unix": ("unix", ("request-reply",)),
+    "rust-ring": ("ring", ("request-reply",)),
     "rust-tcp": ("tcp", ("request-reply", "hand-off")),
     "rust-memfd-touch": ("memfd-touch", ("hand-off",)),
     "rust-shm-touch": ("shm-touch", ("hand-off",)),
@@ -158,7 +168,7 @@ def pattern(nbytes: int) -> Any:
 def _serve_xcp(ctl: multiprocessing.connection.Connection, row: str, sock_dir: str) -> None:
     import xcp
 
-    if row == "xcp-memfd":
+    if row in ("xcp-memfd", "xcp-ring"):
         url = f"unix://{sock_dir}/bench.sock"
     else:
         url = "tcp://127.0.0.1:0"
@@ -306,7 +316,12 @@ class XcpClient(Client):
         import xcp
 
         self.xcp = xcp
+        if row == "xcp-ring":
+            # The server is the Unix socket's; the client asks for the ring.
+            url = url.replace("unix://", "ring://", 1)
         self.session = xcp.connect(url, handles=row != "xcp-inline", request_timeout=ANSWER_TIMEOUT)
+        if row == "xcp-ring" and not self.session.negotiated["ring"]:
+            raise RuntimeError("the server did not agree to the ring")
         self.small_payload = bytes(pattern(small))
         self.large = large
         self.rr_ether = xcp.Ether("rr")
@@ -804,11 +819,11 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         v = r.get(key) if r else None
         out.append({"check": what, "value": v, "holds": None if v is None else bool(ok(v))})
 
-    for row in ("xcp-memfd", "xcp-shm"):
+    for row in ("xcp-memfd", "xcp-ring", "xcp-shm"):
         add(f"{row} hand-off >= 100x faster than Pipe+pickle", row, "hand-off", "x_pickle", lambda v: v >= 100)
         add(f"{row} hand-off >= 50x faster than pyzmq", row, "hand-off", "x_zmq", lambda v: v >= 50)
         add(f"{row} hand-off within 1.5x of shared_memory", row, "hand-off", "x_shm", lambda v: v >= 1 / 1.5)
-    for row in ("xcp-memfd", "xcp-shm", "xcp-inline", "xcp-unix-to-rust", "xcp-tcp-to-rust"):
+    for row in ("xcp-memfd", "xcp-ring", "xcp-shm", "xcp-inline", "xcp-unix-to-rust", "xcp-tcp-to-rust"):
         add(f"{row} request/reply <= 1.3x the Rust client", row, "request-reply", "x_rust", lambda v: v <= 1.3)
         add(f"{row} request/reply no slower than pyzmq", row, "request-reply", "x_zmq", lambda v: v >= 1.0)
     return out
