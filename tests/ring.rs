@@ -213,8 +213,22 @@ async fn a_refused_ring_is_an_error_and_unix_clients_keep_the_socket() {
     assert_eq!(r.ether().expect("ether"), Ether::text("socket"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idle_ring_peers_sleep() {
+/// The name of the threads of `idle_ring_peers_sleep`'s runtime: their CPU is the peers'
+/// (the other tests of this binary run at the same time, on runtimes of their own).
+const IDLE_THREADS: &str = "idle-ring-peers";
+
+#[test]
+fn idle_ring_peers_sleep() {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name(IDLE_THREADS)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(idle_ring_peers());
+}
+
+async fn idle_ring_peers() {
     let dir = socket_dir();
     let url = format!("ring://{}", dir.path.display());
     let _server = echo_server(&dir, SessionConfig::default()).await;
@@ -239,14 +253,24 @@ async fn idle_ring_peers_sleep() {
     assert_eq!(r.ether().expect("ether"), Ether::text("awake"));
 }
 
-/// CPU time (user + system, every thread) of this process so far, from `/proc/self/stat`
-/// (in USER_HZ ticks, 100 a second on every Linux architecture).
+/// CPU time (user + system) so far of this process's threads named [`IDLE_THREADS`], from
+/// `/proc/self/task/*/stat` (in USER_HZ ticks, 100 a second on every Linux architecture).
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let rest = stat.rsplit_once(')').expect("comm").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f[i].parse::<u64>().expect("ticks");
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let Ok(stat) = std::fs::read_to_string(task.expect("task").path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (head, rest) = stat.rsplit_once(')').expect("comm");
+        // The kernel keeps the first 15 bytes of a thread's name.
+        let comm = head.split_once('(').expect("comm").1;
+        if !IDLE_THREADS.starts_with(comm) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    }
+    Duration::from_millis(ticks * 10)
 }
 
 // ----- a raw ring client -------------------------------------------------------------------
