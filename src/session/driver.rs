@@ -131,6 +131,18 @@ struct FdGroup {
     fds: Vec<OwnedFd>,
 }
 
+impl FdGroup {
+    /// A group from the ring's socket: it names the stream position of its frame's first
+    /// byte exactly (see `RingRead::take_fds`).
+    fn of_ring((pos, fds): (u64, Vec<OwnedFd>)) -> FdGroup {
+        FdGroup {
+            start: pos,
+            end: pos + 1,
+            fds,
+        }
+    }
+}
+
 /// Descriptors received but not yet claimed by a `memfd://` attachment, at most.
 const MAX_PENDING_FDS: usize = 64;
 
@@ -1414,14 +1426,7 @@ impl Driver {
                 format!("ring: {e}"),
             ));
         }
-        for (pos, fds) in groups {
-            let start = pos;
-            self.fds.push_back(FdGroup {
-                start,
-                end: start + 1,
-                fds,
-            });
-        }
+        self.fds.extend(groups.into_iter().map(FdGroup::of_ring));
         self.bound_fds();
         Ok(())
     }
@@ -1597,14 +1602,7 @@ async fn read_in(
         let max = (rbuf.capacity() - rbuf.len()).max(want.min(READ_CHUNK * 4));
         let n = r.read_ring(rbuf, max, &mut groups).await?;
         *rx_total += n as u64;
-        for (pos, got) in groups {
-            let start = pos;
-            fds.push_back(FdGroup {
-                start,
-                end: start + 1,
-                fds: got,
-            });
-        }
+        fds.extend(groups.into_iter().map(FdGroup::of_ring));
         return Ok(n);
     }
     if let ReadHalf::Uring(r) = rd {

@@ -389,6 +389,35 @@ impl RingMemory {
         Ok(used)
     }
 
+    /// The waker's half of the protocol, after publishing (a tail or a head store): a SeqCst
+    /// fence, then the sleeper's flag `field` of ring `ring`, swapped to 0 when it is 1. At
+    /// most once true per sleep.
+    fn must_wake(&self, ring: usize, field: usize) -> bool {
+        fence(Ordering::SeqCst);
+        let flag = self.atomic32(ring, field);
+        flag.load(Ordering::Relaxed) == 1 && flag.swap(0, Ordering::SeqCst) == 1
+    }
+
+    /// The sleeper's half: sets flag `field` of ring `ring`, then re-checks with `stuck`
+    /// (a SeqCst load of the peer's index: `Ok(true)` while there is still nothing to do).
+    /// `Ok(true)`: sleep, the peer will wake us. `Ok(false)`: the ring changed meanwhile, the
+    /// flag is cleared (a peer that saw it wakes us anyway: a spurious wake-up, which a
+    /// sleeper tolerates). An impossible index clears the flag too.
+    fn arm_sleep(
+        &self,
+        ring: usize,
+        field: usize,
+        stuck: impl FnOnce() -> io::Result<bool>,
+    ) -> io::Result<bool> {
+        let flag = self.atomic32(ring, field);
+        flag.store(1, Ordering::SeqCst);
+        let r = stuck();
+        if !matches!(r, Ok(true)) {
+            flag.store(0, Ordering::SeqCst);
+        }
+        r
+    }
+
     /// Test only: overwrites a raw u64 of the header page, as a hostile peer can.
     #[cfg(test)]
     fn poke64(&self, off: usize, v: u64) {
@@ -425,6 +454,14 @@ impl Producer {
     /// Copies as much of `bufs` (in order) as fits and publishes it (one Release store of
     /// tail). `Ok(0)` when the ring is full. `InvalidData` when the peer's head is impossible.
     pub fn write(&mut self, bufs: &[&[u8]]) -> io::Result<usize> {
+        self.write_from(bufs)
+    }
+
+    /// [`Producer::write`] from any byte slices (`IoSlice`s included), with no list made.
+    pub fn write_from<B: std::ops::Deref<Target = [u8]>>(
+        &mut self,
+        bufs: &[B],
+    ) -> io::Result<usize> {
         let cap = self.mem.capacity;
         let mut room = cap - self.used(Ordering::Acquire)? as usize;
         let data = self.mem.data(self.ring);
@@ -462,9 +499,7 @@ impl Producer {
     /// (a SeqCst fence after the tail store, then the flag, swapped to 0 when it is 1). At
     /// most once true per consumer sleep.
     pub fn must_wake(&self) -> bool {
-        fence(Ordering::SeqCst);
-        let flag = self.mem.atomic32(self.ring, FIELD_CONSUMER_SLEEPING);
-        flag.load(Ordering::Relaxed) == 1 && flag.swap(0, Ordering::SeqCst) == 1
+        self.mem.must_wake(self.ring, FIELD_CONSUMER_SLEEPING)
     }
 
     /// Free bytes now (validated).
@@ -476,22 +511,10 @@ impl Producer {
     /// still full, sleep (the consumer will be told to wake us). `Ok(false)`: room appeared,
     /// flag cleared, write again.
     pub fn arm_sleep(&self) -> io::Result<bool> {
-        let flag = self.mem.atomic32(self.ring, FIELD_PRODUCER_SLEEPING);
-        flag.store(1, Ordering::SeqCst);
-        let used = match self.used(Ordering::SeqCst) {
-            Ok(used) => used,
-            Err(e) => {
-                flag.store(0, Ordering::SeqCst);
-                return Err(e);
-            }
-        };
-        if used < self.mem.capacity as u64 {
-            // A consumer that saw the flag meanwhile wakes us anyway: a spurious wake-up,
-            // which a sleeper tolerates.
-            flag.store(0, Ordering::SeqCst);
-            return Ok(false);
-        }
-        Ok(true)
+        let cap = self.mem.capacity as u64;
+        self.mem.arm_sleep(self.ring, FIELD_PRODUCER_SLEEPING, || {
+            Ok(self.used(Ordering::SeqCst)? == cap)
+        })
     }
 
     /// Bytes ever written by us into this ring (our private tail): the stream position of
@@ -571,28 +594,15 @@ impl Consumer {
     /// After a read of more than 0 bytes: whether the producer sleeps on a full ring and must
     /// be woken now. At most once true per producer sleep.
     pub fn must_wake(&self) -> bool {
-        fence(Ordering::SeqCst);
-        let flag = self.mem.atomic32(self.ring, FIELD_PRODUCER_SLEEPING);
-        flag.load(Ordering::Relaxed) == 1 && flag.swap(0, Ordering::SeqCst) == 1
+        self.mem.must_wake(self.ring, FIELD_PRODUCER_SLEEPING)
     }
 
     /// Before sleeping on an empty ring: sets `consumer_sleeping`, re-reads tail. `Ok(true)`:
     /// still empty, sleep. `Ok(false)`: data appeared, flag cleared.
     pub fn arm_sleep(&self) -> io::Result<bool> {
-        let flag = self.mem.atomic32(self.ring, FIELD_CONSUMER_SLEEPING);
-        flag.store(1, Ordering::SeqCst);
-        let used = match self.used(Ordering::SeqCst) {
-            Ok(used) => used,
-            Err(e) => {
-                flag.store(0, Ordering::SeqCst);
-                return Err(e);
-            }
-        };
-        if used > 0 {
-            flag.store(0, Ordering::SeqCst);
-            return Ok(false);
-        }
-        Ok(true)
+        self.mem.arm_sleep(self.ring, FIELD_CONSUMER_SLEEPING, || {
+            Ok(self.used(Ordering::SeqCst)? == 0)
+        })
     }
 
     /// Bytes ever consumed by us (our private head).

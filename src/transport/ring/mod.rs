@@ -517,8 +517,7 @@ impl RingWrite {
                 if !fds.is_empty() {
                     ready!(self.poll_send_fds(cx, fds))?;
                 }
-                let bufs: Vec<&[u8]> = slices.iter().map(|s| &s[..]).collect();
-                let n = self.prod.write(&bufs)?;
+                let n = self.prod.write_from(slices)?;
                 debug_assert!(n > 0 || slices.iter().all(|s| s.is_empty()));
                 if self.prod.must_wake() {
                     self.link.wake(WAKE_DATA)?;
