@@ -36,13 +36,14 @@ use crate::attach::uri::{AttachmentUri, Target};
 use crate::attach::{Lease, Mapper, Region, Scheme};
 use crate::codec::dlpack::{DlData, DlpackDescriptor};
 use crate::codec::CodecId;
-use crate::conn::{Connection, Event, Incoming, Negotiated, Outgoing};
+use crate::conn::{Event, Incoming, Negotiated, Outgoing};
 use crate::error::{CloseReason, Deadline, Error, ErrorCode, Result, Violation};
 use crate::ether::{Attachment, Ether};
 use crate::transport::ring::{self, RingConfig, RingMemory};
 use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::wire::frame::EncodedFrame;
 
+use super::core::{Core, CoreState};
 use super::ratelog::{peer_log, PeerLog, PEER_FAULTS};
 
 /// Bytes read per call at least.
@@ -226,6 +227,7 @@ impl Shared {
 
 /// The channels a driver is started with.
 pub(crate) struct Channels {
+    pub(crate) core: Arc<Core>,
     pub(crate) cmd_rx: mpsc::Receiver<Command>,
     pub(crate) recv_tx: mpsc::Sender<Incoming>,
     pub(crate) connected: oneshot::Sender<Result<Negotiated>>,
@@ -341,6 +343,19 @@ impl OutQueue {
         self.tail.put_slice(&f.trailer);
     }
 
+    /// Queues bytes that continue a frame begun elsewhere (a caller's direct write).
+    fn push_bytes(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        if !self.tail.is_empty() {
+            let tail = self.tail.split().freeze();
+            self.segs.push_back(tail);
+        }
+        self.bytes += b.len();
+        self.segs.push_back(b);
+    }
+
     fn push(&mut self, f: EncodedFrame) {
         self.bytes += f.len();
         if f.len() <= COALESCE_MAX {
@@ -447,11 +462,14 @@ enum Step {
     ReceiverGone,
     Command(Option<Command>),
     Release(Option<Released>),
+    /// A caller left bytes for us to write.
+    Woken,
     Timer,
 }
 
 struct Driver {
-    conn: Connection,
+    /// The connection and the reply waiters, shared with the handles (see [`super::core`]).
+    core: Arc<Core>,
     peer: String,
     rd: ReadHalf,
     wr: WriteHalf,
@@ -459,9 +477,6 @@ struct Driver {
     out: OutQueue,
     /// The application's frames not yet in `out`.
     staged: Staged,
-    requests: HashMap<u64, oneshot::Sender<Result<Incoming>>>,
-    purge_at: usize,
-    pings: HashMap<u64, oneshot::Sender<Result<Duration>>>,
     backlog: VecDeque<Incoming>,
     recv_tx: mpsc::Sender<Incoming>,
     cmd_rx: mpsc::Receiver<Command>,
@@ -509,9 +524,10 @@ struct Driver {
 }
 
 /// Runs one connection until it is over.
-pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Channels) {
+pub(crate) async fn run(stream: Stream, peer: String, ch: Channels) {
     let (rd, wr) = stream.into_split();
     let Channels {
+        core,
         cmd_rx,
         recv_tx,
         connected,
@@ -524,18 +540,16 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
         ring,
     } = ch;
     let _guard = guard;
+    let _direct = core.direct_guard();
     let (release_tx, release_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
-        conn,
+        core,
         peer,
         rd,
         wr,
         rbuf: BytesMut::with_capacity(READ_CHUNK),
         out: OutQueue::default(),
         staged: Staged::default(),
-        requests: HashMap::new(),
-        purge_at: 64,
-        pings: HashMap::new(),
         backlog: VecDeque::new(),
         recv_tx,
         cmd_rx,
@@ -570,10 +584,20 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
     };
     d.main_loop().await;
 
-    // The connection is over: tell everyone waiting.
+    // The connection is over: no caller writes to the socket any more, and everyone waiting is
+    // told.
+    let (closed_for, requests, pings) = {
+        let mut st = d.st();
+        st.set_direct(None);
+        (
+            st.conn.closed_for(),
+            std::mem::take(&mut st.requests),
+            std::mem::take(&mut st.pings),
+        )
+    };
     let reason = match &d.close_error {
         Some(e) => (CloseReason::of(e), e.to_string()),
-        None => match d.conn.closed_for() {
+        None => match closed_for {
             Some(CloseReason::PeerClosed) => (
                 CloseReason::PeerClosed,
                 "the peer closed the connection".into(),
@@ -585,10 +609,10 @@ pub(crate) async fn run(stream: Stream, peer: String, conn: Connection, ch: Chan
     tracing::debug!(peer = %d.peer, "connection over: {}", reason.1);
     d.plog.flush(Instant::now(), &PEER_FAULTS, &d.peer);
     shared.set_reason(reason.clone());
-    for (_, tx) in d.requests.drain() {
+    for (_, tx) in requests {
         let _ = tx.send(Err(Error::closed(reason.0, reason.1.clone())));
     }
-    for (_, tx) in d.pings.drain() {
+    for (_, tx) in pings {
         let _ = tx.send(Err(Error::closed(reason.0, reason.1.clone())));
     }
     if let Some(tx) = d.connected.take() {
@@ -664,7 +688,7 @@ impl Driver {
             if self.broken {
                 return;
             }
-            if self.conn.is_closed() {
+            if self.st().conn.is_closed() {
                 if self.out.is_empty() && self.staged.is_empty() {
                     return;
                 }
@@ -681,7 +705,7 @@ impl Driver {
                     return;
                 }
             }
-            let closed = self.conn.is_closed();
+            let closed = self.st().conn.is_closed();
             let paused = !self.backlog.is_empty();
             // A peer that does not read the replies it provokes (a PING flood) stops being read
             // until it does: its own writes then block, not our memory.
@@ -696,7 +720,8 @@ impl Driver {
             } else if paused {
                 None
             } else {
-                self.conn
+                self.st()
+                    .conn
                     .poll_timeout()
                     .map(|t| self.timer_hold.map_or(t, |h| t.max(h)))
             };
@@ -720,11 +745,16 @@ impl Driver {
             let read_busy = matches!(&self.rd, ReadHalf::Uring(r) if r.busy());
             // What the frame in progress still needs (io_uring receives a large remainder
             // straight into `rbuf`, and smaller reads through its provided buffers).
-            let want = self.conn.bytes_wanted(&self.rbuf);
+            let want = self.st().conn.bytes_wanted(&self.rbuf);
             if can_read && !read_busy && rbuf_spare < READ_CHUNK / 4 {
-                self.conn
+                self.core
+                    .lock()
+                    .conn
                     .reserve_input(&mut self.rbuf, want.max(READ_CHUNK));
             }
+            // Nothing to write while we wait: a caller may write its own frames meanwhile.
+            self.st()
+                .set_idle(!has_out && !flush_due && self.staged.is_empty() && !closed);
             let step = tokio::select! {
                 r = write_out(&mut self.wr, &slices, &owned, &out_fds), if has_out || flush_due => Step::Wrote(r),
                 r = read_in(&mut self.rd, &mut self.rbuf, &mut self.scratch, &mut self.fds, &mut self.rx_total, fd_reads, want), if can_read => Step::Read(r),
@@ -739,6 +769,7 @@ impl Driver {
                     Err(_) => Step::ReceiverGone,
                 },
                 c = self.cmd_rx.recv(), if take_cmds => Step::Command(c),
+                _ = self.core.wake.notified() => Step::Woken,
                 _ = sleep_until(deadline), if deadline.is_some() => Step::Timer,
             };
             drop((slices, out_fds, owned));
@@ -764,12 +795,15 @@ impl Driver {
                     match r {
                         Ok(0) => {
                             self.eof = true;
-                            self.conn.handle_eof();
+                            self.st().conn.handle_eof();
                         }
                         Ok(_) if closed => self.rbuf.clear(),
                         Ok(_) => {
                             self.bound_fds();
-                            self.conn.handle_input(&mut self.rbuf, Instant::now())
+                            self.core
+                                .lock()
+                                .conn
+                                .handle_input(&mut self.rbuf, Instant::now())
                         }
                         Err(e) => self.io_failed(e, "read"),
                     }
@@ -788,11 +822,12 @@ impl Driver {
                 Step::Command(None) => {
                     // Every handle is gone: close gracefully.
                     self.cmd_open = false;
-                    self.conn.close();
+                    self.st().conn.close();
                 }
+                Step::Woken => {}
                 Step::Timer => {
                     if !closed {
-                        self.conn.handle_timeout(Instant::now());
+                        self.st().conn.handle_timeout(Instant::now());
                     }
                 }
             }
@@ -820,18 +855,20 @@ impl Driver {
                 mapper.refuse(scheme, "a segment shrank while mapped");
             }
         }
-        if self.conn.is_closed() {
+        let mut st = self.core.lock();
+        if st.conn.is_closed() {
             return;
         }
         let answered = match r.faulted {
-            Some(_) => self.conn.nack(
+            Some(_) => st.conn.nack(
                 r.msg_id,
                 ErrorCode::ERR_ATTACHMENT,
                 0,
                 "segment shrank while mapped",
             ),
-            None => self.conn.ack(r.msg_id),
+            None => st.conn.ack(r.msg_id),
         };
+        drop(st);
         if let Err(e) = answered {
             tracing::debug!(peer = %self.peer, "answering msgId {}: {e}", r.msg_id);
         }
@@ -840,7 +877,9 @@ impl Driver {
     /// Moves frames to the write queue, dispatches events, and hands queued messages to the
     /// application as far as its channel has room.
     fn pump(&mut self) {
-        while let Some(ev) = self.conn.poll_event() {
+        loop {
+            let ev = self.st().conn.poll_event();
+            let Some(ev) = ev else { break };
             self.on_event(ev);
         }
         // After the events: handling them may queue frames (a NACK, an ACK).
@@ -891,10 +930,25 @@ impl Driver {
                         return;
                     }
                 }
+                if !neg.ring {
+                    // Plain sockets through epoll: callers may write their own frames.
+                    let fd = match &self.wr {
+                        WriteHalf::Tcp(w) => AsRef::<tokio::net::TcpStream>::as_ref(w)
+                            .as_fd()
+                            .try_clone_to_owned(),
+                        WriteHalf::Unix(w) => AsRef::<tokio::net::UnixStream>::as_ref(w)
+                            .as_fd()
+                            .try_clone_to_owned(),
+                        _ => Err(std::io::Error::other("no direct writes")),
+                    }
+                    // Without a duplicate (out of descriptors), everything is queued.
+                    .ok();
+                    self.st().set_direct(fd);
+                }
                 if let Some(tx) = self.connected.take() {
                     if tx.send(Ok(neg)).is_err() {
                         // Nobody waits for this connection any more.
-                        self.conn.close();
+                        self.st().conn.close();
                     }
                 }
             }
@@ -916,7 +970,8 @@ impl Driver {
                     } else {
                         0
                     };
-                    if let Err(e) = self.conn.nack(m.msg_id(), e.code(), retry, &detail) {
+                    let nacked = self.st().conn.nack(m.msg_id(), e.code(), retry, &detail);
+                    if let Err(e) = nacked {
                         tracing::debug!(peer = %self.peer, "NACK: {e}");
                     }
                     self.reply_refused(m.header.in_reply_to, e);
@@ -924,7 +979,8 @@ impl Driver {
                 }
                 let to = m.header.in_reply_to;
                 if to != 0 {
-                    if let Some(tx) = self.requests.remove(&to) {
+                    let waiter = self.st().requests.remove(&to);
+                    if let Some(tx) = waiter {
                         if tx.send(Ok(m)).is_err() {
                             tracing::debug!(peer = %self.peer, "reply to msgId {to} came after its request was abandoned");
                         }
@@ -962,16 +1018,24 @@ impl Driver {
                     retry_after_ms,
                     detail,
                 };
-                if let Some(tx) = self.requests.remove(&msg_id) {
+                let waiter = {
+                    let mut st = self.st();
+                    match st.requests.remove(&msg_id) {
+                        Some(tx) => Some(Ok(tx)),
+                        None => st.pings.remove(&msg_id).map(Err),
+                    }
+                };
+                if let Some(Ok(tx)) = waiter {
                     let _ = tx.send(Err(err));
-                } else if let Some(tx) = self.pings.remove(&msg_id) {
+                } else if let Some(Err(tx)) = waiter {
                     let _ = tx.send(Err(err));
                 } else {
                     peer_log!(self.plog, self.peer, WARN, "{err}");
                 }
             }
             Event::Pong { ping_id, rtt } => {
-                if let Some(tx) = self.pings.remove(&ping_id) {
+                let waiter = self.st().pings.remove(&ping_id);
+                if let Some(tx) = waiter {
                     let _ = tx.send(Ok(rtt));
                 }
             }
@@ -1008,37 +1072,49 @@ impl Driver {
         match cmd {
             Command::Send { msg, done } => {
                 let channel = msg.channel_id;
-                let r = self.conn.send(msg);
+                let r = self.st().conn.send(msg);
                 self.stage_app_transmits(channel, Vec::new());
                 let _ = done.send(r);
             }
-            Command::Request { msg, done } => match (msg.channel_id, self.conn.send(msg)) {
-                (channel, Ok(id)) => {
-                    self.stage_app_transmits(channel, Vec::new());
-                    self.requests.insert(id, done);
-                    if self.requests.len() >= self.purge_at {
-                        // Drop the requests whose caller stopped waiting (timed out).
-                        self.requests.retain(|_, tx| !tx.is_closed());
-                        self.purge_at = (self.requests.len() * 2).max(64);
+            Command::Request { msg, done } => {
+                let channel = msg.channel_id;
+                let sent = {
+                    let mut st = self.st();
+                    let sent = st.conn.send(msg);
+                    match sent {
+                        Ok(id) => {
+                            st.insert_request(id, done);
+                            Ok(())
+                        }
+                        Err(e) => Err((e, done)),
                     }
-                }
-                (_, Err(e)) => {
-                    let _ = done.send(Err(e));
-                }
-            },
-            Command::Ping { done } => {
-                self.pings.retain(|_, tx| !tx.is_closed());
-                match self.conn.ping(Instant::now()) {
-                    Ok(id) => {
-                        self.pings.insert(id, done);
-                    }
-                    Err(e) => {
+                };
+                match sent {
+                    Ok(()) => self.stage_app_transmits(channel, Vec::new()),
+                    Err((e, done)) => {
                         let _ = done.send(Err(e));
                     }
                 }
             }
+            Command::Ping { done } => {
+                let pinged = {
+                    let mut st = self.st();
+                    st.pings.retain(|_, tx| !tx.is_closed());
+                    match st.conn.ping(Instant::now()) {
+                        Ok(id) => {
+                            st.pings.insert(id, done);
+                            Ok(())
+                        }
+                        Err(e) => Err((e, done)),
+                    }
+                };
+                if let Err((e, done)) = pinged {
+                    let _ = done.send(Err(e));
+                }
+            }
             Command::Ack { msg_id, done } => {
-                let _ = done.send(self.conn.ack(msg_id));
+                let acked = self.st().conn.ack(msg_id);
+                let _ = done.send(acked);
             }
             Command::Nack {
                 msg_id,
@@ -1047,7 +1123,8 @@ impl Driver {
                 detail,
                 done,
             } => {
-                let _ = done.send(self.conn.nack(msg_id, code, retry_after_ms, &detail));
+                let nacked = self.st().conn.nack(msg_id, code, retry_after_ms, &detail);
+                let _ = done.send(nacked);
             }
             Command::SendHeld {
                 msg,
@@ -1057,7 +1134,7 @@ impl Driver {
             } => {
                 let r = self.send_leased(msg, Vec::new(), Vec::new(), LeasedBody::Held, held);
                 if let (Ok(id), Some(reply)) = (&r, reply) {
-                    self.requests.insert(*id, reply);
+                    self.st().insert_request(*id, reply);
                 }
                 let _ = done.send(r);
             }
@@ -1070,14 +1147,14 @@ impl Driver {
             } => {
                 let r = self.send_attached(ether, codec, regions);
                 if let (Ok(id), Some(reply)) = (&r, reply) {
-                    self.requests.insert(*id, reply);
+                    self.st().insert_request(*id, reply);
                 }
                 let _ = done.send(r);
             }
             Command::SendDlpack { desc, region, done } => {
                 let _ = done.send(self.send_dlpack(desc, region));
             }
-            Command::Close => self.conn.close(),
+            Command::Close => self.st().conn.close(),
         }
     }
 
@@ -1153,7 +1230,7 @@ impl Driver {
         let channel_id = out.channel_id;
         // Frames queued before this message go first, so the next frame is this message's.
         self.pump_transmits();
-        let id = self.conn.send(out)?;
+        let id = self.st().conn.send(out)?;
         self.stage_app_transmits(channel_id, std::mem::take(&mut fds));
         if !kept.is_empty() || !held.is_empty() {
             self.leases.insert(
@@ -1189,13 +1266,13 @@ impl Driver {
         } = lease;
         let out = body.inline(&regions);
         drop(regions);
-        let waiter = self.requests.remove(&old_id);
+        let waiter = self.st().requests.remove(&old_id);
         let sent = out
             .map(|o| o.on_channel(channel_id))
-            .and_then(|o| self.conn.send(o));
+            .and_then(|o| self.st().conn.send(o));
         match (sent, waiter) {
             (Ok(new_id), Some(w)) => {
-                self.requests.insert(new_id, w);
+                self.st().insert_request(new_id, w);
             }
             (Ok(_), None) => {}
             (Err(e), Some(w)) => {
@@ -1328,7 +1405,8 @@ impl Driver {
         if to == 0 {
             return;
         }
-        if let Some(tx) = self.requests.remove(&to) {
+        let waiter = self.st().requests.remove(&to);
+        if let Some(tx) = waiter {
             let _ = tx.send(Err(error));
         }
     }
@@ -1338,7 +1416,8 @@ impl Driver {
     /// CAPS and switches at once (the responder sends nothing on the socket after CAPS).
     fn start_ring(&mut self) -> Result<()> {
         let ring_err = |what: String| Error::malformed(Violation::Control, what);
-        match self.conn.role() {
+        let role = self.st().conn.role();
+        match role {
             crate::conn::Role::Responder => {
                 let (mem, fd) = RingMemory::create(self.ring_config.capacity).map_err(|e| {
                     Error::Io(std::io::Error::new(
@@ -1347,10 +1426,7 @@ impl Driver {
                     ))
                 })?;
                 // CAPS was queued before the event: it is the last frame waiting.
-                let mut frames = Vec::new();
-                while let Some(f) = self.conn.poll_transmit() {
-                    frames.push(f);
-                }
+                let (_, mut frames) = self.st().take_for_driver();
                 let Some(caps) = frames.pop() else {
                     return Err(Error::invalid("ring: no CAPS to send its memfd with"));
                 };
@@ -1435,7 +1511,7 @@ impl Driver {
     fn bound_fds(&mut self) {
         let take = if self.handle_schemes.contains(&Scheme::Memfd) {
             MAX_PENDING_FDS
-        } else if self.conn.config().ring && !self.conn.is_established() {
+        } else if self.ring_handshake() {
             // The ring's memfd, coming with CAPS.
             1
         } else {
@@ -1463,18 +1539,39 @@ impl Driver {
             // Nothing may follow CAPS on the socket: it waits for the ring.
             return;
         }
-        while let Some(f) = self.conn.poll_transmit() {
+        let (pending, frames) = self.st().take_for_driver();
+        // What a caller could not write goes first: it is the rest of frames begun on the
+        // socket (the queue was empty when the caller wrote).
+        for b in pending {
+            self.out.push_bytes(b);
+        }
+        for f in frames {
             self.proto_bytes += f.len();
             self.out.push(f);
         }
+    }
+
+    /// The connection asked for the ring and is still in its handshake.
+    fn ring_handshake(&self) -> bool {
+        let st = self.st();
+        st.conn.config().ring && !st.conn.is_established()
+    }
+
+    /// The shared state (see [`super::core`]); never held across an `.await`.
+    fn st(&self) -> std::sync::MutexGuard<'_, CoreState> {
+        self.core.lock()
     }
 
     /// Stages the frames of the message the application just sent on `channel` (bounded by
     /// the command back-pressure, not counted as the connection's own); `fds` go with its
     /// first frame.
     fn stage_app_transmits(&mut self, channel: u32, mut fds: Vec<OwnedFd>) {
+        let (pending, frames) = self.st().take_for_driver();
+        for b in pending {
+            self.out.push_bytes(b);
+        }
         let mut msg = StagedMessage::new();
-        while let Some(f) = self.conn.poll_transmit() {
+        for f in frames {
             msg.push_back((f, std::mem::take(&mut fds)));
         }
         self.staged.push(channel, msg);
@@ -1499,6 +1596,7 @@ impl Driver {
     /// the connection's own replies.
     fn out_hard_limit(&self) -> usize {
         let peer_max = self
+            .st()
             .conn
             .negotiated()
             .map_or(crate::wire::DEFAULT_MAX_MESSAGE_BYTES, |n| {
@@ -1517,7 +1615,7 @@ impl Driver {
 
     fn io_failed(&mut self, e: std::io::Error, op: &str) {
         tracing::debug!(peer = %self.peer, "{op}: {e}");
-        if !self.conn.is_closed() {
+        if !self.st().conn.is_closed() {
             // A TLS stream reports the peer's refusal after the handshake as I/O; it stays a
             // TLS error with its kind.
             let err = match Error::tls_in_io(&e) {

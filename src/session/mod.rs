@@ -32,6 +32,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod core;
 mod driver;
 pub mod ratelog;
 
@@ -223,6 +224,8 @@ struct Inner {
     peer: String,
     request_timeout: Duration,
     cmd: mpsc::Sender<Command>,
+    /// The connection itself, for the direct path (see [`core`]).
+    core: Arc<core::Core>,
     recv: Mutex<mpsc::Receiver<Incoming>>,
     done: watch::Receiver<bool>,
     shared: Arc<Shared>,
@@ -321,7 +324,14 @@ impl Session {
 
     /// Sends a message; returns its msgId once it is queued (the body is chunked to the
     /// negotiated `max_frame_bytes`). Waits while too much is queued already.
+    ///
+    /// A small message on a plain TCP or Unix socket with nothing queued ahead of it is written
+    /// to the socket by the calling task itself, before this returns.
     pub async fn send(&self, msg: Outgoing) -> Result<u64> {
+        let msg = match self.send_direct(msg, None) {
+            Ok(r) => return r,
+            Err((msg, _)) => msg,
+        };
         let (done, rx) = oneshot::channel();
         self.command(Command::Send { msg, done }).await?;
         rx.await.map_err(|_| self.closed())?
@@ -337,8 +347,40 @@ impl Session {
     /// [`Error::Timeout`]; the end of the connection is [`Error::Closed`].
     pub async fn request(&self, msg: Outgoing) -> Result<Incoming> {
         let (done, rx) = oneshot::channel();
-        self.command(Command::Request { msg, done }).await?;
+        match self.send_direct(msg, Some(done)) {
+            Ok(r) => {
+                r?;
+            }
+            Err((msg, done)) => {
+                let done = done.expect("send_direct hands the waiter back");
+                self.command(Command::Request { msg, done }).await?;
+            }
+        }
         self.await_reply(rx).await
+    }
+
+    /// The direct path (see [`core`]): encodes `msg` and writes it from this task when the
+    /// connection allows it now, registering `reply` as its request's waiter. `Err` hands
+    /// both back: queue them.
+    #[allow(clippy::type_complexity)]
+    fn send_direct(
+        &self,
+        msg: Outgoing,
+        reply: Option<core::ReplyTx>,
+    ) -> std::result::Result<Result<u64>, (Outgoing, Option<core::ReplyTx>)> {
+        if msg.body.len() > core::DIRECT_MAX {
+            return Err((msg, reply));
+        }
+        let Some(mut d) = self.inner.core.direct() else {
+            return Err((msg, reply));
+        };
+        let sent = d.conn.send(msg);
+        if let (Ok(id), Some(tx)) = (&sent, reply) {
+            d.insert_request(*id, tx);
+        }
+        // Dropping the guard writes the frames.
+        drop(d);
+        Ok(sent)
     }
 
     /// The reply a request's waiter gets, within `request_timeout`.
@@ -376,7 +418,18 @@ impl Session {
     /// `request_timeout`).
     pub async fn ping(&self) -> Result<Duration> {
         let (done, rx) = oneshot::channel();
-        self.command(Command::Ping { done }).await?;
+        let queued = match self.inner.core.direct() {
+            Some(mut d) => {
+                d.pings.retain(|_, tx| !tx.is_closed());
+                let id = d.conn.ping(std::time::Instant::now())?;
+                d.pings.insert(id, done);
+                None
+            }
+            None => Some(done),
+        };
+        if let Some(done) = queued {
+            self.command(Command::Ping { done }).await?;
+        }
         match tokio::time::timeout(self.inner.request_timeout, rx).await {
             Ok(r) => r.map_err(|_| self.closed())?,
             Err(_) => Err(Error::timeout(
@@ -391,6 +444,9 @@ impl Session {
 
     /// Acknowledges the peer's message `msg_id` (ACK).
     pub async fn ack(&self, msg_id: u64) -> Result<()> {
+        if let Some(mut d) = self.inner.core.direct() {
+            return d.conn.ack(msg_id);
+        }
         let (done, rx) = oneshot::channel();
         self.command(Command::Ack { msg_id, done }).await?;
         rx.await.map_err(|_| self.closed())?
@@ -670,11 +726,12 @@ async fn start(
     // The ring's memfd comes with CAPS.
     let fd_reads = offered.contains(&Scheme::Memfd) || conn_config.ring;
     let conn = Connection::new(role, conn_config, Instant::now());
+    let core = Arc::new(core::Core::new(conn));
     let task = tokio::spawn(driver::run(
         stream,
         peer.clone(),
-        conn,
         Channels {
+            core: core.clone(),
             cmd_rx,
             recv_tx,
             connected: connected_tx,
@@ -725,6 +782,7 @@ async fn start(
             peer,
             request_timeout: config.request_timeout,
             cmd: cmd_tx,
+            core,
             recv: Mutex::new(recv_rx),
             done: done_rx,
             shared,
