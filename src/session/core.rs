@@ -154,6 +154,35 @@ impl CoreState {
         }
     }
 
+    /// Queues a request and registers `done` as the waiter of its reply; on an error `done`
+    /// comes back with it.
+    pub(crate) fn request(
+        &mut self,
+        msg: crate::conn::Outgoing,
+        done: ReplyTx,
+    ) -> std::result::Result<u64, (crate::Error, ReplyTx)> {
+        match self.conn.send(msg) {
+            Ok(id) => {
+                self.insert_request(id, done);
+                Ok(id)
+            }
+            Err(e) => Err((e, done)),
+        }
+    }
+
+    /// Queues a PING and registers `done` as the waiter of its PONG (dropping the waiters of
+    /// PINGs whose caller gave up); on an error `done` comes back with it.
+    pub(crate) fn ping(&mut self, done: PongTx) -> std::result::Result<(), (crate::Error, PongTx)> {
+        self.pings.retain(|_, tx| !tx.is_closed());
+        match self.conn.ping(std::time::Instant::now()) {
+            Ok(id) => {
+                self.pings.insert(id, done);
+                Ok(())
+            }
+            Err(e) => Err((e, done)),
+        }
+    }
+
     /// Lets callers write to `fd` directly from now on (`None`: never again).
     pub(crate) fn set_direct(&mut self, fd: Option<OwnedFd>) {
         if fd.is_none() {

@@ -1078,36 +1078,16 @@ impl Driver {
             }
             Command::Request { msg, done } => {
                 let channel = msg.channel_id;
-                let sent = {
-                    let mut st = self.st();
-                    let sent = st.conn.send(msg);
-                    match sent {
-                        Ok(id) => {
-                            st.insert_request(id, done);
-                            Ok(())
-                        }
-                        Err(e) => Err((e, done)),
-                    }
-                };
+                let sent = self.st().request(msg, done);
                 match sent {
-                    Ok(()) => self.stage_app_transmits(channel, Vec::new()),
+                    Ok(_) => self.stage_app_transmits(channel, Vec::new()),
                     Err((e, done)) => {
                         let _ = done.send(Err(e));
                     }
                 }
             }
             Command::Ping { done } => {
-                let pinged = {
-                    let mut st = self.st();
-                    st.pings.retain(|_, tx| !tx.is_closed());
-                    match st.conn.ping(Instant::now()) {
-                        Ok(id) => {
-                            st.pings.insert(id, done);
-                            Ok(())
-                        }
-                        Err(e) => Err((e, done)),
-                    }
-                };
+                let pinged = self.st().ping(done);
                 if let Err((e, done)) = pinged {
                     let _ = done.send(Err(e));
                 }

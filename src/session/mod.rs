@@ -374,10 +374,10 @@ impl Session {
         let Some(mut d) = self.inner.core.direct() else {
             return Err((msg, reply));
         };
-        let sent = d.conn.send(msg);
-        if let (Ok(id), Some(tx)) = (&sent, reply) {
-            d.insert_request(*id, tx);
-        }
+        let sent = match reply {
+            Some(tx) => d.request(msg, tx).map_err(|(e, _)| e),
+            None => d.conn.send(msg),
+        };
         // Dropping the guard writes the frames.
         drop(d);
         Ok(sent)
@@ -420,9 +420,7 @@ impl Session {
         let (done, rx) = oneshot::channel();
         let queued = match self.inner.core.direct() {
             Some(mut d) => {
-                d.pings.retain(|_, tx| !tx.is_closed());
-                let id = d.conn.ping(std::time::Instant::now())?;
-                d.pings.insert(id, done);
+                d.ping(done).map_err(|(e, _)| e)?;
                 None
             }
             None => Some(done),
